@@ -52,6 +52,7 @@ def tiny_model(
         init_weights=True,
         tokenizer_prepends_bos=False,
     )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left", move_to_device=False)
+    padding = {"default_padding_side": "left"} if tokenizer is not None else {}
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, **padding)
     model.eval()
     return model
