@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-test", type=_positive_int, default=None, help="first N fixed test prompts (default all 1024)")
     evaluate.add_argument("--output", type=Path, default=None, help="JSON file for metrics and per-prompt results")
     evaluate.set_defaults(func=cmd_eval)
+
+    demo = commands.add_parser("demo", help="the main job: the embedded model on SST-2 (k=4)")
+    add_model_arguments(demo)
+    demo.add_argument("--n-test", type=_positive_int, default=128)
+    demo.add_argument("--output", type=Path, default=Path("runs/demo-eval.json"))
+    demo.set_defaults(func=cmd_eval)
     return parser
 
 

