@@ -2,7 +2,7 @@
 
 PEFT-style: a :class:`TrainableConfig` says what trains, :func:`attach` freezes the whole model and wraps the
 targets, the returned :class:`Trainable` hands its parameters to the optimizer and ends with ``merge()`` or
-``remove()``. Nothing else in the project sets ``requires_grad``.
+``remove()``. The trainable set follows from the config alone; one Trainable per model at a time.
 
 Head slices. Query head ``h`` of layer ``l`` owns ``W_Q[h]`` (``[d_model, d_head]``) and ``b_Q[h]``. Under
 grouped-query attention TransformerLens stores ``_W_K`` ``[n_kv_heads, d_model, d_head]``; query head ``h``
@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+import operator
+import weakref
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, reduce, repeat
@@ -36,6 +38,7 @@ from ._tl import HookedTransformer
 
 KINDS = ("full", "lora")
 TARGETS = ("q", "k")
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its live Trainable
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class TrainableConfig:
     lora_r: int = 16
     lora_alpha: float | None = None
     lora_init_seed: int = 0
-    heads: frozenset[tuple[int, int]] | None = field(default=None)
+    heads: frozenset[tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -64,7 +67,7 @@ class TrainableConfig:
             raise ValueError(f"TrainableConfig.lora_alpha={self.lora_alpha!r} must be > 0, or None for alpha = r")
         if self.heads is not None:
             try:
-                heads = frozenset((int(l), int(h)) for l, h in self.heads)
+                heads = frozenset((operator.index(l), operator.index(h)) for l, h in self.heads)
             except (TypeError, ValueError):
                 raise ValueError(f"TrainableConfig.heads={self.heads!r}: give (layer, head) integer pairs") from None
             if not heads or any(l < 0 or h < 0 for l, h in heads):
@@ -151,13 +154,12 @@ class Trainable:
         cfg = model.cfg
         self.n_layers, self.n_heads, self.d_head = cfg.n_layers, cfg.n_heads, cfg.d_head
         self.group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)  # query heads per kv head
+        self._fixed: Bool[Tensor, "layer head"] | None = None
         if config.heads is not None:
             bad = sorted(p for p in config.heads if p[0] >= self.n_layers or p[1] >= self.n_heads)
             if bad:
                 raise ValueError(f"TrainableConfig.heads {bad} out of range: model has {self.n_layers} layers x "
                                  f"{self.n_heads} heads (0-based)")
-        self._fixed: Bool[Tensor, "layer head"] | None = None
-        if config.heads is not None:
             self._fixed = torch.zeros(self.n_layers, self.n_heads, dtype=torch.bool)
             self._fixed[tuple(torch.tensor(sorted(config.heads)).T)] = True
         self._sample: Bool[Tensor, "layer head"] | None = None
@@ -180,10 +182,11 @@ class Trainable:
         if getattr(model.cfg, "load_in_4bit", False):
             raise ValueError("attach: 4-bit TransformerLens weights are packed uint8 and cannot be trained or "
                              "parametrized; load the model unquantized")
-        for layer in range(self.n_layers):
-            if parametrize.is_parametrized(model.blocks[layer].attn):
-                raise ValueError(f"attach: blocks.{layer}.attn is already parametrized (a LoRA Trainable is still "
-                                 "attached); call merge() or remove() on it first")
+        live = _ATTACHED.get(model)
+        if (live is not None and live._open) or any(parametrize.is_parametrized(b.attn) for b in model.blocks):
+            raise ValueError("attach: this model already has an attached Trainable (or parametrized attention); "
+                             "call merge() or remove() on it first")
+        _ATTACHED[model] = self
         for p in model.parameters():
             p.requires_grad_(False)
         gen = torch.Generator().manual_seed(config.lora_init_seed)
@@ -265,8 +268,8 @@ class Trainable:
     def restricted(self, participating: Bool[Tensor, "layer head"]) -> Iterator[None]:
         """Restricted gradient for one sample: gradients computed inside reach only the open heads' slices.
 
-        Wrap the ``backward()`` of that sample (masks are applied as gradients are produced, so accumulation
-        over a pseudo-batch sums per-sample masked gradients). Full mode masks each tensor's slices; LoRA masks
+        Wrap that sample's ``backward()`` (the forward may run outside): masks are applied as gradients are
+        produced, so accumulation over a pseudo-batch sums per-sample masked gradients. Full mode masks each tensor's slices; LoRA masks
         the delta's gradient per head, so A learns only through open heads. Combine with :func:`masked_step`
         to keep closed slices bit-identical through the optimizer step.
         """
@@ -337,10 +340,8 @@ class Trainable:
         self._open = False
 
     def merge(self) -> None:
-        """LoRA: fold the adapters into W_Q/W_K and drop the parametrization. Full: weights are already in place.
-
-        Ends this Trainable either way (hooks removed, everything frozen).
-        """
+        """LoRA: fold the adapters into W_Q/W_K, drop the parametrization. Full: weights are already in place.
+        Ends this Trainable either way (hooks removed, everything frozen)."""
         self._live_slots()
         self._close(leave_parametrized=True)
 
@@ -375,7 +376,7 @@ def masked_step(optimizer: torch.optim.Optimizer, trainable: Trainable,
     stale moments and weight decay; here the closed slices of each parameter and of every optimizer-state
     tensor of the same shape (exp_avg, exp_avg_sq, max_exp_avg_sq, ...) are snapshotted and restored after
     the step, the SparseAdam semantic. State that the step creates starts at zero in its closed slices (Adam's
-    initial moments). Scalar state such as Adam's ``step`` counts every step, as in SparseAdam.
+    initial moments). Adam's ``step`` counter is per tensor and advances every step, as in SparseAdam.
     """
     masks = trainable.head_masks(open_heads)
     saved = []
