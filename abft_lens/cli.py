@@ -56,15 +56,121 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = load_task(args.dataset)
     loaded = load_model(args.model, dtype=DTYPES[args.dtype])
+    if args.run is not None:
+        from .runs import load_run
+
+        load_run(args.run, loaded)
     start = time.perf_counter()
     result = evaluate(loaded, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size, progress="eval")
     seconds = time.perf_counter() - start
     result.info.update(model=loaded.describe(), dataset=task.describe(), seed=task.seed, dtype=args.dtype,
+                       run=str(args.run) if args.run else None,
                        seconds=round(seconds, 2), prompts_per_second=round(len(result.gold) / seconds, 3))
     print_table(result.summary_rows() + [("prompts", str(len(result.gold))), ("seconds", f"{seconds:.1f}")],
                 title=f"{loaded.name} on {task.name}, k={args.k}")
     if args.output:
         print(f"wrote {write_json(args.output, result.to_dict())}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- train
+
+NOT_YET = {
+    "quantized": "4-bit quantized bases (--quantized) are not supported yet (planned: the scale issue, #6)",
+    "generalization_test": "--generalization_test is not supported yet (planned: the robustness issue, #5)",
+    "MAUVE_test": "--MAUVE_test is not supported yet (planned: the robustness issue, #5)",
+    "MAUVE_prefix": "--MAUVE_prefix is not supported yet (planned: the robustness issue, #5)",
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Training options under this project's names, with the original prototype.py spellings as aliases."""
+    a = parser.add_argument
+    a("--method", choices=["ABFT", "E2E"], default="ABFT")
+    a("--train-samples", "--train_sample_num", dest="train_samples", type=_positive_int, default=512)
+    a("--epochs", "--epoch", dest="epochs", type=_positive_int, default=2)
+    a("--pseudo-batch-size", "--pseudo_batch_size", dest="pseudo_batch_size", type=_positive_int, default=32)
+    a("--lr", type=float, default=None, help="Adam learning rate (default 2e-5, or 1e-4 with LoRA)")
+    a("--seed", "--random_seed", dest="seed", type=int, default=0)
+    a("--award", "--correct_label_award", dest="award", type=float, default=1.0, help="B")
+    a("--penalty", "--wrong_label_penalty", dest="penalty", type=float, default=0.5, help="A (initial)")
+    a("--penalty-mode", "--self_adaption_loss", dest="penalty_mode", choices=["None", "P", "PID"], default="PID")
+    a("--p-gain", "--loss_adaption_factor_for_P", dest="p_gain", type=float, default=0.03)
+    a("--pid-kp", "--PID_param_P", dest="pid_kp", type=float, default=0.03)
+    a("--pid-ki", "--PID_param_I", dest="pid_ki", type=float, default=0.005)
+    a("--pid-kd", "--PID_param_D", dest="pid_kd", type=float, default=0.005)
+    a("--threshold", type=float, default=None, help="induction filter T (default k / (k + ln n_tokens))")
+    a("--restricted-gradient", "--restricted_gradient", dest="restricted_gradient", action="store_true")
+    a("--lora-r", "--lora_r", dest="lora_r", type=int, default=0, help="LoRA rank on W_Q/W_K (0: full matrices)")
+    a("--train-bias", dest="train_bias", action="store_true", help="also train b_Q/b_K")
+    a("--validation-examples", dest="validation_examples", type=int, default=0,
+      help="calibration examples held out for the validation guard (0: none)")
+    a("--validation-prompts", dest="validation_prompts", type=_positive_int, default=64)
+    a("--validate-every", dest="validate_every", type=int, default=0, help="steps between validations")
+    a("--keep-best", dest="keep_best", action="store_true", help="end with the best validation step's weights")
+    a("--n-test", dest="n_test", type=_positive_int, default=256, help="first N fixed test prompts for fore/post tests")
+    a("--no-fore-test", "--no_fore_test", dest="no_fore_test", action="store_true")
+    a("--no-post-test", "--no_post_test", dest="no_post_test", action="store_true")
+    a("--test-type", "--test_type", dest="test_type", default="Normal",
+      help="Normal (TempSensitivity, DemoSensitivity: not supported yet)")
+    a("--dont-save-model", "--dont_save_model", dest="dont_save_model", action="store_true")
+    a("--run-dir", dest="run_dir", type=Path, default=None, help="run folder (default runs/<method>-<dataset>-<time>)")
+    a("--resume", action="store_true", help="continue the interrupted run in --run-dir")
+    a("--checkpoint-every", dest="checkpoint_every", type=_positive_int, default=1)
+    a("--quantized", action="store_true", help=argparse.SUPPRESS)
+    a("--generalization-test", "--generalization_test", dest="generalization_test", action="store_true",
+      help=argparse.SUPPRESS)
+    a("--MAUVE-test", "--MAUVE_test", dest="MAUVE_test", action="store_true", help=argparse.SUPPRESS)
+    a("--MAUVE-prefix", "--MAUVE_prefix", dest="MAUVE_prefix", default=None, help=argparse.SUPPRESS)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig
+    from .trainable import TrainableConfig
+
+    for name, message in NOT_YET.items():
+        if getattr(args, name):
+            raise AbftLensError(message + ".", "drop the option; see the README for what works today.")
+    if args.test_type != "Normal":
+        raise AbftLensError(f"--test_type {args.test_type} is not supported yet (planned: the robustness issue, #5).",
+                            "use --test_type Normal.")
+    lora = args.lora_r > 0
+    try:
+        trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=args.lora_r if lora else 16,
+                                    bias=args.train_bias)
+    except ValueError as error:
+        raise AbftLensError(str(error), "check --lora-r.") from error
+    return TrainConfig(
+        method=args.method, k=args.k, train_samples=args.train_samples, epochs=args.epochs,
+        pseudo_batch_size=args.pseudo_batch_size, lr=args.lr if args.lr is not None else (1e-4 if lora else 2e-5),
+        seed=args.seed, award=args.award, penalty=args.penalty, penalty_mode=args.penalty_mode,
+        p_gain=args.p_gain, pid_kp=args.pid_kp, pid_ki=args.pid_ki, pid_kd=args.pid_kd, threshold=args.threshold,
+        restricted_gradient=args.restricted_gradient, trainable=trainable,
+        validation_examples=args.validation_examples, validation_prompts=args.validation_prompts,
+        validate_every=args.validate_every, keep_best=args.keep_best,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .runs import run_training
+    from .tasks import load_task
+
+    config = train_config_from_args(args)
+    task = load_task(args.dataset)
+    run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype])
+    result = run_training(
+        loaded, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
+        post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+    )
+    rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")]
+    if result.best_step is not None:
+        rows.append(("best validation step", f"{result.best_step}" + (" (kept)" if config.keep_best else "")))
+    print_table(rows, title=f"{config.method} on {loaded.name}, {task.name}, k={config.k}, "
+                            f"{config.total_steps} steps, n_test={args.n_test}")
+    print(f"run folder: {run_dir}")
     return 0
 
 
@@ -75,15 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model on a StaICC dataset (the Normal protocol)")
     add_model_arguments(evaluate)
     evaluate.add_argument("--n-test", type=_positive_int, default=None, help="first N fixed test prompts (default all 1024)")
+    evaluate.add_argument("--run", type=Path, default=None, help="apply a training run's tensors to the model first")
     evaluate.add_argument("--output", type=Path, default=None, help="JSON file for metrics and per-prompt results")
     evaluate.set_defaults(func=cmd_eval)
 
-    demo = commands.add_parser("demo", help="the main job: the embedded model on SST-2 (k=4)")
+    train = commands.add_parser("train", help="fine-tune W_Q/W_K with ABFT (or the E2E baseline)")
+    add_model_arguments(train)
+    train.add_argument("--ICL_model_name", dest="model", help=argparse.SUPPRESS)
+    train.add_argument("--ICL_dataset_index", dest="dataset", help=argparse.SUPPRESS)
+    train.add_argument("--ICL_k", dest="k", type=_positive_int, help=argparse.SUPPRESS)
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    demo = commands.add_parser("demo", help="the main job: ABFT on the embedded model, SST-2, k=4, before/after")
     add_model_arguments(demo)
-    demo.add_argument("--n-test", type=_positive_int, default=128)
-    demo.add_argument("--output", type=Path, default=Path("runs/demo-eval.json"))
-    demo.set_defaults(func=cmd_eval)
+    add_train_arguments(demo)
+    demo.set_defaults(func=cmd_train, **DEMO_DEFAULTS)
     return parser
+
+
+# Chosen on held-out calibration prompts (the validation guard), never on test prompts: see the README.
+DEMO_DEFAULTS = dict(train_samples=256, epochs=1, lr=5e-4, validation_examples=256, validation_prompts=64,
+                     validate_every=2, keep_best=True, n_test=256)
 
 
 def main(argv: list[str] | None = None) -> int:
