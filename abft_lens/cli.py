@@ -174,6 +174,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_from_run
+
+    result = report_from_run(args.run_dir, output=args.output, n_prompts=args.n_prompts, png=args.png)
+    print(f"wrote {result.html_path}")
+    print(f"comparison: {result.comparison_path}" + (" (reused)" if result.reused else ""))
+    if result.png_paths:
+        print(f"wrote {len(result.png_paths)} PNG files to {result.png_paths[0].parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abft-lens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(demo)
     add_train_arguments(demo)
     demo.set_defaults(func=cmd_train, **DEMO_DEFAULTS)
+
+    report = commands.add_parser("report", help="one offline HTML page comparing a run's heads before/after training")
+    report.add_argument("run_dir", type=Path, help="a run folder (from train or demo)")
+    report.add_argument("--output", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
+    report.add_argument("--n-prompts", dest="n_prompts", type=_positive_int, default=64,
+                        help="prompts for the head scores (ignored when RUN_DIR/comparison.json exists)")
+    report.add_argument("--png", action="store_true", help="also export every figure as PNG (needs Chromium)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
