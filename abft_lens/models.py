@@ -124,13 +124,13 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
 def _from_hf_dir(hf_dir: Path, *, name: str, source: str, dtype: torch.dtype, device: str) -> LoadedModel:
     """Build a HookedTransformer from a local Hugging Face folder without asking the hub anything."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.loading_from_pretrained import convert_hf_model_config, get_pretrained_state_dict
+    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        cfg_dict = convert_hf_model_config(str(hf_dir))
-    except (OSError, ValueError, KeyError) as error:
+        cfg_dict = _tl_config_dict(hf_dir)
+    except (OSError, ValueError, KeyError, NotImplementedError) as error:
         raise AbftLensError(
             f"could not read the Hugging Face model folder {hf_dir}: {error}",
             "check that the folder holds config.json, the weights and the tokenizer files "
@@ -147,6 +147,23 @@ def _from_hf_dir(hf_dir: Path, *, name: str, source: str, dtype: torch.dtype, de
         model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, name=name, source=source, hf_dir=Path(hf_dir), adds_bos=adds_bos)
+
+
+def _tl_config_dict(hf_dir: Path) -> dict:
+    """TransformerLens's config for a local folder, read from the folder's own config.json.
+
+    ``convert_hf_model_config`` picks some architectures from substrings of the name it is given ("llama",
+    "gemma", ...) and then reads no config at all, so a folder such as ``models/tinyllama`` (or the cached
+    conversion of a Gemma GGUF) failed with an AttributeError. It is given a copy of config.json in a neutrally
+    named temporary folder instead.
+    """
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+
+    with tempfile.TemporaryDirectory(prefix="abft-lens-config-") as neutral:
+        shutil.copyfile(Path(hf_dir) / "config.json", Path(neutral) / "config.json")
+        cfg_dict = convert_hf_model_config(neutral)
+    cfg_dict["tokenizer_name"] = str(hf_dir)
+    return cfg_dict
 
 
 def _from_official_name(name: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
@@ -176,7 +193,15 @@ def _tiny_from_spec(spec: str, *, dtype: torch.dtype) -> LoadedModel:
         if key not in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "seed", "n_ctx"):
             raise AbftLensError(f"unknown tiny-model option {key!r} in {spec!r}.",
                                 "use n_layers, n_heads, n_kv_heads, d_model, d_head, n_ctx or seed.")
-        kwargs[key] = int(value)
+        try:
+            kwargs[key] = int(value)
+        except ValueError:
+            raise AbftLensError(f"tiny-model option {key!r} in {spec!r} needs an integer value, not {value!r}.",
+                                f"write it as {key}=<integer>.") from None
+    n_heads, n_kv_heads = kwargs.get("n_heads", 4), kwargs.get("n_kv_heads", 2)
+    if n_kv_heads is not None and (n_kv_heads <= 0 or n_heads % n_kv_heads):
+        raise AbftLensError(f"{spec!r}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}.",
+                            "choose n_kv_heads dividing n_heads (or use tiny-mha for plain multi-head attention).")
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer=tokenizer, dtype=dtype, **kwargs)
     return LoadedModel(model, tokenizer, name=spec, source="tiny", adds_bos=False)

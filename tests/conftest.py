@@ -31,3 +31,47 @@ def tiny_mha():
 def tiny_gqa64():
     """The GQA tiny model in float64, for gradient checks against plain torch."""
     return tiny_model(n_layers=2, n_heads=4, n_kv_heads=2, seed=0, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    """``load_model("tiny")``: the GQA tiny model with the cached tiny BPE tokenizer, once per worker."""
+    from abft_lens.models import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """``load_model("smollm2-135m")``: the embedded SmolLM2-135M, once per worker (converted into the cache on
+    the very first use, ~25 s; ~4 s afterwards)."""
+    from abft_lens.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def embedded_hf(embedded):
+    """The Hugging Face model read from the embedded model's converted folder, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(embedded.hf_dir, dtype=torch.float32).eval()
+
+
+class NetworkAttempted(RuntimeError):
+    """Raised by the ``no_network`` fixture when anything tries to open a connection."""
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The hub switched off and every socket connection refused, so a test proves it needs no network."""
+    import socket
+
+    def refuse(self, *args, **kwargs):
+        raise NetworkAttempted(f"network access attempted: {args}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return NetworkAttempted
