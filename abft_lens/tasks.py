@@ -248,6 +248,9 @@ def _read_rows(path: Path):
                 except json.JSONDecodeError as error:
                     raise AbftLensError(f"{path}, line {number}: not valid JSON ({error.msg}).",
                                         "write one JSON object per line.") from error
+                if not isinstance(record, dict):
+                    raise AbftLensError(f"{path}, line {number}: not a JSON object ({type(record).__name__}).",
+                                        'write one JSON object per line: {"text": ..., "label": ...}.')
                 yield _fields(record, path, number)
     else:
         with path.open(encoding="utf-8", newline="") as handle:

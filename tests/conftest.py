@@ -75,3 +75,35 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     return NetworkAttempted
+
+
+@pytest.fixture(scope="session")
+def staicc_experimentor():
+    """``get(index, k=4)``: StaICC's own ``single_experimentor`` for a dataset with its standard split and
+    ``replace_space_to_label()`` applied, built once per worker (3-4 s each for the 4096-demonstration
+    datasets). Shared: read it, never mutate it (build a fresh one for that)."""
+    import contextlib
+    import io
+    import warnings
+
+    from StaICC.normal import ORIGINAL_DATA_LOADER_NORMAL
+    from StaICC.util import configs
+    from StaICC.util.experimentor import single_experimentor
+
+    built = {}
+
+    def get(index: int, k: int = 4):
+        if (index, k) not in built:
+            original = ORIGINAL_DATA_LOADER_NORMAL[index]()
+            split = {"financial_phrasebank": configs.STANDARD_SETTINGS["split_for_FP"],
+                     "tweet_eval_emotion": configs.STANDARD_SETTINGS["split_for_TEE"]}.get(
+                original.get_dataset_name(), configs.STANDARD_SETTINGS)
+            dividing = [split["calibration_number"], split["demonstration_number"], split["test_number"]]
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                exp = single_experimentor(original_dataset=original, k=k, dividing=dividing)
+                exp.prompt_former.replace_space_to_label()
+            built[(index, k)] = exp
+        return built[(index, k)]
+
+    return get
