@@ -168,8 +168,10 @@ def _prepare_run_dir(run_dir: Path | None, meta: dict, resume: bool) -> bool:
             raise AbftLensError(f"{run_dir} already holds a run; abft-lens never overwrites one.",
                                 "choose another --run-dir, or pass --resume to continue an interrupted run.")
         saved = read_json(config_path)
+        # n_test: the cached fore test must cover the same prompts as the post test; dtype: bit-identical weights
         if saved["train"] != meta["train"] or saved["model"]["name"] != meta["model"]["name"] \
-                or saved["task"]["name"] != meta["task"]["name"]:
+                or saved["model"].get("dtype") != meta["model"]["dtype"] \
+                or saved["task"]["name"] != meta["task"]["name"] or saved.get("n_test") != meta["n_test"]:
             raise AbftLensError(f"{run_dir} holds a run with different settings; a resumed run must match.",
                                 "resume with the settings in its config.json, or start a new --run-dir.")
         if (run_dir / "metrics.json").is_file():
