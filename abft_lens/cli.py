@@ -188,6 +188,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- heads
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    from .heads import head_scores
+    from .io import write_json
+    from .models import load_model
+    from .tasks import load_task
+
+    task = load_task(args.dataset)
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype])
+    scores = head_scores(loaded, task, k=args.k, n_prompts=args.n_prompts, batch_size=args.batch_size,
+                         progress=True)
+    for name, other in (("induction", "label_attention"), ("label_attention", "induction")):
+        rows = [(f"L{layer}H{head}", f"{name} {score:.3f}   {other} {scores[other].scores[layer, head]:.3f}")
+                for layer, head, score in scores[name].top(args.top)]
+        print_table(rows, title=f"top {args.top} {name} heads of {loaded.name} ({task.name}, k={args.k})")
+    if args.output:
+        data = {"model": loaded.describe(), "dataset": task.describe(), "k": args.k, "n_prompts": args.n_prompts,
+                "scores": {name: value.to_dict() for name, value in scores.items()}}
+        print(f"wrote {write_json(args.output, data)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abft-lens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(demo)
     add_train_arguments(demo)
     demo.set_defaults(func=cmd_train, **DEMO_DEFAULTS)
+
+    heads = commands.add_parser("heads", help="score every head: induction, copying, attention to the labels")
+    add_model_arguments(heads)
+    heads.add_argument("--n-prompts", type=_positive_int, default=64, help="first N fixed test prompts")
+    heads.add_argument("--top", type=_positive_int, default=10, help="heads shown per score")
+    heads.add_argument("--output", type=Path, default=None, help="JSON file for every score of every head")
+    heads.set_defaults(func=cmd_heads)
 
     report = commands.add_parser("report", help="one offline HTML page comparing a run's heads before/after training")
     report.add_argument("run_dir", type=Path, help="a run folder (from train or demo)")
