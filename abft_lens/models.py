@@ -261,7 +261,8 @@ TINY_TOKENIZER_VERSION = "tiny-bpe-1024-v1"
 def tiny_tokenizer():
     """A 1,024-token byte-level BPE tokenizer trained (deterministically, < 1 s) on StaICC text and cached.
 
-    Label words of the ten StaICC datasets are single tokens, so tiny models run every task.
+    The label words of each of the ten StaICC datasets start with distinct tokens (several take more than one
+    token), so tiny models run every task.
     """
     from transformers import AutoTokenizer
 
