@@ -134,6 +134,10 @@ def train_config_from_args(args: argparse.Namespace):
     if args.test_type != "Normal":
         raise AbftLensError(f"--test_type {args.test_type} is not supported yet (planned: the robustness issue, #5).",
                             "use --test_type Normal.")
+    if args.lora_r < 0:
+        raise AbftLensError(f"--lora_r {args.lora_r} must be >= 0.", "pass a LoRA rank (e.g. 16), or 0 for full W_Q/W_K.")
+    if args.resume and args.run_dir is None:
+        raise AbftLensError("--resume needs the --run-dir of the interrupted run.", "pass --run-dir RUN_DIR.")
     lora = args.lora_r > 0
     try:
         trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=args.lora_r if lora else 16,

@@ -72,6 +72,8 @@ class TrainConfig:
         if self.award < 0 or self.penalty < 0:
             raise AbftLensError("the correct-label award and wrong-label penalty must be >= 0.",
                                 "pass non-negative --award/--penalty.")
+        if self.validate_every < 0:
+            raise AbftLensError(f"validate_every={self.validate_every} must be >= 0.", "pass 0 (never) or a step count.")
         if self.keep_best and not (self.validate_every and self.validation_examples):
             raise AbftLensError("keep_best needs a validation set.",
                                 "set validation_examples > k and validate_every >= 1.")

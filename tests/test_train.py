@@ -340,7 +340,7 @@ def test_validation_prompts_are_disjoint_from_training_and_never_use_test(task):
 @pytest.mark.parametrize("bad", [
     dict(lr=-1.0), dict(lr=0.0), dict(epochs=0), dict(train_samples=0), dict(pseudo_batch_size=0), dict(k=0),
     dict(penalty=-0.1), dict(award=-1.0), dict(method="SFT"), dict(keep_best=True),
-    dict(keep_best=True, validation_examples=64), dict(validation_examples=4),
+    dict(keep_best=True, validation_examples=64), dict(validation_examples=4), dict(validate_every=-1),
 ])
 def test_bad_config_is_an_abft_lens_error(bad):
     with pytest.raises(AbftLensError):

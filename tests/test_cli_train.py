@@ -1,0 +1,177 @@
+"""The train/demo command line: the original prototype flag spellings, skipped stages, options that are not
+supported yet, bad values (exit 2, one message, no traceback) and ``eval --run`` reproducing a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from abft_lens.cli import DEMO_DEFAULTS, build_parser, main
+
+PROTOTYPE = [
+    "train", "--ICL_model_name", "tiny", "--ICL_dataset_index", "0", "--method", "ABFT", "--ICL_k", "4",
+    "--correct_label_award", "1.0", "--wrong_label_penalty", "0.5", "--train_sample_num", "8", "--lr", "1e-3",
+    "--pseudo_batch_size", "4", "--epoch", "1", "--random_seed", "0", "--self_adaption_loss", "PID",
+    "--PID_param_P", "0.03", "--PID_param_I", "0.005", "--PID_param_D", "0.005", "--restricted_gradient",
+    "--lora_r", "4",
+]
+QUICK = ["train", "--model", "tiny", "--dataset", "sst2", "--train-samples", "8", "--pseudo-batch-size", "4",
+         "--epochs", "1", "--n-test", "8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are fastest on one thread: two intra-op threads on shared cores run ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def cli(argv: list[str]) -> int:
+    """``main`` as the shell sees it: argparse's own errors exit through SystemExit."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.fixture(scope="module")
+def prototype_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "prototype"
+    code = cli(PROTOTYPE + ["--run-dir", run_dir, "--n-test", "8"])
+    return code, run_dir
+
+
+def test_prototype_spellings_train_and_write_the_run_folder(prototype_run):
+    code, run_dir = prototype_run
+    assert code == 0
+    for name in ("config.json", "log.jsonl", "fore_test.json", "post_test.json", "metrics.json",
+                 "trained.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoint.pt").exists()
+    meta = json.loads((run_dir / "config.json").read_text())
+    train = meta["train"]
+    assert meta["model"]["name"] == "tiny" and meta["task"]["name"] == "sst2" and meta["n_test"] == 8
+    assert train["method"] == "ABFT" and train["k"] == 4
+    assert (train["award"], train["penalty"]) == (1.0, 0.5)
+    assert (train["train_samples"], train["pseudo_batch_size"], train["epochs"], train["seed"]) == (8, 4, 1, 0)
+    assert train["lr"] == 1e-3
+    assert (train["penalty_mode"], train["pid_kp"], train["pid_ki"], train["pid_kd"]) == ("PID", 0.03, 0.005, 0.005)
+    assert train["restricted_gradient"] is True
+    assert train["trainable"]["kind"] == "lora" and train["trainable"]["lora_r"] == 4
+    assert [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2]
+    from safetensors.torch import load_file
+
+    assert {name.rsplit(".", 1)[1] for name in load_file(run_dir / "trained.safetensors")} == {"lora_A", "lora_B"}
+
+
+def test_eval_with_run_reproduces_the_post_test(prototype_run, tmp_path, capsys):
+    _, run_dir = prototype_run
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--model", "tiny", "--dataset", "0", "--n-test", "8", "--run", run_dir,
+                "--output", out]) == 0
+    post = json.loads((run_dir / "post_test.json").read_text())
+    again = json.loads(out.read_text())
+    assert again["metrics"] == post["metrics"]
+    assert again["per_prompt"] == post["per_prompt"]
+    assert again["run"] == str(run_dir)
+    assert f"{post['metrics']['accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_p_mode_gain_and_skipped_stages_reach_the_run_folder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = cli(QUICK + ["--self_adaption_loss", "P", "--loss_adaption_factor_for_P", "0.07", "--ICL_k", "3",
+                        "--no_fore_test", "--no_post_test", "--dont_save_model", "--run-dir", run_dir])
+    assert code == 0
+    train = json.loads((run_dir / "config.json").read_text())["train"]
+    assert (train["penalty_mode"], train["p_gain"], train["k"]) == ("P", 0.07, 3)
+    assert train["lr"] == 2e-5 and train["trainable"]["kind"] == "full"  # defaults without LoRA
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "log.jsonl", "metrics.json"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["fore"] is None and metrics["post"] is None and metrics["steps"] == 2
+    assert f"run folder: {run_dir}" in capsys.readouterr().out
+
+
+def test_existing_and_complete_run_dirs_are_refused(prototype_run, capsys):
+    _, run_dir = prototype_run
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    capsys.readouterr()
+    assert cli(PROTOTYPE + ["--run-dir", run_dir, "--n-test", "8"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli(PROTOTYPE + ["--run-dir", run_dir, "--n-test", "8", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "already complete" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("option", [
+    ["--quantized"], ["--generalization_test"], ["--MAUVE_test"], ["--MAUVE_prefix", "x"],
+    ["--test_type", "TempSensitivity"],
+])
+def test_not_yet_supported_options_exit_2_with_one_message(tmp_path, capsys, option):
+    run_dir = tmp_path / "run"
+    assert cli(QUICK + option + ["--run-dir", run_dir]) == 2
+    captured = capsys.readouterr()
+    assert "not supported yet" in captured.err
+    assert captured.err.count("error:") == 1 and "Traceback" not in captured.err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("bad, words", [
+    (["--lr", "-1"], "lr"),
+    (["--lr", "0"], "lr"),
+    (["--epoch", "0"], "must be a positive integer"),
+    (["--train_sample_num", "0"], "must be a positive integer"),
+    (["--keep-best"], "keep_best needs a validation set"),
+    (["--wrong_label_penalty", "-1"], "non-negative"),
+    (["--method", "SFT"], "invalid choice"),
+    (["--lora_r", "-1"], "--lora_r -1 must be >= 0"),
+    (["--validation-examples", "32", "--validate-every", "-1"], "validate_every=-1"),
+])
+def test_bad_values_exit_2_with_one_message(tmp_path, capsys, bad, words):
+    run_dir = tmp_path / "run"
+    assert cli(QUICK + bad + ["--run-dir", run_dir]) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_resume_without_run_dir_is_refused(capsys):
+    assert cli(QUICK + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume needs the --run-dir" in err and err.count("error:") == 1
+
+
+def test_learning_rate_defaults_follow_the_trainable_set():
+    from abft_lens.cli import train_config_from_args
+
+    parse = build_parser().parse_args
+    assert train_config_from_args(parse(QUICK)).lr == 2e-5
+    lora = train_config_from_args(parse(QUICK + ["--lora_r", "4"]))
+    assert lora.lr == 1e-4 and lora.trainable.kind == "lora" and lora.trainable.lora_r == 4
+    assert train_config_from_args(parse(QUICK + ["--lora_r", "4", "--lr", "3e-3"])).lr == 3e-3
+
+
+def test_demo_defaults_and_a_tiny_demo_run(tmp_path, capsys):
+    args = build_parser().parse_args(["demo"])
+    for name, value in DEMO_DEFAULTS.items():
+        assert getattr(args, name) == value
+    assert args.model == "smollm2-135m" and args.dataset == "sst2" and args.k == 4
+
+    run_dir = tmp_path / "demo"
+    code = cli(["demo", "--model", "tiny", "--train-samples", "8", "--pseudo-batch-size", "4",
+                "--validation-prompts", "8", "--n-test", "8", "--threshold", "0.03", "--run-dir", run_dir])
+    assert code == 0
+    train = json.loads((run_dir / "config.json").read_text())["train"]
+    assert train["keep_best"] is True and train["validation_examples"] == 256 and train["lr"] == 5e-4
+    assert train["threshold"] == 0.03
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["kept_best"] is True and metrics["best_validation_step"] in (0, 1, 2)
+    validations = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validations if v["event"] == "validation"] == [0, 2]
+    assert "best validation step" in capsys.readouterr().out
