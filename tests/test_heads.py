@@ -246,3 +246,21 @@ def test_smollm2_induction_heads():
     top = scores.top(5)
     assert top[0][2] > 0.3 and top[0][2] > 10 * values.median().item()
     assert all(score > 3 * values.median().item() for _, _, score in top)
+
+
+def test_heads_cli_prints_and_writes_json(tmp_path, capsys):
+    import json
+
+    from abft_lens.cli import main
+
+    output = tmp_path / "scores.json"
+    assert main(["heads", "--model", "tiny", "--dataset", "sst2", "--n-prompts", "3", "--top", "2",
+                 "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "top 2 induction heads of tiny" in printed and "top 2 label_attention heads" in printed
+    assert printed.count("  L") == 4 and f"wrote {output}" in printed
+    data = json.loads(output.read_text())
+    assert data["k"] == 4 and data["n_prompts"] == 3 and data["model"]["name"] == "tiny"
+    assert len(data["scores"]) == 9
+    restored = HeadScores.from_dict(data["scores"]["induction"])
+    assert restored.shape == (2, 4) and restored.name == "induction"
