@@ -36,6 +36,15 @@ SCORE_LABELS = {
     "sink_attention": "sink attention (first token)",
 }
 BEFORE_COLOR, AFTER_COLOR = "#7f7f7f", "#d62728"
+# A small white template (plotly's "plotly_white" look): setting the full named template costs ~80 ms per
+# figure in validation and ~6 kB of JSON per figure on the page.
+_AXIS = dict(gridcolor="#EBF0F8", linecolor="#EBF0F8", zerolinecolor="#EBF0F8", zerolinewidth=2, ticks="",
+             automargin=True, title=dict(standoff=12))
+_TEMPLATE = dict(layout=dict(
+    paper_bgcolor="white", plot_bgcolor="white", xaxis=_AXIS, yaxis=_AXIS, hoverlabel=dict(align="left"),
+    colorway=["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692", "#B6E880", "#FF97FF",
+              "#FECB52"],
+    title=dict(font=dict(size=16, color="#2a3f5f")), font=dict(color="#2a3f5f")))
 _FONT = dict(family="system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", size=12)
 
 
@@ -63,7 +72,7 @@ def _layout(fig: go.Figure, *, title: str | None, height: int, margin: dict | No
     title_spec = dict(text=title, x=0.01, xanchor="left", yref="container", y=1 - 44 / height, yanchor="middle")
     fig.update_layout(title=title_spec if title else None, height=height,
                       margin=margin or dict(l=60, r=20, t=72 if title else 30, b=50), font=_FONT,
-                      template="plotly_white", **extra)
+                      template=_TEMPLATE, **extra)
     return fig
 
 

@@ -17,10 +17,10 @@ SCORES = ["induction", "previous_token", "duplicate_token", "copying", "label_at
 
 
 def synthetic_comparison(n_layers: int = 4, n_heads: int = 6, n_steps: int = 20, n_tokens: int = 12,
-                         seed: int = 0, validate_every: int = 5) -> Comparison:
+                         seed: int = 0, validate_every: int = 5, scores: list[str] = SCORES) -> Comparison:
     """A Comparison with every field filled: random scores (fixed seed), a fake log, one prompt example."""
     g = torch.Generator().manual_seed(seed)
-    before = {name: torch.rand(n_layers, n_heads, generator=g) for name in SCORES}
+    before = {name: torch.rand(n_layers, n_heads, generator=g) for name in scores}
     after = {name: (v + 0.1 * torch.randn(n_layers, n_heads, generator=g)).clamp(0, 1) for name, v in before.items()}
     trace = []
     for step in range(n_steps):
@@ -35,6 +35,8 @@ def synthetic_comparison(n_layers: int = 4, n_heads: int = 6, n_steps: int = 20,
         x = torch.rand(2, n_tokens, n_tokens, generator=g).tril()
         return (x / x.sum(-1, keepdim=True)).tolist()
 
+    tokens = [f" tok{i}" for i in range(n_tokens)]
+    tokens[3], tokens[5] = " </script><b>", " <!--"  # hostile token strings: the page must stay intact
     return Comparison(
         before=before, after=after, weight_change=torch.rand(n_layers, 2, generator=g),
         accuracy={"fore": dict(accuracy=0.61, macro_f1=0.55, mean_true_label_probability=0.52, ece=0.1),
@@ -42,7 +44,7 @@ def synthetic_comparison(n_layers: int = 4, n_heads: int = 6, n_steps: int = 20,
         trace=trace,
         run={"train": {"method": "ABFT", "lr": 5e-4, "k": 4},
              "model": {"name": "tiny", "n_layers": n_layers, "n_heads": n_heads}, "task": {"name": "sst2"}},
-        prompt_example={"tokens": [f" tok{i}" for i in range(n_tokens)], "heads": [[1, 2], [3, 0]],
+        prompt_example={"tokens": tokens, "heads": [[1, 2], [3, 0]],
                         "before": patterns(), "after": patterns()},
     )
 
