@@ -19,7 +19,7 @@ from torch import Tensor
 
 
 def accuracy(gold: Int[Tensor, " n"], probs: Float[Tensor, "n label"]) -> float:
-    return float((probs.argmax(-1) == gold).float().mean())
+    return float((probs.argmax(-1) == gold).double().mean())
 
 
 def mean_true_label_probability(gold: Int[Tensor, " n"], probs: Float[Tensor, "n label"]) -> float:
@@ -40,13 +40,13 @@ def macro_f1(gold: Int[Tensor, " n"], probs: Float[Tensor, "n label"]) -> float:
 def expected_calibration_error(gold: Int[Tensor, " n"], probs: Float[Tensor, "n label"], bins: int = 10) -> float:
     """Σ_b |B_b|/n · |acc(B_b) − conf(B_b)| over ``bins`` equal-width confidence bins, the last one closed."""
     confidence, predicted = probs.max(-1)
-    correct = (predicted == gold).float()
+    correct = (predicted == gold).double()
     index = torch.clamp((confidence * bins).long(), max=bins - 1)
     ece = 0.0
     for b in range(bins):
         members = index == b
         if members.any():
-            ece += float(members.float().mean()) * abs(float(correct[members].mean() - confidence[members].mean()))
+            ece += float(members.double().mean()) * abs(float(correct[members].mean() - confidence[members].mean()))
     return ece
 
 
