@@ -1,0 +1,125 @@
+"""``abft-lens eval``: a complete JSON written atomically; bad input is one message and exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import abft_lens.io
+from abft_lens.cli import main
+from abft_lens.evaluate import evaluate
+from abft_lens.tasks import load_task
+
+
+def _eval(tmp_path, *extra):
+    return main(["eval", "--model", "tiny", "--dataset", "sst2", "--k", "4", "--n-test", "6", *extra])
+
+
+def test_eval_tiny_writes_complete_json(tmp_path, capsys, tiny_loaded, no_network):
+    output = tmp_path / "results" / "nested" / "eval.json"
+    assert _eval(tmp_path, "--batch-size", "4", "--output", str(output)) == 0
+    out, err = capsys.readouterr()
+    assert f"wrote {output}" in out and "tiny on sst2, k=4" in out and "accuracy" in out
+    assert "Traceback" not in err
+
+    data = json.loads(output.read_text())
+    for key in ("model", "dataset", "k", "seed", "metrics", "per_prompt", "task", "n", "label_words", "dtype"):
+        assert key in data, key
+    assert data["model"]["name"] == "tiny" and data["model"]["source"] == "tiny"
+    assert data["dataset"]["name"] == "sst2" and data["dataset"]["index"] == 0
+    assert data["k"] == 4 and data["seed"] == 42 and data["n"] == 6 and data["dtype"] == "float32"
+    assert data["label_words"] == [" negative", " positive"]
+    assert set(data["metrics"]) == {"accuracy", "mean_true_label_probability", "macro_f1", "ece"}
+    rows = data["per_prompt"]
+    assert len(rows) == 6
+    task = load_task("sst2")
+    for j, row in enumerate(rows):
+        assert row["gold"] == task.test[j].label
+        assert len(row["label_probs"]) == 2 and sum(row["label_probs"]) == pytest.approx(1, abs=1e-5)
+        assert row["prediction"] == max(range(2), key=lambda c: (row["label_probs"][c], -c))
+    assert data["metrics"]["accuracy"] == pytest.approx(sum(r["gold"] == r["prediction"] for r in rows) / 6)
+
+    # the same numbers as the Python API on the same model and prompts
+    reference = evaluate(tiny_loaded, task, k=4, n_test=6)
+    torch.testing.assert_close(torch.tensor([r["label_probs"] for r in rows]), torch.tensor(reference.probs),
+                               rtol=0, atol=2e-6)
+    assert data["metrics"]["accuracy"] == reference.accuracy
+    # written atomically: nothing else was left in the folder
+    assert [p.name for p in output.parent.iterdir()] == ["eval.json"]
+
+
+def test_eval_output_is_atomic_when_writing_fails(tmp_path, capsys, monkeypatch):
+    output = tmp_path / "eval.json"
+    output.write_text('{"old": true}\n')
+
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(abft_lens.io.os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _eval(tmp_path, "--output", str(output))
+    assert json.loads(output.read_text()) == {"old": True}  # the previous file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # and no partial temporary file remains
+
+
+def test_eval_custom_csv_dataset(tmp_path, capsys):
+    rows = [f"item {i} is {'great' if i % 2 else 'awful'},{'good' if i % 2 else 'bad'}" for i in range(24)]
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    output = tmp_path / "custom.json"
+    assert main(["eval", "--model", "tiny-mha", "--dataset", str(path), "--k", "2", "--n-test", "5",
+                 "--output", str(output)]) == 0
+    data = json.loads(output.read_text())
+    assert data["dataset"]["name"] == "reviews" and data["label_words"] == [" bad", " good"]
+    assert data["model"]["n_key_value_heads"] is None
+    assert len(data["per_prompt"]) == 5 and data["k"] == 2
+
+
+def _write_missing_field_csv(tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text("text,label\nfine,good\n,bad\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model", "no-such-model-xyz"], "could not load model 'no-such-model-xyz'"),
+        (["--model", "tiny", "--dataset", "12"], "dataset index 12 is out of range"),
+        (["--model", "tiny", "--dataset", "imdb"], "unknown dataset 'imdb'"),
+        (["--model", "tiny", "--k", "5000"], "k=5000 is larger than the demonstration split"),
+        (["--model", "tiny", "--dataset", "CSV"], "line 3: missing field(s) text"),
+        (["--model", "tiny:n_layers=two"], "needs an integer value"),
+        (["--model", "missing-model.gguf"], "does not exist"),
+        (["--model", "tiny:n_ctx=64", "--k", "4"], "context of 64"),
+    ],
+)
+def test_eval_bad_input_is_one_message_and_exit_2(args, expected, tmp_path, capsys, no_network, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [_write_missing_field_csv(tmp_path) if a == "CSV" else a for a in args]
+    output = tmp_path / "never.json"
+    assert main(["eval", *args, "--n-test", "2", "--output", str(output)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("abft-lens: error: ") and err.count("abft-lens: error:") == 1
+    assert expected in err and "\n  fix: " in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--n-test", "0"), ("--n-test", "-3"), ("--k", "0"), ("--k", "four"),
+                                           ("--batch-size", "0")])
+def test_argparse_rejects_non_positive_integers(option, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", "tiny", option, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and ("positive integer" in err or "not an integer" in err)
+
+
+def test_eval_requires_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
