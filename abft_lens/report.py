@@ -344,6 +344,9 @@ def _top_changes(comparison: "Comparison", n: int = 3) -> list[tuple[str, str]]:
             continue
         diff = torch.nan_to_num(torch.as_tensor(comparison.difference(name), dtype=torch.float64))
         n_heads = diff.shape[-1]
+        if not bool(diff.any()):
+            rows.append((viz.SCORE_LABELS.get(name, name), "no change"))
+            continue
         order = torch.argsort(diff.abs().flatten(), descending=True)[:n].tolist()
         text = ", ".join(f"L{i // n_heads}H{i % n_heads} {float(diff.flatten()[i]):+.3f}" for i in order)
         rows.append((viz.SCORE_LABELS.get(name, name), text))

@@ -109,8 +109,12 @@ def difference_heatmap(before: Any, after: Any, title: str | None = None, *, hei
     before_grid, after_grid = _grid(before, "before"), _grid(after, "after")
     if before_grid.shape != after_grid.shape:
         raise ValueError(f"before {before_grid.shape} and after {after_grid.shape} differ in shape")
-    fig = go.Figure(_head_trace(after_grid - before_grid, "RdBu", zmid=0.0, colorbar_title="Δ"))
+    difference = after_grid - before_grid
+    fig = go.Figure(_head_trace(difference, "RdBu", zmid=0.0, colorbar_title="Δ"))
     _head_axes(fig, *before_grid.shape)
+    if not np.any(np.nan_to_num(difference)):
+        fig.add_annotation(text="no change", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                           font=dict(size=14, color="#555"))
     return _layout(fig, title=title, height=height)
 
 
@@ -147,7 +151,7 @@ def layer_curves(comparison: "Comparison", *, scores: Sequence[str] = LAYER_CURV
                                          showlegend=col == 1, line=dict(color=color, dash="dot"),
                                          hovertemplate=f"{stage} L%{{x}} max: %{{y:.4f}}<extra></extra>"),
                               row=1, col=col)
-        fig.update_xaxes(title_text="layer", row=1, col=col)
+        fig.update_xaxes(title_text="layer", dtick=1 if len(layers) <= 32 else None, row=1, col=col)
     fig.update_yaxes(title_text="attention mass", row=1, col=1)
     return _layout(fig, title="Per-layer attention (mean over heads)" + (" and max" if include_max else ""),
                    height=height, legend=dict(orientation="h", y=-0.22))
@@ -172,6 +176,9 @@ def weight_change_plot(weight_change: Any, *, title: str = "Weight change per la
     ])
     fig.update_xaxes(title_text="layer", dtick=1 if len(layers) <= 32 else None)
     fig.update_yaxes(title_text="Frobenius norm")
+    if not np.any(np.nan_to_num(array)):
+        fig.add_annotation(text="W_Q and W_K did not change", showarrow=False, xref="paper", yref="paper",
+                           x=0.5, y=0.5, font=dict(size=14, color="#555"))
     return _layout(fig, title=title, height=height, barmode="group", legend=dict(orientation="h", y=1.08))
 
 
@@ -214,11 +221,15 @@ def training_trace(trace: Sequence[dict], *, height: int = 520) -> go.Figure:
                                  mode="lines+markers", name="validation accuracy", line=dict(color="#d62728")),
                       row=2, col=2)
     else:
-        fig.add_annotation(text="no validation in this run", showarrow=False, row=2, col=2,
-                           xref="x domain", yref="y domain", x=0.5, y=0.5)
+        # paper coordinates: plotly.js does not draw the axes of a subplot without traces, so "x4 domain"
+        # would not resolve
+        fig.add_annotation(text="no validation in this run", showarrow=False, xref="paper", yref="paper",
+                           x=sum(fig.layout.xaxis4.domain) / 2, y=sum(fig.layout.yaxis4.domain) / 2)
+    few_steps = len({event["step"] for event in steps + validations}) <= 12
     for row in (1, 2):
         for col in (1, 2):
-            fig.update_xaxes(title_text="step" if row == 2 else None, row=row, col=col)
+            fig.update_xaxes(title_text="step" if row == 2 else None, dtick=1 if few_steps else None,
+                             row=row, col=col)
     return _layout(fig, title="Training trace", height=height, legend=dict(orientation="h", y=-0.14))
 
 

@@ -203,3 +203,12 @@ def test_attention_view_and_its_offline_html(comparison):
         viz.attention_view(example["tokens"][:5], example["before"], ["L1H2", "L3H0"])
     with pytest.raises(ValueError, match="head names"):
         viz.attention_view(example["tokens"], example["before"], ["L1H2"])
+
+
+def test_unchanged_heads_say_so():
+    grid = torch.rand(2, 3)
+    fig = viz.difference_heatmap(grid, grid.clone())
+    assert [a.text for a in fig.layout.annotations] == ["no change"]
+    assert not viz.difference_heatmap(grid, grid + 0.1).layout.annotations
+    assert [a.text for a in viz.weight_change_plot(torch.zeros(3, 2)).layout.annotations] == ["W_Q and W_K did not change"]
+    assert not viz.weight_change_plot(torch.ones(3, 2)).layout.annotations
