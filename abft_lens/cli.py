@@ -192,6 +192,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    result = export_run(args.run_dir, args.output, peft=args.peft)
+    print(f"wrote {result.output} (base {result.base_hf_dir}, {len(result.changed)} q_proj/k_proj tensors)")
+    if result.adapter_dir is not None:
+        print(f"PEFT adapter: {result.adapter_dir}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- heads
 
 
@@ -254,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts for the head scores (ignored when RUN_DIR/comparison.json exists)")
     report.add_argument("--png", action="store_true", help="also export every figure as PNG (needs Chromium)")
     report.set_defaults(func=cmd_report)
+
+    export = commands.add_parser("export", help="write a run's tuned model as a Hugging Face folder (+ PEFT adapter)")
+    export.add_argument("run_dir", type=Path, help="a run folder (from train or demo)")
+    export.add_argument("--output", type=Path, required=True, help="new folder for the model (must not hold files)")
+    export.add_argument("--peft", action="store_true", help="LoRA runs: also write a PEFT adapter in OUTPUT/adapter")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
