@@ -78,8 +78,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 NOT_YET = {
     "quantized": "4-bit quantized bases (--quantized) are not supported yet (planned: the scale issue, #6)",
     "generalization_test": "--generalization_test is not supported yet (planned: the robustness issue, #5)",
-    "MAUVE_test": "--MAUVE_test is not supported yet (planned: the robustness issue, #5)",
-    "MAUVE_prefix": "--MAUVE_prefix is not supported yet (planned: the robustness issue, #5)",
 }
 
 
@@ -120,8 +118,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quantized", action="store_true", help=argparse.SUPPRESS)
     a("--generalization-test", "--generalization_test", dest="generalization_test", action="store_true",
       help=argparse.SUPPRESS)
-    a("--MAUVE-test", "--MAUVE_test", dest="MAUVE_test", action="store_true", help=argparse.SUPPRESS)
-    a("--MAUVE-prefix", "--MAUVE_prefix", dest="MAUVE_prefix", default=None, help=argparse.SUPPRESS)
+    a("--MAUVE-test", "--MAUVE_test", dest="MAUVE_test", action="store_true",
+      help="generation quality before/after (MAUVE, perplexity) -> RUN_DIR/generation.json; needs --MAUVE_prefix")
+    a("--MAUVE-prefix", "--MAUVE_prefix", dest="MAUVE_prefix", type=Path, default=None,
+      help="text file, one prefix per line (optionally prefix<TAB>true continuation)")
+    a("--MAUVE-max-new-tokens", dest="MAUVE_max_new_tokens", type=_positive_int, default=32,
+      help="tokens generated per prefix (greedy)")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -155,6 +157,19 @@ def train_config_from_args(args: argparse.Namespace):
     )
 
 
+def mauve_test_from_args(args: argparse.Namespace):
+    """The --MAUVE_test set-up (reads and checks the prefix file before any model loads), or None."""
+    if args.MAUVE_test and args.MAUVE_prefix is None:
+        raise AbftLensError("--MAUVE_test needs --MAUVE_prefix FILE (one prefix per line).", "pass --MAUVE_prefix.")
+    if args.MAUVE_prefix is not None and not args.MAUVE_test:
+        raise AbftLensError("--MAUVE_prefix is used only with --MAUVE_test.", "add --MAUVE_test, or drop it.")
+    if not args.MAUVE_test:
+        return None
+    from .generation import MauveTest
+
+    return MauveTest(args.MAUVE_prefix, max_new_tokens=args.MAUVE_max_new_tokens)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import load_model
     from .runs import run_training
@@ -164,12 +179,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = load_task(args.dataset)
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     loaded = load_model(args.model, dtype=DTYPES[args.dtype])
+    mauve_test = mauve_test_from_args(args)
+    if mauve_test is not None:
+        mauve_test.before(loaded)
     result = run_training(
         loaded, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
         post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
         checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
     )
     rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")]
+    if mauve_test is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
+        rows += mauve_test.after(loaded, run_dir).summary_rows()
     if result.best_step is not None:
         rows.append(("best validation step", f"{result.best_step}" + (" (kept)" if config.keep_best else "")))
     print_table(rows, title=f"{config.method} on {loaded.name}, {task.name}, k={config.k}, "
@@ -229,6 +249,35 @@ def cmd_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- mix
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    from .io import read_json, write_json
+    from .mixing import lambda_grid, mix_runs, run_meta
+    from .models import load_model
+    from .tasks import load_task
+
+    grid = lambda_grid(args.grid_min, args.grid_max, args.grid_step)
+    model = args.model or run_meta(args.run_e2e)["model"]["name"]
+    run_meta(args.run_abft)
+    dtype = args.dtype or read_json(args.run_e2e / "config.json")["model"].get("dtype") or "float32"
+    loaded = load_model(model, dtype=DTYPES[dtype])
+    task = load_task(args.dataset) if args.dataset is not None else None
+    result = mix_runs(loaded, args.run_e2e, args.run_abft, task=task, k=args.k, n_test=args.n_test,
+                      lambdas_e2e=grid, lambdas_abft=grid, batch_size=args.batch_size)
+    best = result.best
+    print(f"accuracy of θ0 + λ_E·Δ_E + λ_A·Δ_A ({result.info['task']}, n={result.info['n_test']}, "
+          f"k={result.info['k']})")
+    print(result.markdown())
+    print(f"best: λ_E={best['lambda_e2e']:g} λ_A={best['lambda_abft']:g} accuracy {best['accuracy']:.4f}")
+    if args.output:
+        print(f"wrote {write_json(args.output, result.to_dict())}")
+    if args.html:
+        print(f"wrote {result.save_html(args.html)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abft-lens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts for the head scores (ignored when RUN_DIR/comparison.json exists)")
     report.add_argument("--png", action="store_true", help="also export every figure as PNG (needs Chromium)")
     report.set_defaults(func=cmd_report)
+
+    mix = commands.add_parser("mix", help="accuracy of base + λ_E·Δ_E2E + λ_A·Δ_ABFT over a λ grid (weight mixing)")
+    mix.add_argument("run_e2e", type=Path, help="run folder of the E2E run")
+    mix.add_argument("run_abft", type=Path, help="run folder of the ABFT run (same base model)")
+    mix.add_argument("--model", default=None, help="base model (default: the one in the runs' config.json)")
+    mix.add_argument("--dataset", default=None, help="dataset to evaluate on (default: the runs' dataset)")
+    mix.add_argument("--k", type=_positive_int, default=None, help="demonstrations per prompt (default: the runs' k)")
+    mix.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the runs' dtype")
+    mix.add_argument("--batch-size", type=_positive_int, default=8)
+    mix.add_argument("--n-test", type=_positive_int, default=64, help="first N fixed test prompts per grid point")
+    mix.add_argument("--grid-min", type=float, default=-0.5)
+    mix.add_argument("--grid-max", type=float, default=1.5)
+    mix.add_argument("--grid-step", type=float, default=0.25)
+    mix.add_argument("--output", type=Path, default=None, help="JSON file: grid, best point, every metric")
+    mix.add_argument("--html", type=Path, default=None, help="offline HTML page: heatmap and table")
+    mix.set_defaults(func=cmd_mix)
 
     export = commands.add_parser("export", help="write a run's tuned model as a Hugging Face folder (+ PEFT adapter)")
     export.add_argument("run_dir", type=Path, help="a run folder (from train or demo)")

@@ -1,0 +1,449 @@
+"""Generation quality before/after fine-tuning: continuations, MAUVE and perplexity (the prototype's MAUVE test).
+
+ABFT changes only W_Q/W_K; this module checks that the model still writes like itself.
+
+- :func:`continuations`: greedy (``seed=None``) or seeded sampling with the hooked model's ``generate``. Each
+  prefix is tokenized by the model's own tokenizer (so BOS exactly when that tokenizer adds one: none for
+  SmolLM2 and the tiny models, one for Llama-3) and generated alone (no padding); sampling seeds prefix ``i``
+  with ``seed + i``, so a continuation does not depend on the others.
+- :func:`hidden_features`: the MAUVE features. By default the final-layer hidden state (after the final norm)
+  at the **last** token, MAUVE's own convention (it embeds texts by GPT-2-large's last-token hidden state);
+  ``pooling="mean"`` averages over the tokens instead. Texts are embedded as prefix + continuation.
+- :func:`mauve_score`: MAUVE (Pillutla et al. 2021) of two feature sets, through mauve-text's
+  ``compute_mauve(p_features=..., q_features=...)`` when installed (``pip install abft-lens[mauve]``; never its
+  text mode, which downloads gpt2-large), else a built-in implementation of the same recipe: l2-normalise,
+  PCA keeping 90 % of the variance, k-means (``num_buckets = max(2, round(min(n_p, n_q) / 10))``, 5 restarts)
+  on the union, histograms p/q, divergence curve over 25 mixtures with scaling c = 5, area under it.
+- :func:`perplexity`: token-level perplexity exp(Σ NLL / Σ predicted tokens) over a set of held-out texts.
+  Without a BOS the first token of a text has no context and is not scored.
+
+:func:`generation_report` compares a base and a tuned model on the same prefixes: MAUVE(base continuations,
+tuned continuations), with human references MAUVE(human, base) and MAUVE(human, tuned), and the perplexity of
+the held-out text before/after. All features come from the **base** model (one fixed embedding for every
+text set, as MAUVE requires). The held-out text is the references' full lines (prefix + true continuation)
+when given, else the prefixes themselves; neither is seen by training, which uses StaICC calibration prompts.
+MAUVE needs a few hundred texts per side to be meaningful; with fewer the score is coarse (2 buckets).
+
+Prefix files (``--MAUVE_prefix``): one prefix per line, UTF-8, blank lines skipped; a line may hold
+``prefix<TAB>true continuation`` to give the human reference for that prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import AbftLensError
+from .models import LoadedModel
+
+POOLINGS = ("last", "mean")
+GENERATION_FILE = "generation.json"
+QK_NAMES = ("W_Q", "W_K", "_W_K", "b_Q", "b_K", "_b_K")
+
+
+# ------------------------------------------------------------------------------------------- prefixes
+
+
+def read_prefix_file(path: str | Path) -> tuple[list[str], list[str] | None]:
+    """(prefixes, references or None) from a prefix file (module docstring); AbftLensError when unusable."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise AbftLensError(f"cannot read the MAUVE prefix file {path}: {error}",
+                            "pass a UTF-8 text file with one prefix per line.") from error
+    rows = [line.split("\t", 1) for line in lines if line.strip()]
+    if not rows:
+        raise AbftLensError(f"the MAUVE prefix file {path} holds no prefix.", "write one prefix per line.")
+    with_ref = [len(r) == 2 for r in rows]
+    if any(with_ref) and not all(with_ref):
+        first = next(i for i, line in enumerate(filter(str.strip, lines)) if with_ref[i] != with_ref[0])
+        raise AbftLensError(f"{path}: some lines give a true continuation after a tab and some do not "
+                            f"(non-blank line {first + 1}).", "give a continuation on every line or on none.")
+    prefixes = [r[0] for r in rows]
+    if any(not p.strip() for p in prefixes):
+        raise AbftLensError(f"{path}: a line has an empty prefix before its tab.", "put text before the tab.")
+    return prefixes, ([r[1] for r in rows] if all(with_ref) else None)
+
+
+def _encode(loaded: LoadedModel, text: str) -> list[int]:
+    """Token ids as the model's own tokenizer makes them (BOS exactly when it adds one)."""
+    return list(loaded.tokenizer(text).input_ids)
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+def continuations(
+    loaded: LoadedModel,
+    prefixes: Sequence[str],
+    max_new_tokens: int = 32,
+    seed: int | None = None,
+    *,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    progress: bool | str = False,
+) -> list[str]:
+    """The decoded new text after each prefix: greedy when ``seed`` is None, else sampled (prefix i: seed + i).
+
+    Generation stops at the tokenizer's EOS; special tokens are dropped from the decoded text.
+    """
+    if max_new_tokens <= 0:
+        raise AbftLensError(f"max_new_tokens={max_new_tokens} must be positive.", "generate at least one token.")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    out = []
+    bar = tqdm(prefixes, desc=progress if isinstance(progress, str) else "generating", disable=not progress,
+               unit="prefix")
+    for i, prefix in enumerate(bar):
+        ids = _encode(loaded, prefix)
+        if not ids:
+            raise AbftLensError(f"prefix {i} ({prefix!r}) has no tokens.", "remove empty prefixes.")
+        ids = ids[-(model.cfg.n_ctx - max_new_tokens):] if len(ids) + max_new_tokens > model.cfg.n_ctx else ids
+        tokens = torch.tensor([ids], device=model.cfg.device)
+        kwargs = dict(max_new_tokens=max_new_tokens, stop_at_eos=tokenizer.eos_token_id is not None,
+                      verbose=False, return_type="tokens", prepend_bos=False)
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            if seed is None:
+                generated = model.generate(tokens, do_sample=False, **kwargs)
+            else:
+                torch.manual_seed(seed + i)
+                generated = model.generate(tokens, do_sample=True, temperature=temperature, top_p=top_p, **kwargs)
+        out.append(tokenizer.decode(generated[0, len(ids):].tolist(), skip_special_tokens=True))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- features
+
+
+def hidden_features(loaded: LoadedModel, texts: Sequence[str], *, pooling: str = "last",
+                    progress: bool | str = False) -> Tensor:
+    """``[n_texts, d_model]`` float32: final-layer hidden state after the final norm, last token or mean."""
+    if pooling not in POOLINGS:
+        raise AbftLensError(f"pooling {pooling!r} is unknown.", f"use one of {POOLINGS}.")
+    model = loaded.model
+    rows = []
+    with torch.inference_mode():
+        for i, text in enumerate(tqdm(texts, desc=progress if isinstance(progress, str) else "features",
+                                      disable=not progress, unit="text")):
+            ids = _encode(loaded, text)[-model.cfg.n_ctx:]
+            if not ids:
+                raise AbftLensError(f"text {i} ({text!r}) has no tokens.", "remove empty texts.")
+            residual = model(torch.tensor([ids], device=model.cfg.device), stop_at_layer=model.cfg.n_layers)
+            final = model.ln_final(residual)[0]
+            rows.append((final[-1] if pooling == "last" else final.mean(0)).float().cpu())
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------- MAUVE
+
+
+def mauve_available() -> bool:
+    """True when mauve-text (the optional extra ``abft-lens[mauve]``) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("mauve") is not None
+
+
+def _numpy(features) -> np.ndarray:
+    if isinstance(features, Tensor):
+        features = features.detach().cpu().double().numpy()
+    array = np.asarray(features, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise AbftLensError(f"MAUVE features must be a non-empty [n, d] array, got shape {array.shape}.",
+                            "pass hidden_features(...) output.")
+    return array
+
+
+def mauve_score(p_features, q_features, *, backend: str = "auto", num_buckets: int | str = "auto",
+                seed: int = 25, scaling_factor: float = 5.0, discretization: int = 25,
+                explained_variance: float = 0.9, num_redo: int = 5, max_iter: int = 500) -> float:
+    """MAUVE of two feature sets (1 = same distribution, near 0 = disjoint).
+
+    ``backend``: ``"mauve-text"`` (the reference package), ``"builtin"``, or ``"auto"`` (mauve-text when
+    installed). Both follow mauve-text 0.4.0's defaults; their k-means differ (faiss vs numpy), so scores agree
+    closely but not to the last digit.
+    """
+    p, q = _numpy(p_features), _numpy(q_features)
+    if p.shape[1] != q.shape[1]:
+        raise AbftLensError(f"MAUVE features differ in width: {p.shape[1]} vs {q.shape[1]}.",
+                            "embed both text sets with the same model.")
+    if backend == "auto":
+        backend = "mauve-text" if mauve_available() else "builtin"
+    if backend == "mauve-text":
+        if not mauve_available():
+            raise AbftLensError("mauve-text is not installed.", "pip install 'abft-lens[mauve]' (mauve-text==0.4.0), "
+                                                               "or use backend='builtin'.")
+        import mauve
+
+        out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=num_buckets, seed=seed,
+                                  mauve_scaling_factor=scaling_factor, kmeans_explained_var=explained_variance,
+                                  kmeans_num_redo=num_redo, kmeans_max_iter=max_iter,
+                                  divergence_curve_discretization_size=discretization, device_id=-1, verbose=False)
+        return float(out.mauve)
+    if backend != "builtin":
+        raise AbftLensError(f"MAUVE backend {backend!r} is unknown.", "use 'auto', 'mauve-text' or 'builtin'.")
+    if num_buckets == "auto":
+        num_buckets = max(2, int(round(min(len(p), len(q)) / 10)))
+    p_hist, q_hist = quantize(p, q, int(num_buckets), seed=seed, explained_variance=explained_variance,
+                              num_redo=num_redo, max_iter=max_iter)
+    return mauve_from_histograms(p_hist, q_hist, scaling_factor=scaling_factor, discretization=discretization)
+
+
+def quantize(p: np.ndarray, q: np.ndarray, num_buckets: int, *, seed: int = 25, explained_variance: float = 0.9,
+             num_redo: int = 5, max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Histograms of p and q over k-means clusters of their union (l2-normalised, PCA to ``explained_variance``)."""
+    data = np.vstack([q, p])
+    data = data / np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-12)
+    centred = data - data.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    ratio = s ** 2 / max(float((s ** 2).sum()), 1e-300)
+    keep = int(np.argmax(np.cumsum(ratio) >= explained_variance)) + 1 if ratio.sum() > 0 else 1
+    data = centred @ vt[:keep].T
+    labels = kmeans(data, num_buckets, seed=seed, num_redo=num_redo, max_iter=max_iter)
+    q_counts = np.bincount(labels[:len(q)], minlength=num_buckets).astype(np.float64)
+    p_counts = np.bincount(labels[len(q):], minlength=num_buckets).astype(np.float64)
+    return p_counts / p_counts.sum(), q_counts / q_counts.sum()
+
+
+def kmeans(data: np.ndarray, k: int, *, seed: int = 0, num_redo: int = 5, max_iter: int = 500) -> np.ndarray:
+    """Cluster labels by Lloyd's algorithm with k-means++ seeding; the best of ``num_redo`` restarts."""
+    rng = np.random.default_rng(seed)
+    n = len(data)
+    k = min(k, n)
+    best_labels, best_inertia = None, math.inf
+    for _ in range(max(1, num_redo)):
+        centres = [data[rng.integers(n)]]
+        for _ in range(1, k):
+            d2 = ((data[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1).min(1)
+            total = d2.sum()
+            centres.append(data[rng.integers(n)] if total <= 0 else data[rng.choice(n, p=d2 / total)])
+        centres = np.asarray(centres)
+        labels = None
+        for _ in range(max_iter):
+            dist = ((data[:, None, :] - centres[None]) ** 2).sum(-1)
+            new = dist.argmin(1)
+            if labels is not None and np.array_equal(new, labels):
+                break
+            labels = new
+            for c in range(k):
+                members = data[labels == c]
+                if len(members):
+                    centres[c] = members.mean(0)
+        inertia = float(((data - centres[labels]) ** 2).sum())
+        if inertia < best_inertia:
+            best_labels, best_inertia = labels, inertia
+    return best_labels
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    if np.logical_and(p != 0, q == 0).any():
+        return math.inf
+    keep = np.logical_and(p != 0, q != 0)
+    return float(np.sum(p[keep] * np.log(p[keep] / q[keep])))
+
+
+def mauve_from_histograms(p: np.ndarray, q: np.ndarray, *, scaling_factor: float = 5.0,
+                          discretization: int = 25) -> float:
+    """Area under the divergence curve exp(−c·(KL(Q‖R_w), KL(P‖R_w))), R_w = w·P + (1−w)·Q, as mauve-text."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    curve = [[0.0, math.inf]]
+    for w in np.linspace(1e-6, 1 - 1e-6, discretization):
+        r = w * p + (1 - w) * q
+        curve.append([_kl(q, r), _kl(p, r)])
+    curve.append([math.inf, 0.0])
+    x, y = np.exp(-scaling_factor * np.asarray(curve)).T
+    i, j = np.argsort(x), np.argsort(y)
+    return float(0.5 * (np.trapezoid(y[i], x[i]) + np.trapezoid(x[j], y[j])))
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+@dataclass
+class Perplexity:
+    """Token-level perplexity over a text set: exp(nll / n_tokens)."""
+
+    value: float
+    nll: float
+    n_tokens: int
+    n_texts: int
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.value, "nll": self.nll, "n_tokens": self.n_tokens, "n_texts": self.n_texts}
+
+
+def perplexity(loaded: LoadedModel, texts: Sequence[str], *, progress: bool | str = False) -> Perplexity:
+    """exp(Σ NLL / Σ predicted tokens) over ``texts``, each tokenized alone as the model's tokenizer does.
+
+    Every token after the first is predicted from its prefix (the first one too when a BOS is prepended).
+    """
+    model = loaded.model
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for text in tqdm(texts, desc=progress if isinstance(progress, str) else "perplexity",
+                         disable=not progress, unit="text"):
+            ids = _encode(loaded, text)[-model.cfg.n_ctx:]
+            if len(ids) < 2:
+                continue
+            tokens = torch.tensor([ids], device=model.cfg.device)
+            logits = model(tokens)[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="sum"))
+            count += len(ids) - 1
+    if count == 0:
+        raise AbftLensError("no text has two or more tokens: nothing to score for perplexity.",
+                            "give longer held-out texts.")
+    return Perplexity(math.exp(nll / count), nll, count, len(texts))
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class GenerationSide:
+    """What one model produced for the prefixes: its continuations and its perplexity of the held-out text."""
+
+    continuations: list[str]
+    perplexity: Perplexity
+
+
+def generate_side(loaded: LoadedModel, prefixes: Sequence[str], held_out: Sequence[str], *,
+                  max_new_tokens: int = 32, seed: int | None = None, progress: bool = False,
+                  label: str = "") -> GenerationSide:
+    """Continuations of ``prefixes`` and perplexity of ``held_out`` under ``loaded`` (as it is now)."""
+    conts = continuations(loaded, prefixes, max_new_tokens, seed, progress=f"generating {label}".strip()
+                          if progress else False)
+    return GenerationSide(conts, perplexity(loaded, held_out))
+
+
+@dataclass
+class GenerationReport:
+    """MAUVE scores and perplexities of a base and a tuned model on the same prefixes."""
+
+    mauve: dict[str, float]
+    perplexity: dict[str, dict]
+    samples: list[dict]
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"mauve": self.mauve, "perplexity": self.perplexity, **self.info, "samples": self.samples}
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [(f"MAUVE {name.replace('_', ' ')}", f"{value:.4f}") for name, value in self.mauve.items()]
+        rows.append(("perplexity", f"{self.perplexity['before']['perplexity']:.3f} -> "
+                                   f"{self.perplexity['after']['perplexity']:.3f}"))
+        return rows
+
+
+def held_out_texts(prefixes: Sequence[str], references: Sequence[str] | None) -> list[str]:
+    """The perplexity text: prefix + true continuation when references are given, else the prefixes."""
+    return list(prefixes) if references is None else [p + r for p, r in zip(prefixes, references)]
+
+
+def score_generations(feature_loaded: LoadedModel, prefixes: Sequence[str], base: GenerationSide,
+                      tuned: GenerationSide, references: Sequence[str] | None = None, *, pooling: str = "last",
+                      backend: str = "auto", seed: int = 25, progress: bool = False, info: dict | None = None
+                      ) -> GenerationReport:
+    """MAUVE between the sides (features of prefix + continuation by ``feature_loaded``, the base model)."""
+    if references is not None and len(references) != len(prefixes):
+        raise AbftLensError(f"{len(references)} references for {len(prefixes)} prefixes.", "give one per prefix.")
+    if backend == "auto":
+        backend = "mauve-text" if mauve_available() else "builtin"
+
+    def features(texts, label):
+        return hidden_features(feature_loaded, texts, pooling=pooling, progress=f"features {label}" if progress else False)
+
+    f_base = features([p + c for p, c in zip(prefixes, base.continuations)], "base")
+    f_tuned = features([p + c for p, c in zip(prefixes, tuned.continuations)], "tuned")
+    scores = {"base_vs_tuned": mauve_score(f_base, f_tuned, backend=backend, seed=seed)}
+    if references is not None:
+        f_human = features([p + r for p, r in zip(prefixes, references)], "human")
+        scores["human_vs_base"] = mauve_score(f_human, f_base, backend=backend, seed=seed)
+        scores["human_vs_tuned"] = mauve_score(f_human, f_tuned, backend=backend, seed=seed)
+    samples = [{"prefix": p, "base": b, "tuned": t, **({"reference": references[i]} if references else {})}
+               for i, (p, b, t) in enumerate(zip(prefixes, base.continuations, tuned.continuations))]
+    meta = {"n_prefixes": len(prefixes), "pooling": pooling, "mauve_backend": backend, "mauve_seed": seed,
+            "feature_model": feature_loaded.name,
+            "perplexity_text": "prefix + true continuation" if references is not None else "the prefixes",
+            "identical_continuations": sum(b == t for b, t in zip(base.continuations, tuned.continuations)),
+            **(info or {})}
+    return GenerationReport(scores, {"before": base.perplexity.to_dict(), "after": tuned.perplexity.to_dict()},
+                            samples, meta)
+
+
+def generation_report(base_loaded: LoadedModel, tuned_loaded: LoadedModel, prefixes: Sequence[str], *,
+                      references: Sequence[str] | None = None, max_new_tokens: int = 32, seed: int | None = None,
+                      pooling: str = "last", backend: str = "auto", progress: bool = False) -> GenerationReport:
+    """Generate with both models, then MAUVE (features from the base model) and perplexity before/after."""
+    held_out = held_out_texts(prefixes, references)
+    base = generate_side(base_loaded, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
+                         progress=progress, label="base")
+    tuned = generate_side(tuned_loaded, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
+                          progress=progress, label="tuned")
+    return score_generations(base_loaded, prefixes, base, tuned, references, pooling=pooling, backend=backend,
+                             progress=progress, info={"max_new_tokens": max_new_tokens, "sampling_seed": seed})
+
+
+# ------------------------------------------------------------------------------- the train-time test
+
+
+def qk_names(model) -> list[str]:
+    """Names of every attention W_Q/W_K (and bias) parameter: the tensors ABFT/E2E training can change."""
+    return [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in QK_NAMES
+            and ".attn." in name]
+
+
+class MauveTest:
+    """``--MAUVE_test``: :meth:`before` on the base model, train, :meth:`after` writes ``generation.json``.
+
+    ``before`` keeps a copy of the base W_Q/W_K; ``after`` generates with the trained model, puts the base
+    tensors back only to embed every text set, and leaves the trained weights in place.
+    """
+
+    def __init__(self, prefix_file: str | Path, *, max_new_tokens: int = 32, seed: int | None = None,
+                 pooling: str = "last", progress: bool = True):
+        self.prefix_file = Path(prefix_file)
+        self.prefixes, self.references = read_prefix_file(prefix_file)
+        if max_new_tokens <= 0:
+            raise AbftLensError(f"--MAUVE-max-new-tokens {max_new_tokens} must be positive.", "pass e.g. 32.")
+        self.max_new_tokens, self.seed, self.pooling, self.progress = max_new_tokens, seed, pooling, progress
+        self.held_out = held_out_texts(self.prefixes, self.references)
+        self.base: GenerationSide | None = None
+        self.base_weights: dict[str, Tensor] | None = None
+
+    def before(self, loaded: LoadedModel) -> GenerationSide:
+        from .mixing import base_tensors
+
+        self.base_weights = base_tensors(loaded.model, qk_names(loaded.model))
+        self.base = generate_side(loaded, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
+                                  seed=self.seed, progress=self.progress, label="base")
+        return self.base
+
+    def after(self, loaded: LoadedModel, run_dir: str | Path | None = None) -> GenerationReport:
+        from .io import write_json
+        from .mixing import restored, set_tensors
+
+        if self.base is None:
+            raise RuntimeError("MauveTest.after() needs before() on the base model first")
+        tuned = generate_side(loaded, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
+                              seed=self.seed, progress=self.progress, label="tuned")
+        with restored(loaded.model, list(self.base_weights)):
+            set_tensors(loaded.model, self.base_weights)
+            report = score_generations(loaded, self.prefixes, self.base, tuned, self.references,
+                                       pooling=self.pooling, progress=self.progress,
+                                       info={"max_new_tokens": self.max_new_tokens, "sampling_seed": self.seed,
+                                             "prefix_file": str(self.prefix_file)})
+        if run_dir is not None:
+            write_json(Path(run_dir) / GENERATION_FILE, report.to_dict())
+        return report
+
+
+__all__ = ["continuations", "hidden_features", "mauve_score", "perplexity", "generation_report",
+           "score_generations", "generate_side", "GenerationReport", "GenerationSide", "MauveTest",
+           "read_prefix_file", "mauve_from_histograms", "quantize", "kmeans", "Perplexity"]
