@@ -171,22 +171,26 @@ def mauve_test_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import init_from_env, training_device
     from .models import load_model
     from .runs import run_training
     from .tasks import load_task
 
     config = train_config_from_args(args)
+    dist = init_from_env()  # under torchrun (WORLD_SIZE > 1): data parallel, gloo on CPU, NCCL on CUDA
     task = load_task(args.dataset)
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype])
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=training_device(dist))
     mauve_test = mauve_test_from_args(args)
     if mauve_test is not None:
         mauve_test.before(loaded)
     result = run_training(
         loaded, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
         post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, dist=dist,
     )
+    if dist is not None and not dist.is_main:
+        return 0
     rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")]
     if mauve_test is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
         rows += mauve_test.after(loaded, run_dir).summary_rows()

@@ -11,6 +11,12 @@
 
 Every file is written atomically. A run interrupted at any point resumes with ``resume=True`` and ends with
 the same weights as an uninterrupted run with the same seed.
+
+Data parallel (``dist``, or an initialized ``torch.distributed`` default group, see
+:mod:`abft_lens.distributed`): every rank trains its share of each pseudo-batch; rank 0 alone runs the
+fore/post tests and the validation guard, writes the run folder and shows progress; every rank reads the
+checkpoint on resume (the run folder must be on a file system all ranks see). Other ranks return a
+:class:`RunResult` without ``fore``/``post``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import distributed
 from .callbacks import Checkpointer, JsonlLogger, ProgressBar, ValidationGuard
 from .errors import AbftLensError
 from .evaluate import EvalResult, evaluate, prompt_builder
@@ -72,34 +79,47 @@ def run_training(
     batch_size: int = 8,
     progress: bool = True,
     callbacks=(),
+    dist: distributed.DistributedContext | None = None,
 ) -> RunResult:
-    """Fore test, train ``loaded.model`` in place with ``config``, post test; write ``run_dir`` if given."""
+    """Fore test, train ``loaded.model`` in place with ``config``, post test; write ``run_dir`` if given.
+
+    ``dist``: data-parallel context; default: the initialized ``torch.distributed`` group, if any.
+    ``callbacks`` run on every rank (a stop requested on any rank stops all of them).
+    """
+    dist = dist if dist is not None else distributed.current()
+    main = dist is None or dist.is_main
+    on_main = dist.on_main if dist is not None else (lambda fn: fn())
     run_dir = Path(run_dir) if run_dir is not None else None
+    if dist is not None:
+        run_dir = dist.broadcast_object(run_dir)  # rank 0's folder (a default name may hold a timestamp)
     builder = prompt_builder(loaded, task)
     meta = {"train": config.to_dict(), "model": loaded.describe(), "task": task.describe(),
             "n_test": n_test, "abft_lens_version": __version__}
     checkpoint = run_dir / "checkpoint.pt" if run_dir else None
-    resuming = _prepare_run_dir(run_dir, meta, resume)
+    resuming = on_main(lambda: _prepare_run_dir(run_dir, meta, resume))
 
     fore = None
-    if fore_test:
+    if fore_test and main:
         fore = _cached_eval(run_dir, "fore_test.json", resuming,
                             lambda: evaluate(loaded, task, k=config.k, n_test=n_test, batch_size=batch_size,
                                              progress="fore test" if progress else False))
 
-    trainer = Trainer(loaded.model, builder, config)
+    if dist is not None:
+        dist.barrier()  # the fore test (rank 0) precedes training on every rank
+    trainer = Trainer(loaded.model, builder, config, dist=dist)
     guard = None
     log_path = run_dir / "log.jsonl" if run_dir else None
-    if config.validate_every and config.validation_examples:
+    if config.validate_every and config.validation_examples and main:
         guard = ValidationGuard(validation_prompts(builder, config), config.validate_every,
                                 batch_size=batch_size, log_path=log_path)
-    if resuming and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+    if resuming and on_main(checkpoint.is_file):
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         trainer.load_state_dict(state["trainer"])
         if guard is not None and state["guard"] is not None:
             guard.load_state_dict(state["guard"])
-        _truncate_log(log_path, trainer.completed_steps)
-    elif run_dir:
+        if main:
+            _truncate_log(log_path, trainer.completed_steps)
+    elif run_dir and main:
         log_path.unlink(missing_ok=True)
     if guard is not None and not guard.history:
         with torch.no_grad():
@@ -107,14 +127,15 @@ def run_training(
 
     steps: list[dict] = []
     chain = [lambda _, result: steps.append(result.to_dict())]
-    if run_dir:
+    if run_dir and main:
         chain += [JsonlLogger(log_path)]
     if guard is not None:
         chain.append(guard)
-    if run_dir:
+    if run_dir and main:
         chain.append(Checkpointer(checkpoint, checkpoint_every, guard))
     chain += list(callbacks)
-    bar = ProgressBar(config.total_steps, trainer.completed_steps, desc=config.method) if progress else None
+    bar = ProgressBar(config.total_steps, trainer.completed_steps, desc=config.method) \
+        if progress and main else None
     if bar:
         chain.append(bar)
     start = time.perf_counter()
@@ -132,15 +153,19 @@ def run_training(
         best_step = guard.best["step"]
         if config.keep_best:
             trainer.trainable.load_state_dict(guard.best_state)
+    if dist is not None:
+        best_step = dist.broadcast_object(best_step)
+        if config.keep_best:
+            dist.broadcast_parameters(trainer.trainable.parameters())  # rank 0 kept the best step
     trained = trainer.trainable.state_dict()
     trainer.trainable.merge()
 
     post = None
-    if post_test:
+    if post_test and main:
         post = evaluate(loaded, task, k=config.k, n_test=n_test, batch_size=batch_size,
                         progress="post test" if progress else False)
     result = RunResult(run_dir, config, fore, post, steps, guard.history if guard else [], best_step, train_seconds)
-    if run_dir:
+    if run_dir and main:
         if save_model:
             from safetensors.torch import save
 
@@ -155,6 +180,8 @@ def run_training(
             "train_seconds": round(train_seconds, 2), "steps": config.total_steps,
         })
         checkpoint.unlink(missing_ok=True)
+    if dist is not None:
+        dist.barrier()  # the folder is complete when any rank returns
     return result
 
 

@@ -135,13 +135,21 @@ class Trainer:
 
     ``step(batch)`` runs one pseudo-batch; ``run()`` runs every remaining step and calls the callbacks.
     ``state_dict()`` / ``load_state_dict()`` capture everything a resumed run needs.
+
+    ``dist`` (a :class:`abft_lens.distributed.DistributedContext`, or None for one process): data parallel
+    training. Each rank runs its share ``batch[rank::world_size]`` of every pseudo-batch; gradients, loss
+    totals and head counts are summed over ranks before the optimizer step, so every rank applies the same
+    update and every :class:`StepResult` is the global one.
     """
 
-    def __init__(self, model, builder: PromptBuilder, config: TrainConfig):
+    def __init__(self, model, builder: PromptBuilder, config: TrainConfig, dist=None):
         self.model = model
         self.builder = builder
         self.config = config
+        self.dist = dist
         self.trainable: Trainable = attach(model, config.trainable)
+        if dist is not None:
+            dist.broadcast_parameters(self.trainable.parameters())  # identical start on every rank
         self.optimizer = torch.optim.Adam(self.trainable.parameters(), lr=config.lr)
         self.controller = PenaltyController(mode=config.penalty_mode, initial_penalty=config.penalty,
                                             kp=config.pid_kp, ki=config.pid_ki, kd=config.pid_kd,
@@ -169,7 +177,7 @@ class Trainer:
         totals = {"loss": 0.0, "award": 0.0, "penalty": 0.0, "e2e": 0.0}
         counts = torch.zeros(n_layers, n_heads, dtype=torch.long)
         self.optimizer.zero_grad(set_to_none=True)
-        for prompt in batch:
+        for prompt in (batch if self.dist is None else self.dist.shard(batch)):
             terms, participating, e2e = self._sample_loss(prompt, penalty)
             loss = (e2e if config.method == "E2E" else terms.loss) / len(batch)
             if config.restricted_gradient:
@@ -182,6 +190,8 @@ class Trainer:
             totals["award"] += float(terms.award_term.detach())
             totals["penalty"] += float(terms.penalty_term.detach())
             totals["e2e"] += float(e2e.detach()) if e2e is not None else 0.0
+        if self.dist is not None:
+            counts, totals = self._all_reduce(counts, totals)
         if config.restricted_gradient:
             masked_step(self.optimizer, self.trainable, counts > 0)
         else:
@@ -197,6 +207,14 @@ class Trainer:
             penalty=penalty, next_penalty=next_penalty, mean_heads=mean_heads, head_counts=counts.tolist(),
             seconds=time.perf_counter() - start,
         )
+
+    def _all_reduce(self, counts: torch.Tensor, totals: dict[str, float]):
+        """Sum the gradients, head counts and loss totals of every rank's share of the pseudo-batch."""
+        self.dist.all_reduce_gradients(self.trainable.parameters())
+        stats = torch.tensor([*totals.values(), *counts.flatten().tolist()], dtype=torch.float64)
+        self.dist.all_reduce_(stats)
+        summed = dict(zip(totals, stats[:len(totals)].tolist()))
+        return stats[len(totals):].round().long().view_as(counts), summed
 
     def _sample_loss(self, prompt: ICLPrompt, penalty: float):
         """(ABFT terms, participating heads, E2E loss or None) of one prompt, with graph for the trained loss."""
@@ -227,6 +245,8 @@ class Trainer:
                 with torch.no_grad():
                     for callback in callbacks:
                         callback(self, result)
+                if self.dist is not None:  # every rank stops when any rank asked to
+                    self.stop_requested = self.dist.any(self.stop_requested)
                 if self.stop_requested:
                     return
 
