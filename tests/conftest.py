@@ -69,17 +69,34 @@ class NetworkAttempted(RuntimeError):
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """The hub switched off and every socket connection refused, so a test proves it needs no network."""
+    """The hub switched off and every connection to a non-loopback address refused (raising
+    ``NetworkAttempted``, recorded in ``.attempts``), so a test proves it needs no network. Loopback and
+    Unix sockets stay allowed (local helper processes are not the network)."""
     import socket
+    import types
 
-    def refuse(self, *args, **kwargs):
-        raise NetworkAttempted(f"network access attempted: {args}")
+    state = types.SimpleNamespace(error=NetworkAttempted, attempts=[])
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def outside(address) -> bool:
+        if not isinstance(address, tuple):
+            return False  # AF_UNIX path
+        host = str(address[0])
+        return not (host in ("localhost", "::1") or host.startswith("127."))
+
+    def refuse(original):
+        def guarded(self, address, *args, **kwargs):
+            if outside(address):
+                state.attempts.append(address)
+                raise NetworkAttempted(f"network access attempted: {address}")
+            return original(self, address, *args, **kwargs)
+        return guarded
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    return NetworkAttempted
+    monkeypatch.setattr(socket.socket, "connect", refuse(connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse(connect_ex))
+    return state
 
 
 @pytest.fixture(scope="session")

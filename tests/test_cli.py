@@ -107,6 +107,7 @@ def test_eval_bad_input_is_one_message_and_exit_2(args, expected, tmp_path, caps
     assert expected in err and "\n  fix: " in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2
     assert not output.exists()
+    assert no_network.attempts == []
 
 
 @pytest.mark.parametrize("option, value", [("--n-test", "0"), ("--n-test", "-3"), ("--k", "0"), ("--k", "four"),

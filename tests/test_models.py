@@ -100,8 +100,9 @@ def test_tiny_bad_options(spec, words):
 def test_no_network_fixture_refuses_connections(no_network):
     import socket
 
-    with pytest.raises(no_network):
-        socket.create_connection(("127.0.0.1", 9), timeout=1)
+    with pytest.raises(no_network.error):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: never reached
+    assert no_network.attempts == [("192.0.2.1", 80)]
 
 
 @pytest.mark.parametrize("name", ["no-such-model-xyz", "gpt2"])
@@ -113,7 +114,8 @@ def test_unknown_or_hub_name_offline_says_what_was_tried(name, no_network):
     for tried in ("Tried:", "smollm2-135m", "'tiny'", ".gguf", "official names"):
         assert tried in message
     assert "fix:" in message
-    assert not any(isinstance(error, no_network) for error in _causes(info.value)), "a connection was attempted"
+    assert no_network.attempts == []
+    assert not any(isinstance(error, no_network.error) for error in _causes(info.value))
 
 
 def test_folder_without_config_is_a_clear_error(tmp_path):
