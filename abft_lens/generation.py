@@ -168,7 +168,9 @@ def mauve_score(p_features, q_features, *, backend: str = "auto", num_buckets: i
 
     ``backend``: ``"mauve-text"`` (the reference package), ``"builtin"``, or ``"auto"`` (mauve-text when
     installed). Both follow mauve-text 0.4.0's defaults; their k-means differ (faiss vs numpy), so scores agree
-    closely but not to the last digit.
+    closely but not to the last digit. With mauve-text the histograms are its own and the area is computed by
+    :func:`mauve_from_histograms`, equal to its ``out.mauve`` except where the divergence curve has exact ties
+    (identical histograms), which mauve-text can score 0.75 instead of 1.
     """
     p, q = _numpy(p_features), _numpy(q_features)
     if p.shape[1] != q.shape[1]:
@@ -186,7 +188,9 @@ def mauve_score(p_features, q_features, *, backend: str = "auto", num_buckets: i
                                   mauve_scaling_factor=scaling_factor, kmeans_explained_var=explained_variance,
                                   kmeans_num_redo=num_redo, kmeans_max_iter=max_iter,
                                   divergence_curve_discretization_size=discretization, device_id=-1, verbose=False)
-        return float(out.mauve)
+        # the area from mauve-text's own histograms, with ties ordered along the curve (mauve_from_histograms)
+        return mauve_from_histograms(out.p_hist, out.q_hist, scaling_factor=scaling_factor,
+                                     discretization=discretization)
     if backend != "builtin":
         raise AbftLensError(f"MAUVE backend {backend!r} is unknown.", "use 'auto', 'mauve-text' or 'builtin'.")
     if num_buckets == "auto":
@@ -259,7 +263,9 @@ def mauve_from_histograms(p: np.ndarray, q: np.ndarray, *, scaling_factor: float
         curve.append([_kl(q, r), _kl(p, r)])
     curve.append([math.inf, 0.0])
     x, y = np.exp(-scaling_factor * np.asarray(curve)).T
-    i, j = np.argsort(x), np.argsort(y)
+    # Ties are ordered along the curve (x up, y down): mauve-text's unstable argsort can put (1, 0) before the
+    # tied (1, 1) points of identical histograms and report 0.75 instead of 1 (seen with 4 identical texts).
+    i, j = np.lexsort((-y, x)), np.lexsort((-x, y))
     return float(0.5 * (np.trapezoid(y[i], x[i]) + np.trapezoid(x[j], y[j])))
 
 
