@@ -125,12 +125,13 @@ def test_mauve_of_identical_small_sets_is_one(backend):
 
 
 @needs_mauve
-def test_mauve_text_backend_equals_its_own_score_without_ties():
+def test_mauve_text_backend_equals_its_own_score_without_ties(no_network):
     import mauve
 
     p, q = _clouds(shift=0.6)
     assert mauve_score(p, q, backend="mauve-text") == pytest.approx(
         mauve.compute_mauve(p_features=p, q_features=q).mauve, rel=1e-9)
+    assert no_network.attempts == []  # features given: mauve-text never fetches gpt2-large
 
 
 @needs_mauve
@@ -195,7 +196,7 @@ def test_mauve_test_leaves_the_trained_weights(tmp_path):
     assert json.loads((tmp_path / "generation.json").read_text())["n_prefixes"] == len(PREFIXES)
 
 
-def test_train_cli_mauve_test_writes_generation_json(tmp_path, capsys):
+def test_train_cli_mauve_test_writes_generation_json(tmp_path, capsys, no_network):
     prefix_file = tmp_path / "prefixes.txt"
     prefix_file.write_text("".join(f"{p}\t the end\n" for p in PREFIXES))
     run_dir = tmp_path / "run"
@@ -208,6 +209,7 @@ def test_train_cli_mauve_test_writes_generation_json(tmp_path, capsys):
     assert data["perplexity"]["before"]["n_texts"] == len(PREFIXES) and data["max_new_tokens"] == 3
     assert [s["reference"] for s in data["samples"]] == [" the end"] * len(PREFIXES)
     assert "MAUVE base vs tuned" in capsys.readouterr().out
+    assert no_network.attempts == []
     for extra, words in [(["--MAUVE_test"], "needs --MAUVE_prefix"),
                          (["--MAUVE_prefix", str(prefix_file)], "only with --MAUVE_test"),
                          (["--MAUVE_test", "--MAUVE_prefix", str(tmp_path / "none.txt")], "cannot read")]:
