@@ -60,6 +60,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .runs import load_run
 
         load_run(args.run, loaded)
+    if args.test_type != "Normal":
+        report = cmd_eval_robustness(args, loaded, task)
+        if args.output:
+            print(f"wrote {write_json(args.output, report)}")
+        return 0
     start = time.perf_counter()
     result = evaluate(loaded, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size, progress="eval")
     seconds = time.perf_counter() - start
@@ -77,7 +82,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 NOT_YET = {
     "quantized": "4-bit quantized bases (--quantized) are not supported yet (planned: the scale issue, #6)",
-    "generalization_test": "--generalization_test is not supported yet (planned: the robustness issue, #5)",
 }
 
 
@@ -110,14 +114,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-fore-test", "--no_fore_test", dest="no_fore_test", action="store_true")
     a("--no-post-test", "--no_post_test", dest="no_post_test", action="store_true")
     a("--test-type", "--test_type", dest="test_type", default="Normal",
-      help="Normal (TempSensitivity, DemoSensitivity: not supported yet)")
+      choices=["Normal", "TempSensitivity", "DemoSensitivity"],
+      help="Normal; TempSensitivity / DemoSensitivity also write RUN_DIR/robustness.json before/after (StaICC "
+           "consistency over 9 templates / 8 demonstration sets, unseen-label test, contextual bias)")
+    a("--robustness-queries", dest="robustness_queries", type=_positive_int, default=None,
+      help="queries of the sensitivity test (default StaICC's 100 templates / 128 demonstrations)")
     a("--dont-save-model", "--dont_save_model", dest="dont_save_model", action="store_true")
     a("--run-dir", dest="run_dir", type=Path, default=None, help="run folder (default runs/<method>-<dataset>-<time>)")
     a("--resume", action="store_true", help="continue the interrupted run in --run-dir")
     a("--checkpoint-every", dest="checkpoint_every", type=_positive_int, default=1)
     a("--quantized", action="store_true", help=argparse.SUPPRESS)
     a("--generalization-test", "--generalization_test", dest="generalization_test", action="store_true",
-      help=argparse.SUPPRESS)
+      help="also evaluate on the paper's 8 datasets before/after: RUN_DIR/generalization.json (in-domain, OOD)")
+    a("--generalization-n-test", dest="generalization_n_test", type=_positive_int, default=None,
+      help="test prompts per dataset for --generalization_test (default --n-test)")
     a("--MAUVE-test", "--MAUVE_test", dest="MAUVE_test", action="store_true",
       help="generation quality before/after (MAUVE, perplexity) -> RUN_DIR/generation.json; needs --MAUVE_prefix")
     a("--MAUVE-prefix", "--MAUVE_prefix", dest="MAUVE_prefix", type=Path, default=None,
@@ -133,9 +143,6 @@ def train_config_from_args(args: argparse.Namespace):
     for name, message in NOT_YET.items():
         if getattr(args, name):
             raise AbftLensError(message + ".", "drop the option; see the README for what works today.")
-    if args.test_type != "Normal":
-        raise AbftLensError(f"--test_type {args.test_type} is not supported yet (planned: the robustness issue, #5).",
-                            "use --test_type Normal.")
     if args.lora_r < 0:
         raise AbftLensError(f"--lora_r {args.lora_r} must be >= 0.", "pass a LoRA rank (e.g. 16), or 0 for full W_Q/W_K.")
     if args.resume and args.run_dir is None:
@@ -170,6 +177,18 @@ def mauve_test_from_args(args: argparse.Namespace):
     return MauveTest(args.MAUVE_prefix, max_new_tokens=args.MAUVE_max_new_tokens)
 
 
+def run_extras_from_args(args: argparse.Namespace, task, config, run_dir: Path):
+    """The --test_type / --generalization_test evaluations of a run, or None (see generalization.RunExtras)."""
+    if args.test_type == "Normal" and not args.generalization_test:
+        return None
+    from .generalization import RunExtras
+
+    return RunExtras(task=task, run_dir=Path(run_dir), k=config.k, test_type=args.test_type,
+                     generalization=args.generalization_test, robustness_queries=args.robustness_queries,
+                     robustness_n_test=args.n_test, generalization_n_test=args.generalization_n_test or args.n_test,
+                     batch_size=args.batch_size, resume=args.resume)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import init_from_env, training_device
     from .models import load_model
@@ -184,6 +203,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     mauve_test = mauve_test_from_args(args)
     if mauve_test is not None:
         mauve_test.before(loaded)
+    extras = run_extras_from_args(args, task, config, run_dir)
+    if extras is not None:
+        extras.before(loaded)
     result = run_training(
         loaded, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
         post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
@@ -192,6 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if dist is not None and not dist.is_main:
         return 0
     rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")]
+    if extras is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
+        rows += extras.after(loaded)
     if mauve_test is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
         rows += mauve_test.after(loaded, run_dir).summary_rows()
     if result.best_step is not None:
@@ -282,6 +306,35 @@ def cmd_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- table
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .generalization import table_from_runs
+
+    table = table_from_runs(args.run_dirs, metric=args.metric)
+    text = table.render(args.format)
+    if args.output:
+        print(f"wrote {table.save(args.output, args.format)}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_eval_robustness(args: argparse.Namespace, loaded, task) -> dict:
+    """``eval --test-type TempSensitivity|DemoSensitivity``: the robustness report instead of the Normal metrics."""
+    from .robustness import robustness_report
+
+    report = robustness_report(loaded, task, args.test_type, k=args.k, n_queries=args.robustness_queries,
+                               n_test=args.n_test or 256, batch_size=args.batch_size, progress=True)
+    print_table([("consistency", f"{report['consistency']:.4f}")]
+                + [(f"accuracy, {name.replace('_', ' ')} demos", f"{metrics['accuracy']:.4f}")
+                   for name, metrics in report["unseen_label"].items()]
+                + [("contextual bias entropy", f"{report['contextual_bias']['entropy']:.4f} nats")],
+                title=f"{loaded.name} on {task.name}, k={args.k}, {args.test_type}")
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abft-lens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-test", type=_positive_int, default=None, help="first N fixed test prompts (default all 1024)")
     evaluate.add_argument("--run", type=Path, default=None, help="apply a training run's tensors to the model first")
     evaluate.add_argument("--output", type=Path, default=None, help="JSON file for metrics and per-prompt results")
+    evaluate.add_argument("--test-type", "--test_type", dest="test_type", default="Normal",
+                          choices=["Normal", "TempSensitivity", "DemoSensitivity"],
+                          help="Normal metrics, or StaICC consistency + unseen-label test + contextual bias")
+    evaluate.add_argument("--robustness-queries", dest="robustness_queries", type=_positive_int, default=None,
+                          help="queries of the sensitivity test (default 100 templates / 128 demonstrations)")
     evaluate.set_defaults(func=cmd_eval)
 
     train = commands.add_parser("train", help="fine-tune W_Q/W_K with ABFT (or the E2E baseline)")
@@ -342,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, required=True, help="new folder for the model (must not hold files)")
     export.add_argument("--peft", action="store_true", help="LoRA runs: also write a PEFT adapter in OUTPUT/adapter")
     export.set_defaults(func=cmd_export)
+    table = commands.add_parser("table", help="aggregate run folders into a table: mean ± std over seeds")
+    table.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders (from train or demo)")
+    table.add_argument("--format", choices=["markdown", "csv", "html"], default="markdown")
+    table.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1", "mean_true_label_probability", "ece"])
+    table.add_argument("--output", type=Path, default=None, help="file to write (atomically) instead of stdout")
+    table.set_defaults(func=cmd_table)
     return parser
 
 
