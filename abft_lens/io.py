@@ -13,7 +13,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(handle, 0o666 & ~umask)  # mkstemp creates 0600; results should be as readable as any file
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
