@@ -25,6 +25,13 @@ _EXPORTS = {
     "TrainConfig": "train", "Trainer": "train", "StepResult": "train",
     "evaluate": "evaluate", "evaluate_prompts": "evaluate", "prompt_builder": "evaluate", "EvalResult": "evaluate",
     "run_training": "runs", "load_run": "runs", "RunResult": "runs",
+    "head_scores": "heads", "HeadScores": "heads", "HeadSet": "heads",
+    "compare_run": "compare", "Comparison": "compare", "build_report": "report", "report_from_run": "report",
+    "template_sensitivity": "robustness", "demonstration_sensitivity": "robustness",
+    "unseen_label_test": "robustness", "contextual_bias": "robustness", "calibrated_evaluate": "robustness",
+    "evaluate_datasets": "generalization", "table_from_runs": "generalization",
+    "mix_runs": "mixing", "generation_report": "generation", "perplexity": "generation",
+    "export_run": "export",
     "AbftLensError": "errors",
 }
 
