@@ -294,7 +294,7 @@ def model_card(meta: dict, metrics: dict | None, *, peft: bool = False, bias_add
     lines = ["---", *front_lines, "---", "", f"# {name} + ABFT ({task.get('name', '?')}, k={train.get('k')})", "",
              f"Base model `{name}`" + (f" ({hub_id}" + (", dequantized from a 4-bit GGUF)" if
                                                          model.get("source") == "embedded" else ")") if hub_id else "")
-             + f" with its attention query/key weights (W_Q/W_K, the `q_proj`/`k_proj` weights) fine-tuned by "
+             + " with its attention query/key weights (W_Q/W_K, the `q_proj`/`k_proj` weights) fine-tuned by "
              "Attention Behavior Fine-Tuning, exported by abft-lens. Every other weight is the base model's.", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")', "```", "",

@@ -193,7 +193,7 @@ class MixResult:
         """Plotly heatmap of accuracy over (λ_A, λ_E) with the base, E2E, ABFT and best points marked."""
         import plotly.graph_objects as go
 
-        from .viz import PLOTLY_CONFIG, _layout  # noqa: F401  (shared look)
+        from .viz import _layout  # the shared figure look
 
         best = self.best
         fig = go.Figure(go.Heatmap(

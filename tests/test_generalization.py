@@ -9,19 +9,11 @@ import json
 import math
 
 import pytest
-import torch
 
 from abft_lens.cli import main
 from abft_lens.generalization import (BASE_METHOD, ResultTable, generalization_summary, mean_std,
                                       table_from_runs)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def cli(argv) -> int:

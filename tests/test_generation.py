@@ -23,13 +23,6 @@ PREFIXES = ["sentence: a gripping and moving film", "sentence: dull, lifeless an
 needs_mauve = pytest.mark.skipif(not mauve_available(), reason="mauve-text not installed (optional extra [mauve])")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -21,13 +21,6 @@ N_TEST = 8
 GRID = [-0.5, 0.0, 1.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _train(run_dir, method, model="tiny", trainable=None):
     config = TrainConfig(method=method, train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0,

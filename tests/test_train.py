@@ -25,14 +25,6 @@ from abft_lens.train import TrainConfig, Trainer, training_pool, validation_prom
 from abft_lens.trainable import TrainableConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are fastest on one thread: two intra-op threads on shared cores run ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def task():
