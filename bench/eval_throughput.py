@@ -74,10 +74,11 @@ def main() -> None:
     staicc_ids = [hf_tok(word).input_ids[-1] for word in label_space]
     single_token = all(len(hf_tok(w, add_special_tokens=False).input_ids) == 1 for w in label_space)
     same_tokens = [list(hf_tok(p.text).input_ids) == list(p.token_ids) for p in prompts]
+    mean_tokens = sum(p.n_tokens for p in prompts) / len(prompts)
     print(f"label words {label_space}: first tokens {list(label_ids)}, StaICC last tokens {staicc_ids}, "
           f"single-token: {single_token}, identical: {list(label_ids) == staicc_ids}")
     print(f"StaICC's tokenization of the prompt text equals abft-lens's token ids for "
-          f"{sum(same_tokens)}/{len(prompts)} prompts; mean length {sum(p.n_tokens for p in prompts) / len(prompts):.1f} tokens")
+          f"{sum(same_tokens)}/{len(prompts)} prompts; mean length {mean_tokens:.1f} tokens")
 
     def staicc() -> torch.Tensor:
         return torch.tensor([standard_ICL_inference_with_torch_Causal_LM(
@@ -128,7 +129,8 @@ def main() -> None:
         })
 
     print(f"\n{args.dataset}, k={args.k}, n={args.n}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"nice {os.nice(0)}, load average {load_before[0]:.2f} -> {load_after[0]:.2f}; fastest of {args.repeats} passes")
+          f"nice {os.nice(0)}, load average {load_before[0]:.2f} -> {load_after[0]:.2f}; "
+          f"fastest of {args.repeats} passes")
     print(f"{'method':42} {'prompts/s':>9} {'vs a':>6} {'agree a':>8} {'agree b':>8} {'max|dp| a':>10} {'acc':>6}")
     for r in rows:
         print(f"{r['method']:42} {r['prompts_per_s']:9.2f} {r['ratio_vs_a']:5.2f}x {r['agree_vs_a']:8.3f} "
@@ -144,7 +146,7 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": load_after,
         "label_words": label_space, "label_first_tokens": list(label_ids), "staicc_last_tokens": staicc_ids,
         "labels_single_token": single_token, "same_token_ids_as_staicc": sum(same_tokens),
-        "mean_prompt_tokens": sum(p.n_tokens for p in prompts) / len(prompts),
+        "mean_prompt_tokens": mean_tokens,
         "methods": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
