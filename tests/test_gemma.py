@@ -93,6 +93,71 @@ def test_gemma_logits_equal_hf(gemma, no_network):
     assert diff < 1e-3
 
 
+@needs_gemma
+@pytest.mark.embedded
+@pytest.mark.gemma
+def test_gemma_sliding_window_beyond_512_tokens(gemma, no_network):
+    """On a 612-token SST-2 prompt (39 demonstrations), the hooked logits at every position past 512 equal HF's
+    eager attention, and the sliding window is really in force there.
+
+    TransformerLens applies the window itself (``attn_type == "local"`` with ``cfg.window_size``: a query at q
+    sees keys q-511..q, as HF's sliding mask does); abft-lens only sets the config. Measured on this prompt
+    (float32, one thread): max |logit diff| 1.5e-4 over positions 512-611 (logits up to 26.5). The difference
+    grows smoothly with position (2.6e-5 in the first 64 positions, 1.4e-4 by position 448, no jump at 512):
+    float32 rounding of long rotary/softmax sums, not the window. Against the same HF logits a window off by
+    one token gives 0.49 (513) and 0.20 (511), and no window at all 13.7 (argmax differs at 21 of 100
+    positions), so the 1e-3 tolerance tells the right window from any other. One forward each, ~8 s.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from abft_lens.capture import forward_residual
+    from abft_lens.prompts import PromptBuilder
+    from abft_lens.tasks import load_task
+
+    model, cfg, window = gemma.model, gemma.cfg, 512
+    assert cfg.window_size == window and cfg.use_local_attn
+    local = [layer for layer, kind in enumerate(cfg.attn_types) if kind == "local"]
+    assert [layer for layer in range(cfg.n_layers) if layer not in local] == [5, 11, 17]
+
+    task = load_task("sst2")
+    prompt = PromptBuilder(gemma.tokenizer, task, adds_bos=gemma.adds_bos).build(task.demonstration[:39], task.test[0])
+    ids = torch.tensor([prompt.token_ids])
+    n, query = ids.shape[1], ids.shape[1] - 1
+    assert 600 <= n <= 700
+    # the BOS and the first demonstrations' labels are out of a local layer's reach from the prediction position
+    assert sum(position <= query - window for position in prompt.label_positions) >= 3
+
+    rows = {}
+
+    def keep_last_row(pattern, hook):  # [batch, head, query, key] -> the last query's row, [head, key]
+        rows[hook.layer()] = pattern[0, :, -1, :].detach().clone()
+
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_last_row) for layer in range(cfg.n_layers)]
+    hf = AutoModelForCausalLM.from_pretrained(gemma.hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    assert hf.config.sliding_window == window
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=hooks):
+            residual = forward_residual(model, ids)
+        hooked = model.unembed(model.ln_final(residual[:, window:]))  # positions 512..n-1 only
+        reference = hf(ids, logits_to_keep=n - window).logits
+    assert hooked.shape == reference.shape == (1, n - window, cfg.d_vocab)
+    diff = (hooked - reference).abs().max().item()
+    print(f"Gemma-3-270m hooked vs HF eager, {n}-token prompt: max |logit diff| {diff:.2e} at positions "
+          f"{window}-{n - 1} (logits up to {reference.abs().max().item():.1f})")
+    assert torch.equal(hooked.argmax(-1), reference.argmax(-1))
+    assert diff < 1e-3
+
+    far = slice(0, query - window + 1)  # keys 512 or more tokens before the query
+    for layer in range(cfg.n_layers):
+        row = rows[layer]
+        assert torch.allclose(row.sum(-1), torch.ones(cfg.n_heads), atol=1e-5)
+        if layer in local:
+            assert torch.all(row[:, far] == 0), f"local layer {layer} attends beyond its window"
+            assert torch.all(row[:, query - window + 1:] > 0)  # the whole window (keys q-511..q) is visible
+        else:  # global layers do put weight there (mostly on the BOS), so cutting it off changes the model
+            assert row[:, far].sum(-1).max() > 0.1, f"global layer {layer}"
+
+
 def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
 
