@@ -13,7 +13,7 @@ import torch
 from abft_lens.cli import main
 from abft_lens.errors import AbftLensError
 from abft_lens.generation import (
-    MauveTest, continuations, generation_report, hidden_features, mauve_available, mauve_from_histograms,
+    MauveTest, auto_buckets, continuations, generate_batch, generation_report, hidden_features, mauve_available, mauve_from_histograms,
     mauve_score, perplexity, read_prefix_file,
 )
 from abft_lens.models import load_model
@@ -37,6 +37,16 @@ def _greedy(loaded, text, n):
     return loaded.tokenizer.decode(ids[len(loaded.tokenizer(text).input_ids):], skip_special_tokens=True)
 
 
+def _tl_generate(loaded, text, n):
+    """The previous implementation: TransformerLens ``generate`` on one prefix, no padding."""
+    ids = loaded.tokenizer(text).input_ids
+    with torch.inference_mode():
+        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, verbose=False,
+                                    stop_at_eos=loaded.tokenizer.eos_token_id is not None, return_type="tokens",
+                                    prepend_bos=False)
+    return loaded.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
 def test_greedy_continuations_equal_a_manual_argmax_loop(tiny):
     assert not tiny.adds_bos
     got = continuations(tiny, PREFIXES[:2], max_new_tokens=6)
@@ -44,10 +54,46 @@ def test_greedy_continuations_equal_a_manual_argmax_loop(tiny):
     assert continuations(tiny, PREFIXES[:2], max_new_tokens=6) == got
 
 
+MIXED = PREFIXES + ["x", "a b c d e f g h i j k l m n o p q r s t u v w x y z", "the end"]
+
+
+def test_batched_greedy_equals_one_prefix_at_a_time(tiny):
+    """Left padding, masks and the KV cache change nothing: every batching gives each prefix's own result,
+    equal to TransformerLens ``generate`` on that prefix alone and to a manual argmax loop without a cache."""
+    lengths = {len(tiny.tokenizer(p).input_ids) for p in MIXED}
+    assert len(lengths) >= 5  # the batches really are padded
+    alone = [_tl_generate(tiny, p, 10) for p in MIXED]
+    assert alone == [_greedy(tiny, p, 10) for p in MIXED]
+    for batch_size in (1, 3, len(MIXED)):
+        assert continuations(tiny, MIXED, max_new_tokens=10, batch_size=batch_size) == alone
+    assert continuations(tiny, MIXED[::-1], max_new_tokens=10) == alone[::-1]  # order-independent
+
+
+def test_generate_batch_stops_each_row_at_its_own_eos(tiny):
+    prompts = [tiny.tokenizer(p).input_ids for p in PREFIXES[:3]]
+    free = generate_batch(tiny.model, prompts, 8, eos_token_id=None)
+    assert [len(row) for row in free] == [8, 8, 8]
+    eos = free[0][2]  # a token row 0 emits at step 3
+    stopped = generate_batch(tiny.model, prompts, 8, eos_token_id=eos)
+    for row, full in zip(stopped, free):
+        assert row == (full[:full.index(eos)] if eos in full else full)
+    assert len(stopped[0]) == 2
+
+
+def test_generation_arguments_are_checked(tiny):
+    for kwargs, words in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(batch_size=0), "batch_size"),
+                          (dict(seed=1, temperature=0.0), "temperature")]:
+        with pytest.raises(AbftLensError, match=words):
+            continuations(tiny, PREFIXES[:1], **{"max_new_tokens": 2, **kwargs})
+
+
 def test_sampling_is_seeded_per_prefix(tiny):
     a = continuations(tiny, PREFIXES, max_new_tokens=6, seed=7)
     assert continuations(tiny, PREFIXES, max_new_tokens=6, seed=7) == a
     assert continuations(tiny, PREFIXES[:1], max_new_tokens=6, seed=7) == a[:1]  # independent of later prefixes
+    assert continuations(tiny, PREFIXES, max_new_tokens=6, seed=7, batch_size=1) == a  # and of batching
+    # a nucleus that holds only the top token is greedy decoding
+    assert continuations(tiny, PREFIXES, max_new_tokens=6, seed=7, top_p=1e-9) == continuations(tiny, PREFIXES, 6)
     assert continuations(tiny, PREFIXES, max_new_tokens=6, seed=8) != a
     state = torch.get_rng_state()
     continuations(tiny, PREFIXES[:1], max_new_tokens=2, seed=1)
@@ -55,29 +101,49 @@ def test_sampling_is_seeded_per_prefix(tiny):
 
 
 def test_hidden_features_are_the_final_normalised_state(tiny):
-    feats = hidden_features(tiny, PREFIXES[:2])
-    means = hidden_features(tiny, PREFIXES[:2], pooling="mean")
-    assert feats.shape == (2, tiny.cfg.d_model) and feats.dtype == torch.float32
-    for i, text in enumerate(PREFIXES[:2]):
+    alone = hidden_features(tiny, MIXED, batch_size=1)
+    alone_means = hidden_features(tiny, MIXED, pooling="mean", batch_size=1)
+    assert alone.shape == (len(MIXED), tiny.cfg.d_model) and alone.dtype == torch.float32
+    for i, text in enumerate(MIXED):
         _, cache = tiny.model.run_with_cache(torch.tensor([tiny.tokenizer(text).input_ids]))
         final = cache["ln_final.hook_normalized"][0]
-        torch.testing.assert_close(feats[i], final[-1])
-        torch.testing.assert_close(means[i], final.mean(0))
+        torch.testing.assert_close(alone[i], final[-1])
+        torch.testing.assert_close(alone_means[i], final.mean(0))
+    # left-padded batches (masked, positions from the first real token): the same up to float rounding
+    torch.testing.assert_close(hidden_features(tiny, MIXED), alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden_features(tiny, MIXED, pooling="mean", batch_size=3), alone_means,
+                               rtol=0, atol=1e-5)
     with pytest.raises(AbftLensError):
         hidden_features(tiny, PREFIXES[:1], pooling="max")
 
 
 def test_perplexity_equals_a_manual_computation(tiny):
-    result = perplexity(tiny, PREFIXES)
     nll, count = 0.0, 0
     with torch.no_grad():
-        for text in PREFIXES:
+        for text in MIXED:
             ids = torch.tensor(tiny.tokenizer(text).input_ids)
             logp = torch.log_softmax(tiny.model(ids[None])[0].double(), -1)
             nll -= float(logp[torch.arange(len(ids) - 1), ids[1:]].sum())  # first token: no context, no BOS
             count += len(ids) - 1
-    assert result.n_tokens == count and result.n_texts == len(PREFIXES)
-    assert result.value == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert 1 in {len(tiny.tokenizer(t).input_ids) for t in MIXED}  # a one-token text scores nothing
+    for batch_size in (1, 3, 8):
+        result = perplexity(tiny, MIXED, batch_size=batch_size)
+        assert result.n_tokens == count and result.n_texts == len(MIXED)
+        assert result.value == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_batches_are_length_sorted_left_padded_and_bounded(tiny):
+    from abft_lens.generation import _batches
+
+    lengths = [len(tiny.tokenizer(t).input_ids) for t in MIXED]
+    seen = []
+    for indices, tokens, mask in _batches(tiny, MIXED, 3, False, "x", min_tokens=1, max_tokens=40):
+        assert len(indices) <= 3 and (len(indices) == 1 or tokens.numel() <= 40)
+        assert mask.sum(1).tolist() == [lengths[i] for i in indices] and bool(mask[:, -1].all())
+        for row, i in enumerate(indices):
+            assert tokens[row, -lengths[i]:].tolist() == tiny.tokenizer(MIXED[i]).input_ids
+        seen += indices
+    assert sorted(seen) == list(range(len(MIXED))) and [lengths[i] for i in seen] == sorted(lengths)
 
 
 def _clouds(seed=0, n=100, d=16, shift=10.0):
@@ -215,10 +281,15 @@ def test_train_cli_mauve_test_writes_generation_json(tmp_path, capsys, no_networ
 
 
 @pytest.mark.embedded
-def test_embedded_greedy_continuation_equals_hugging_face(embedded, embedded_hf):
-    assert not embedded.adds_bos  # SmolLM2: no BOS, and none is prepended by generate
-    text = PREFIXES[0]
-    ids = embedded.tokenizer(text, return_tensors="pt").input_ids
-    hf = embedded_hf.generate(ids, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
-    expected = embedded.tokenizer.decode(hf[0, ids.shape[1]:], skip_special_tokens=True)
-    assert continuations(embedded, [text], max_new_tokens=5) == [expected]
+def test_embedded_greedy_continuations_equal_hugging_face_and_tl_generate(embedded, embedded_hf):
+    """SmolLM2: one left-padded batch of 4 prefixes of different lengths gives, for each prefix, Hugging Face's
+    greedy ``generate`` on it alone; for two of them also TransformerLens ``generate`` alone (the old path)."""
+    assert not embedded.adds_bos  # SmolLM2: no BOS, and none is prepended
+    assert len({len(embedded.tokenizer(p).input_ids) for p in PREFIXES}) > 1
+    expected = []
+    for text in PREFIXES:
+        ids = embedded.tokenizer(text, return_tensors="pt").input_ids
+        hf = embedded_hf.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
+        expected.append(embedded.tokenizer.decode(hf[0, ids.shape[1]:], skip_special_tokens=True))
+    assert continuations(embedded, PREFIXES, max_new_tokens=8) == expected
+    assert [_tl_generate(embedded, p, 8) for p in PREFIXES[:2]] == expected[:2]
