@@ -7,7 +7,8 @@ activation, so it cannot feed a loss. :func:`capture_attention_rows` registers i
 [0, 1]) and keeps only the needed row of each pattern, still attached to the graph.
 
 :func:`forward_residual` runs the model only as far as the captured layers need (``stop_at_layer``), which
-skips the final norm and the unembedding, the most expensive matmul of a small model.
+skips the final norm and the unembedding, the most expensive matmul of a small model. Both work unchanged on
+a ``TransformerBridge`` (the 4-bit backend of :mod:`abft_lens.bridge`), which fires the same hook names.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ._tl import HookedTransformer, HookPoint
+from .bridge import bridge_residual, is_bridge
 
 __all__ = ["AttentionRows", "capture_attention_rows", "forward_residual", "pattern_hook_name"]
 
@@ -211,4 +213,6 @@ def forward_residual(
             f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens shape "
             f"{tuple(tokens.shape)}: pass one 0/1 entry per token"
         )
+    if is_bridge(model):
+        return bridge_residual(model, tokens, attention_mask, stop_at_layer)
     return model(tokens, attention_mask=attention_mask, stop_at_layer=stop_at_layer)

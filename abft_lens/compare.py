@@ -75,6 +75,10 @@ def _qk_snapshot(model) -> list[tuple[Tensor, Tensor]]:
     Under grouped-query attention the stored ``_W_K`` (one slice per kv head) is copied, not the repeated
     ``W_K`` property, so a K change is counted once per kv head.
     """
+    from .bridge import is_bridge, qk_weights
+
+    if is_bridge(model):  # 4-bit base: dequantized weights plus the attached adapters' delta
+        return qk_weights(model)
     weights = []
     for block in model.blocks:
         attn = block.attn
@@ -137,9 +141,9 @@ def compare_run(
     Args:
         run_dir: a run folder written by :func:`~abft_lens.runs.run_training` (config.json, log.jsonl,
             fore_test.json / post_test.json when tested, trained.safetensors).
-        loaded: the run's base model; default ``load_model(config["model"]["name"])``. **It is trained in
-            place** (``load_run`` merges the run's tensors into it): a caller passing ``loaded`` gets it back
-            trained.
+        loaded: the run's base model; default ``load_model_like(config["model"])`` (4-bit when the run was).
+            **It is trained in place** (``load_run`` merges the run's tensors into it, or leaves a 4-bit
+            base's adapters attached): a caller passing ``loaded`` gets it back trained.
         task: the run's task; default ``load_task(config["task"]["name"])`` (pass it for custom files whose
             name is not a loadable path).
         n_prompts, k: the first ``n_prompts`` fixed test prompts with ``k`` demonstrations (default: the
@@ -157,7 +161,7 @@ def compare_run(
     from .evaluate import prompt_builder
     from .heads import head_scores
     from .io import read_json
-    from .models import load_model
+    from .models import load_model_like
     from .prompts import test_prompts
     from .runs import load_run
     from .tasks import load_task
@@ -166,7 +170,7 @@ def compare_run(
     if not (run_dir / "config.json").is_file():
         raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at a run folder.")
     config = read_json(run_dir / "config.json")
-    loaded = loaded if loaded is not None else load_model(config["model"]["name"])
+    loaded = loaded if loaded is not None else load_model_like(config["model"])
     task = task if task is not None else load_task(config["task"]["name"])
     k = int(config["train"].get("k", 4)) if k is None else k
     builder = prompt_builder(loaded, task)

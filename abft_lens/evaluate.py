@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._tl import HookedTransformer
+from .capture import forward_residual
 from .metrics import classification_metrics
 from .models import LoadedModel
 from .prompts import ICLPrompt, PromptBatch, PromptBuilder, collate, pad_token_id, test_prompts
@@ -26,7 +27,7 @@ from .tasks import ICLTask
 def last_position_residual(model: HookedTransformer, batch: PromptBatch) -> Float[Tensor, "batch d_model"]:
     """The final residual stream at the prediction position (the last column of a left-padded batch)."""
     mask = batch.attention_mask if batch.is_padded else None
-    residual = model(batch.tokens, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
+    residual = forward_residual(model, batch.tokens, mask)
     return model.ln_final(residual[:, -1:, :])[:, 0]
 
 

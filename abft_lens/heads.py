@@ -296,6 +296,8 @@ def copying_scores(model: HookedTransformer, *, n_tokens: int = 1000, seed: int 
     ignored: the weights are unprocessed (RMSNorm/LayerNorm scales not folded in), so ln1's and ln_final's
     scales and the normalisation itself are left out of M; biases are left out too.
     """
+    from .bridge import is_bridge, ov_weights
+
     ids = _ordinary_ids(model)
     if ids.numel() > n_tokens:
         generator = torch.Generator().manual_seed(seed)
@@ -305,8 +307,9 @@ def copying_scores(model: HookedTransformer, *, n_tokens: int = 1000, seed: int 
         ids = ids.to(model.W_E.device)
         unembed_embed = model.W_U[:, ids].double() @ model.W_E[ids].double()  # [d_model, d_model]
         for layer, block in enumerate(model.blocks):
+            w_v, w_o = ov_weights(model, layer) if is_bridge(model) else (block.attn.W_V, block.attn.W_O)
             # W_O [head, d_head, d_model] @ [d_model, d_model] @ W_V [head, d_model, d_head] -> [head, d_head, d_head]
-            reduced = block.attn.W_O.double() @ unembed_embed @ block.attn.W_V.double()
+            reduced = w_o.double().to(ids.device) @ unembed_embed @ w_v.double().to(ids.device)
             eigenvalues = torch.linalg.eigvals(reduced)  # [head, d_head] complex
             total = eigenvalues.abs().sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
             scores[layer] = (eigenvalues.real.sum(-1) / total).cpu()

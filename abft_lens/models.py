@@ -60,6 +60,7 @@ class LoadedModel:
     adds_bos: bool = False
     load_seconds: float = 0.0
     converted: bool = False
+    quantized: bool = False
     info: dict = field(default_factory=dict)
 
     @property
@@ -79,6 +80,7 @@ class LoadedModel:
             "d_head": cfg.d_head,
             "dtype": str(cfg.dtype).removeprefix("torch."),
             "adds_bos": self.adds_bos,
+            "quantized": self.quantized,
         }
 
 
@@ -88,13 +90,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quantized: bool = False) -> LoadedModel:
     """Load a hooked model from any supported source.
 
-    ``spec`` is one of: ``"smollm2-135m"`` (the embedded default); ``"tiny"`` or ``"tiny-mha"`` (random tiny
-    models with a small byte-level BPE tokenizer); a path to a Hugging Face model folder; a path to a
-    ``.gguf`` file; or a TransformerLens official name such as ``"gpt2"`` (needs the hub).
+    ``spec`` is one of: ``"smollm2-135m"`` (the embedded default); ``"gemma3-270m"``; ``"tiny"`` or
+    ``"tiny-mha"`` (random tiny models with a small byte-level BPE tokenizer); a path to a Hugging Face model
+    folder; a path to a ``.gguf`` file; or a TransformerLens official name such as ``"gpt2"`` (needs the hub).
+
+    ``quantized=True`` loads a 4-bit NF4 base through ``TransformerBridge`` instead (:mod:`abft_lens.bridge`;
+    train it with LoRA). It needs a Hugging Face folder behind the spec: the embedded models, a folder, a
+    ``.gguf``; ``dtype`` must stay float32 (the compute dtype follows the device).
     """
+    if quantized:
+        return _quantized(spec, dtype=dtype, device=device)
     start = time.perf_counter()
     path = Path(spec).expanduser()
     if spec == EMBEDDED_NAME:
@@ -124,6 +133,35 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
         loaded = _from_official_name(spec, dtype=dtype, device=device)
     loaded.load_seconds = time.perf_counter() - start
     return loaded
+
+
+def load_model_like(described: dict, **overrides) -> LoadedModel:
+    """Load the model a run folder's ``config.json["model"]`` (:meth:`LoadedModel.describe`) names, quantized
+    when that run's base was; ``overrides`` go to :func:`load_model` (e.g. ``quantized=False``)."""
+    kwargs = {"quantized": bool(described.get("quantized", False)), **overrides}
+    return load_model(described["name"], **kwargs)
+
+
+def _quantized(spec: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
+    from .bridge import load_bridge
+
+    if dtype != torch.float32:
+        raise AbftLensError(f"a 4-bit base was asked for with dtype {dtype}.",
+                            "drop --dtype with --quantized: the compute dtype is float32 on CPU and bfloat16 on CUDA.")
+    path = Path(spec).expanduser()
+    if spec == EMBEDDED_NAME:
+        hf_dir, source = _embedded_hf_dir()[0], "embedded"
+    elif spec == GEMMA_NAME:
+        hf_dir, source = _gemma_hf_dir()[0], "embedded"
+    elif path.is_file() and path.suffix == ".gguf":
+        hf_dir, source = _gguf_hf_dir(path)[0], "gguf"
+    elif path.is_dir() and (path / "config.json").is_file():
+        hf_dir, source = path, "hf-folder"
+    else:
+        raise AbftLensError(f"--quantized needs a Hugging Face model behind the model spec, and {spec!r} has none.",
+                            f"use {EMBEDDED_NAME}, {GEMMA_NAME}, a Hugging Face folder or a .gguf file "
+                            "(a tiny model can be exported to a folder first: abft-lens export).")
+    return load_bridge(hf_dir, name=spec, source=source, device=device)
 
 
 # ----------------------------------------------------------------------------------------------- routes

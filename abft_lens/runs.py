@@ -198,6 +198,7 @@ def _prepare_run_dir(run_dir: Path | None, meta: dict, resume: bool) -> bool:
         # n_test: the cached fore test must cover the same prompts as the post test; dtype: bit-identical weights
         if saved["train"] != meta["train"] or saved["model"]["name"] != meta["model"]["name"] \
                 or saved["model"].get("dtype") != meta["model"]["dtype"] \
+                or saved["model"].get("quantized", False) != meta["model"].get("quantized", False) \
                 or saved["task"]["name"] != meta["task"]["name"] or saved.get("n_test") != meta["n_test"]:
             raise AbftLensError(f"{run_dir} holds a run with different settings; a resumed run must match.",
                                 "resume with the settings in its config.json, or start a new --run-dir.")

@@ -363,8 +363,17 @@ def attach(model: HookedTransformer, config: TrainableConfig | None = None) -> T
     LoRA adapters are registered with ``torch.nn.utils.parametrize`` on the attention modules (``W_Q``,
     ``_W_K`` under GQA, ``W_K`` otherwise); while attached, ``model.state_dict()`` uses parametrize's names
     (``...parametrizations.W_Q.original``) and the model cannot be deep-copied or pickled: merge() first.
+
+    A ``TransformerBridge`` (the 4-bit backend) gets a :class:`abft_lens.bridge.PeftLoraTrainable`: the same
+    masks, names and state dict over PEFT LoRA adapters; it needs ``kind="lora"``.
     """
-    return Trainable(model, TrainableConfig() if config is None else config)
+    config = TrainableConfig() if config is None else config
+    if not isinstance(model, HookedTransformer):
+        from .bridge import PeftLoraTrainable, is_bridge
+
+        if is_bridge(model):
+            return PeftLoraTrainable(model, config)
+    return Trainable(model, config)
 
 
 def masked_step(optimizer: torch.optim.Optimizer, trainable: Trainable,

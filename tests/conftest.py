@@ -128,3 +128,27 @@ def staicc_experimentor():
         return built[(index, k)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    """A tiny random Llama (GQA: 4 query heads, 2 kv heads, d_head 8) saved with the tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from abft_lens.models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a larger init, so that attention patterns (and ABFT's gradients) are not flat
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("hf-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
