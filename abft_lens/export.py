@@ -290,6 +290,7 @@ def model_card(meta: dict, metrics: dict | None, *, peft: bool = False, bias_add
         ("targets", ", ".join(trainable.get("targets", ["q", "k"]))), ("biases trained", trainable.get("bias")),
         ("restricted gradient", train.get("restricted_gradient")), ("threshold", train.get("threshold")),
         ("penalty mode", train.get("penalty_mode")), ("training dtype", model.get("dtype")),
+        ("4-bit NF4 base", bool(model.get("quantized"))),
     ]
     lines = ["---", *front_lines, "---", "", f"# {name} + ABFT ({task.get('name', '?')}, k={train.get('k')})", "",
              f"Base model `{name}`" + (f" ({hub_id}" + (", dequantized from a 4-bit GGUF)" if
@@ -311,6 +312,10 @@ def model_card(meta: dict, metrics: dict | None, *, peft: bool = False, bias_add
         lines.append("No fore/post test was recorded for this run.")
     if bias_added:
         lines += ["", "The run trained b_Q/b_K, so `attention_bias` is switched on; the v_proj/o_proj biases are zero."]
+    if model.get("quantized"):
+        lines += ["", "The adapters were trained on a 4-bit NF4 copy of the base (bitsandbytes, double quantization) and "
+                  "are merged here into the full-precision base, as QLoRA does; the metrics above are the 4-bit "
+                  "model's."]
     if peft:
         lines += ["", "## PEFT adapter", "", f"`{ADAPTER_DIR}/` holds the LoRA adapter, to apply to the base model "
                   "(not to this merged folder): `PeftModel.from_pretrained(base_model, \"adapter\")`."]

@@ -14,6 +14,7 @@ from abft_lens.bridge import ADAPTER, _dense_weight, is_bridge, load_bridge
 from abft_lens.capture import capture_attention_rows, forward_residual
 from abft_lens.compare import compare_run
 from abft_lens.errors import AbftLensError
+from abft_lens.export import export_run
 from abft_lens.evaluate import label_probabilities, prompt_builder
 from abft_lens.models import EMBEDDED_NAME, load_model
 from abft_lens.objectives import abft_loss
@@ -205,6 +206,20 @@ def test_4bit_run_applies_to_the_full_precision_base(hf_llama_dir, sst2, tmp_pat
     full = load_model(str(hf_llama_dir))
     load_run(tmp_path / "run", full)  # same parameter names: the adapters merge into the float32 hooked model
     assert not torch.equal(full.model.blocks[0].attn.W_Q, load_model(str(hf_llama_dir)).model.blocks[0].attn.W_Q)
+    # export merges them into the full-precision base too, and writes the PEFT adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    export_run(tmp_path / "run", tmp_path / "export", peft=True)
+    assert "4-bit NF4" in (tmp_path / "export" / "README.md").read_text()
+    tokens = torch.tensor([prompts[0].token_ids])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_llama_dir),
+                                             tmp_path / "export" / "adapter")
+    with torch.no_grad():
+        hooked_logits = full.model(tokens)
+        torch.testing.assert_close(exported(tokens).logits, hooked_logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(with_adapter(tokens).logits, hooked_logits, rtol=0, atol=1e-4)
 
 
 def test_embedded_4bit_step_moves_only_adapters(sst2):
