@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .tasks import load_task
 
     task = load_task(args.dataset)
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype])
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], quantized=args.quantized)
     if args.run is not None:
         from .runs import load_run
 
@@ -80,9 +80,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- train
 
-NOT_YET = {
-    "quantized": "4-bit quantized bases (--quantized) are not supported yet (planned: the scale issue, #6)",
-}
+NOT_YET: dict[str, str] = {}  # option -> message, for options that are accepted but not built yet
+QUANTIZED_LORA_R = 16  # the paper's LoRA rank on 4-bit bases
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +122,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--run-dir", dest="run_dir", type=Path, default=None, help="run folder (default runs/<method>-<dataset>-<time>)")
     a("--resume", action="store_true", help="continue the interrupted run in --run-dir")
     a("--checkpoint-every", dest="checkpoint_every", type=_positive_int, default=1)
-    a("--quantized", action="store_true", help=argparse.SUPPRESS)
+    a("--quantized", action="store_true",
+      help="4-bit NF4 base through TransformerBridge, trained with PEFT LoRA on W_Q/W_K (rank --lora-r, default 16)")
     a("--generalization-test", "--generalization_test", dest="generalization_test", action="store_true",
       help="also evaluate on the paper's 8 datasets before/after: RUN_DIR/generalization.json (in-domain, OOD)")
     a("--generalization-n-test", dest="generalization_n_test", type=_positive_int, default=None,
@@ -147,6 +147,11 @@ def train_config_from_args(args: argparse.Namespace):
         raise AbftLensError(f"--lora_r {args.lora_r} must be >= 0.", "pass a LoRA rank (e.g. 16), or 0 for full W_Q/W_K.")
     if args.resume and args.run_dir is None:
         raise AbftLensError("--resume needs the --run-dir of the interrupted run.", "pass --run-dir RUN_DIR.")
+    if args.quantized and args.train_bias:
+        raise AbftLensError("--train-bias cannot be combined with --quantized (the 4-bit base trains LoRA adapters only).",
+                            "drop --train-bias, or drop --quantized.")
+    if args.quantized and args.lora_r == 0:
+        args.lora_r = QUANTIZED_LORA_R
     lora = args.lora_r > 0
     try:
         trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=args.lora_r if lora else 16,
@@ -199,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist = init_from_env()  # under torchrun (WORLD_SIZE > 1): data parallel, gloo on CPU, NCCL on CUDA
     task = load_task(args.dataset)
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=training_device(dist))
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=training_device(dist), quantized=args.quantized)
     mauve_test = mauve_test_from_args(args)
     if mauve_test is not None:
         mauve_test.before(loaded)
@@ -343,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(evaluate)
     evaluate.add_argument("--n-test", type=_positive_int, default=None, help="first N fixed test prompts (default all 1024)")
     evaluate.add_argument("--run", type=Path, default=None, help="apply a training run's tensors to the model first")
+    evaluate.add_argument("--quantized", action="store_true",
+                          help="load the base in 4-bit NF4 (TransformerBridge); a --run trained on a 4-bit base also "
+                               "applies to the full-precision base")
     evaluate.add_argument("--output", type=Path, default=None, help="JSON file for metrics and per-prompt results")
     evaluate.add_argument("--test-type", "--test_type", dest="test_type", default="Normal",
                           choices=["Normal", "TempSensitivity", "DemoSensitivity"],

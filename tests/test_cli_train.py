@@ -99,14 +99,34 @@ def test_existing_and_complete_run_dirs_are_refused(prototype_run, capsys):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
-@pytest.mark.parametrize("option", [["--quantized"]])
-def test_not_yet_supported_options_exit_2_with_one_message(tmp_path, capsys, option):
+@pytest.mark.parametrize("option, words", [
+    (["--quantized"], "needs a Hugging Face model behind the model spec"),  # tiny hooked models have no HF folder
+    (["--quantized", "--train-bias"], "--train-bias cannot be combined with --quantized"),
+    (["--quantized", "--dtype", "bfloat16"], "drop --dtype with --quantized"),
+])
+def test_quantized_refusals_exit_2_with_one_message(tmp_path, capsys, option, words):
     run_dir = tmp_path / "run"
     assert cli(QUICK + option + ["--run-dir", run_dir]) == 2
     captured = capsys.readouterr()
-    assert "not supported yet" in captured.err
+    assert words in captured.err
     assert captured.err.count("error:") == 1 and "Traceback" not in captured.err
     assert not run_dir.exists()
+
+
+def test_quantized_train_and_eval_through_the_cli(hf_llama_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = [hf_llama_dir if a == "tiny" else a for a in QUICK]  # a tiny Llama folder instead of the hooked tiny
+    assert cli(argv + ["--quantized", "--run-dir", run_dir]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["quantized"] is True
+    assert config["train"]["trainable"]["kind"] == "lora" and config["train"]["trainable"]["lora_r"] == 16
+    assert config["train"]["lr"] == 1e-4  # the LoRA default
+    post = json.loads((run_dir / "post_test.json").read_text())
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--model", hf_llama_dir, "--quantized", "--run", run_dir, "--n-test", "8",
+                "--output", out]) == 0
+    assert json.loads(out.read_text())["metrics"] == post["metrics"]
 
 
 @pytest.mark.parametrize("bad, words", [

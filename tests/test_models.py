@@ -245,3 +245,27 @@ def test_embedded_second_load_does_not_convert(embedded, monkeypatch, no_network
     assert second.converted is False
     assert second.hf_dir == embedded.hf_dir and second.hf_dir.parent == models.cache_dir()
     torch.testing.assert_close(second.model.W_K, embedded.model.W_K, rtol=0, atol=0)
+
+
+def test_relayout_is_bit_identical_and_turns_tl_weight_copies_into_views(tiny_gqa):
+    """Models are loaded with their weights stored in the layout TL's forward reads (relayout_for_forward):
+    the rearranges and ``.T.contiguous()`` calls of the forward become views, and every output is unchanged."""
+    import copy
+
+    import einops
+
+    standard = copy.deepcopy(tiny_gqa)
+    with torch.no_grad():
+        for p in standard.parameters():
+            p.data = p.data.contiguous()  # the stock TransformerLens layout
+    attn, mlp = tiny_gqa.blocks[0].attn, tiny_gqa.blocks[0].mlp
+    assert not attn.W_Q.is_contiguous() and standard.blocks[0].attn.W_Q.is_contiguous()
+    view = einops.rearrange(attn.W_Q, "h m d -> (h d) m")
+    assert view.data_ptr() == attn.W_Q.data_ptr() and view.is_contiguous()  # no copy
+    assert mlp.W_gate.T.is_contiguous() and einops.rearrange(attn.W_O, "h d m -> m (h d)").is_contiguous()
+    tokens = torch.arange(8).remainder(tiny_gqa.cfg.d_vocab).reshape(1, 8)
+    assert torch.equal(tiny_gqa(tokens), standard(tokens))
+    for model in (tiny_gqa, standard):  # gradients reach W_Q in the same values whatever its strides
+        model.blocks[1].attn.W_Q.requires_grad_(True)
+        model(tokens).logsumexp(-1).sum().backward()
+    torch.testing.assert_close(tiny_gqa.blocks[1].attn.W_Q.grad, standard.blocks[1].attn.W_Q.grad, rtol=1e-6, atol=0)
