@@ -9,6 +9,9 @@ calibration examples of SST-2), with the same trainable set (W_Q/W_K of every la
          the induction filter, the ABFT loss, backward, Adam step, the PID update.
   E2E    the same ``Trainer.step`` with the E2E loss: the final norm and the full-vocabulary unembedding at
          the last position, cross-entropy on the gold label token (ABFT terms measured without gradient).
+  ABFT-stock  the ABFT step on a second copy of the model with every weight made contiguous again, i.e.
+         TransformerLens's stock layout, which its forward copies into another layout on every call
+         (``abft_lens.models.relayout_for_forward`` stores the weights in that layout once, at load time).
 
 Each timed unit is one pseudo-batch of ``--batch`` samples (one forward+backward per sample, one optimizer
 step), divided by ``--batch``; the methods are interleaved round by round (order reversed every round) and
@@ -39,14 +42,24 @@ from abft_lens.models import load_model
 from abft_lens.tasks import load_task
 from abft_lens.train import TrainConfig, Trainer
 
-METHODS = ("bare", "ABFT", "E2E")
+METHODS = ("bare", "ABFT", "E2E", "ABFT-stock")
+
+
+def stock_layout(model):
+    """The model with TransformerLens's stock (contiguous) weight layout, as before ``relayout_for_forward``."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.contiguous()
+    return model
 
 
 def make_unit(method: str, loaded, builder, batch: int, seed: int):
     """A callable running one pseudo-batch of ``method``; fresh trainable state per method."""
     config = TrainConfig(method="E2E" if method == "E2E" else "ABFT", train_samples=batch, pseudo_batch_size=batch,
                          epochs=1, lr=1e-6, seed=seed)
-    trainer = Trainer(loaded.model, builder, config)
+    if method == "ABFT-stock" and not hasattr(loaded, "stock"):
+        loaded.stock = stock_layout(load_model("smollm2-135m").model)
+    trainer = Trainer(loaded.stock if method == "ABFT-stock" else loaded.model, builder, config)
     prompts = trainer.prompts
     if method != "bare":
         return trainer, lambda: trainer.step(prompts)
@@ -79,11 +92,21 @@ def time_methods(loaded, builder, args) -> dict[str, list[float]]:
 def child(args) -> None:
     """Run one method alone for a few pseudo-batches and print its peak RSS in MiB."""
     loaded = load_model("smollm2-135m")
+    if args.child == "ABFT-stock":
+        loaded.stock = stock_layout(loaded.model)  # one model in this process, as for the other methods
     builder = prompt_builder(loaded, load_task(args.dataset))
     _, unit = make_unit(args.child, loaded, builder, args.batch, args.seed)
+    loaded_rss = _current_rss_mib()
     for _ in range(2):
         unit()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rss_after_load_mib": loaded_rss, "rss_after_steps_mib": _current_rss_mib()}))
+
+
+def _current_rss_mib() -> float:
+    """Resident set size now (``/proc/self/statm``), MiB: what the process holds after model loading's peak."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main() -> None:
@@ -106,18 +129,19 @@ def main() -> None:
     for method in METHODS:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--batch", str(args.batch),
                               "--dataset", args.dataset], capture_output=True, text=True, check=True)
-        memory[method] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        memory[method] = json.loads(out.stdout.strip().splitlines()[-1])
     tokens = statistics.mean(len(p.token_ids) for p in make_unit("bare", loaded, builder, args.batch, args.seed)[0].prompts)
     print(f"SmolLM2-135M, float32, {torch.get_num_threads()} threads, ~{tokens:.0f}-token prompts, "
           f"median of {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'method':<6} {'s/sample':>9} {'x bare':>7} {'peak RSS MiB':>13}")
+    print(f"{'method':<10} {'s/sample':>9} {'x bare':>7} {'peak RSS':>9} {'RSS after 2 steps':>18} (MiB)")
     for method in METHODS:
-        print(f"{method:<6} {median[method]:>9.3f} {median[method] / median['bare']:>7.2f} {memory[method]:>13.0f}")
+        print(f"{method:<10} {median[method]:>9.3f} {median[method] / median['bare']:>7.2f} "
+              f"{memory[method]['peak_rss_mib']:>9.0f} {memory[method]['rss_after_steps_mib']:>18.0f}")
     write_json(args.output, {
         "model": "smollm2-135m", "dtype": "float32", "threads": torch.get_num_threads(), "batch": args.batch,
         "rounds": args.rounds, "mean_prompt_tokens": tokens, "seconds_per_sample": seconds,
         "median_seconds_per_sample": median, "ratio_to_bare": {m: median[m] / median["bare"] for m in METHODS},
-        "peak_rss_mib": memory, "load_average": os.getloadavg(), "torch": torch.__version__,
+        "memory_mib": memory, "load_average": os.getloadavg(), "torch": torch.__version__,
     })
 
 
