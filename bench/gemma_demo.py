@@ -10,6 +10,11 @@ accuracy on the same 256 queries (no demonstrations), for comparison with its k=
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/gemma_demo.py
 
 ``--reuse`` skips training and reads an existing run folder (wall time and RSS are then not measured).
+``--last-step`` trains the same run without the keep-best guard (``abft-lens train`` with the demo's settings
+spelled out, no ``--keep-best``): same seed, so the same trajectory, ending with the weights of step 8.
+
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/gemma_demo.py --last-step --no-zero-shot \
+        --run-dir runs/gemma-last-step --output bench/results/gemma_demo_last_step.json
 """
 
 from __future__ import annotations
@@ -77,10 +82,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("bench/results/gemma_demo.json"))
     parser.add_argument("--reuse", action="store_true", help="read an existing run folder instead of training")
     parser.add_argument("--no-zero-shot", action="store_true")
+    parser.add_argument("--last-step", action="store_true", help="no keep-best: end with the last step's weights")
     args = parser.parse_args()
 
     cli = str(Path(sys.executable).with_name("abft-lens"))
     command = [cli, "demo", "--model", "gemma3-270m", "--run-dir", str(args.run_dir)]
+    if args.last_step:  # DEMO_DEFAULTS of abft_lens/cli.py without keep_best
+        command = [cli, "train", "--model", "gemma3-270m", "--dataset", "sst2", "--k", "4", "--train-samples", "128",
+                   "--pseudo-batch-size", "16", "--epochs", "1", "--lr", "5e-4", "--restricted-gradient",
+                   "--validation-examples", "256", "--validation-prompts", "64", "--validate-every", "2",
+                   "--n-test", "256", "--run-dir", str(args.run_dir)]
     record: dict = {"command": " ".join(["abft-lens"] + command[1:]),
                     "environment": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "nice": os.nice(0),
                                     "cpus": os.cpu_count()}}
