@@ -57,8 +57,7 @@ from . import _tl  # first: its warning filters must precede transformer_lens/bi
 from .errors import AbftLensError
 from .trainable import _ATTACHED, Trainable, _Slot
 
-ADAPTER = "default"
-TARGET_ATTRS = {"q": "q", "k": "k"}  # TransformerBridge attention components of the query/key projections
+ADAPTER = "default"  # PEFT's adapter name
 
 __all__ = ["load_bridge", "is_bridge", "bridge_residual", "qk_weights", "ov_weights", "PeftLoraTrainable",
            "quantize_linears"]
@@ -258,7 +257,8 @@ class PeftLoraTrainable(Trainable):
             raise ValueError("a TransformerBridge (4-bit) base trains through LoRA adapters only: use "
                              "TrainableConfig(kind='lora', bias=False) (the CLI's --quantized does this)")
         live = _ATTACHED.get(model)
-        components = {(layer, t): getattr(model.blocks[layer].attn, TARGET_ATTRS[t])
+        # the bridge's attention names its query/key projection components "q" and "k", like the targets
+        components = {(layer, t): getattr(model.blocks[layer].attn, t)
                       for layer in range(self.n_layers) for t in config.targets}
         if (live is not None and live._open) or any(_lora_layer(c) is not None for c in components.values()):
             raise ValueError("attach: this model already carries LoRA adapters (an attached, merged or loaded "
