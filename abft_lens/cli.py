@@ -128,6 +128,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
       help="also evaluate on the paper's 8 datasets before/after: RUN_DIR/generalization.json (in-domain, OOD)")
     a("--generalization-n-test", dest="generalization_n_test", type=_positive_int, default=None,
       help="test prompts per dataset for --generalization_test (default --n-test)")
+    a("--calibration-test", "--calibration_test", dest="calibration_test", action="store_true",
+      help="also evaluate the base model with contextual calibration (the training-free baseline) on the trained "
+           "dataset, or on the 8 datasets with --generalization_test: RUN_DIR/calibration.json, the table's CC row")
     a("--MAUVE-test", "--MAUVE_test", dest="MAUVE_test", action="store_true",
       help="generation quality before/after (MAUVE, perplexity) -> RUN_DIR/generation.json; needs --MAUVE_prefix")
     a("--MAUVE-prefix", "--MAUVE_prefix", dest="MAUVE_prefix", type=Path, default=None,
@@ -183,13 +186,15 @@ def mauve_test_from_args(args: argparse.Namespace):
 
 
 def run_extras_from_args(args: argparse.Namespace, task, config, run_dir: Path):
-    """The --test_type / --generalization_test evaluations of a run, or None (see generalization.RunExtras)."""
-    if args.test_type == "Normal" and not args.generalization_test:
+    """The --test_type / --generalization_test / --calibration-test evaluations of a run, or None (see
+    generalization.RunExtras)."""
+    if args.test_type == "Normal" and not args.generalization_test and not args.calibration_test:
         return None
     from .generalization import RunExtras
 
     return RunExtras(task=task, run_dir=Path(run_dir), k=config.k, test_type=args.test_type,
-                     generalization=args.generalization_test, robustness_queries=args.robustness_queries,
+                     generalization=args.generalization_test, calibration=args.calibration_test,
+                     robustness_queries=args.robustness_queries,
                      robustness_n_test=args.n_test, generalization_n_test=args.generalization_n_test or args.n_test,
                      batch_size=args.batch_size, resume=args.resume)
 

@@ -13,6 +13,9 @@
   the method's row from ``post_test.json`` / ``generalization.json["post"]``. Runs without
   ``generalization.json`` fill their trained dataset's column of the method's row (the paper's main table:
   one run per dataset); runs with it get a row "METHOD (trained on DATASET)" with in-domain / OOD columns.
+  Runs with ``calibration.json`` (``train --calibration-test``) add the training-free baseline, the base model
+  with contextual calibration, as the row "ICL+CC (base)" right after the base row (once per model, k, n_test
+  and dataset, like the base row), on the trained dataset or, with ``--generalization_test``, on all eight.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ DATASET_ORDER = tuple(name for name, _ in STAICC_DATASETS)
 DISPLAY = {"sst2": "SST-2", "mr": "MR", "fp": "FP", "sst5": "SST-5", "trec": "TREC", "agnews": "AGNews",
            "subj": "Subj", "tee": "TEE", "teh": "TEH", "hs18": "HS18"}
 AVERAGE, IN_DOMAIN, OUT_OF_DOMAIN = "Avg.", "ID", "OOD"
+CALIBRATION_FILE = "calibration.json"
 BASE_METHOD = "ICL (base)"
+CC_METHOD = "ICL+CC (base)"  # the base model with contextual calibration (Zhao et al. 2021)
 
 
 def evaluate_datasets(
@@ -189,9 +194,15 @@ def table_from_runs(run_dirs: Iterable[str | Path], metric: str = "accuracy") ->
     table = ResultTable(metric=metric)
     base_seen: set = set()
     for run_dir in map(Path, run_dirs):
-        meta, fore, post, general = _read_run(run_dir)
+        meta, fore, post, general, calibration = _read_run(run_dir)
         method, seed, trained = meta["train"]["method"], meta["train"].get("seed"), meta["task"]["name"]
         base_key = (meta["model"]["name"], meta["train"]["k"], meta.get("n_test"))
+        if calibration is not None and "fore" in calibration:
+            cc_key = (meta["model"]["name"], calibration.get("k", meta["train"]["k"]), calibration.get("n_test"))
+            for task, metrics in calibration["fore"].items():
+                if (cc_key, "cc", task) not in base_seen:
+                    base_seen.add((cc_key, "cc", task))
+                    table.add(CC_METHOD, task, metrics[metric])
         if general is not None:
             row = f"{method} (trained on {DISPLAY.get(trained, trained)})"
             for phase, name in (("post", row), ("fore", BASE_METHOD)):
@@ -214,21 +225,21 @@ def table_from_runs(run_dirs: Iterable[str | Path], metric: str = "accuracy") ->
             table.add(BASE_METHOD, fore["task"], fore["metrics"][metric])
     if not table.values:
         raise AbftLensError("none of the run folders holds test results.", "point at finished runs (with post_test.json).")
-    if BASE_METHOD in table.values:  # the base model first, as in the paper
-        table.values = {BASE_METHOD: table.values.pop(BASE_METHOD), **table.values}
+    first = [name for name in (BASE_METHOD, CC_METHOD) if name in table.values]
+    table.values = {**{name: table.values.pop(name) for name in first}, **table.values}  # baselines first
     return table
 
 
-def _read_run(run_dir: Path) -> tuple[dict, dict | None, dict | None, dict | None]:
+def _read_run(run_dir: Path) -> tuple[dict, dict | None, dict | None, dict | None, dict | None]:
     if not (run_dir / "config.json").is_file():
         raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at run folders.")
     parts = [read_json(run_dir / name) if (run_dir / name).is_file() else None
-             for name in ("fore_test.json", "post_test.json", "generalization.json")]
+             for name in ("fore_test.json", "post_test.json", "generalization.json", CALIBRATION_FILE)]
     return (read_json(run_dir / "config.json"), *parts)
 
 
 __all__ = ["evaluate_datasets", "generalization_summary", "generalization_record", "ResultTable", "table_from_runs",
-           "mean_std", "BASE_METHOD"]
+           "mean_std", "BASE_METHOD", "CC_METHOD", "RunExtras"]
 
 
 # --------------------------------------------------------------------------------------------- run integration
@@ -236,11 +247,17 @@ __all__ = ["evaluate_datasets", "generalization_summary", "generalization_record
 
 @dataclass
 class RunExtras:
-    """The extra before/after evaluations of a training run (``train --test_type`` / ``--generalization_test``).
+    """The extra before/after evaluations of a training run (``train --test_type`` / ``--generalization_test`` /
+    ``--calibration-test``).
 
     :meth:`before` runs on the base model and writes the ``fore`` half at once (a resumed run reuses it);
     :meth:`after` runs on the trained model and completes ``robustness.json`` / ``generalization.json`` in
     ``run_dir``. Returns summary rows for the CLI table.
+
+    ``calibration`` adds ``calibration.json``: the training-free baseline, contextual calibration of the
+    **base** model (:func:`abft_lens.robustness.calibrated_evaluate`, 4x the forward passes of a plain
+    evaluation), on the trained dataset with ``robustness_n_test`` prompts, or with ``generalization`` on the
+    same datasets and ``generalization_n_test`` as ``generalization.json``. It has a ``fore`` half only.
     """
 
     task: object
@@ -248,6 +265,7 @@ class RunExtras:
     k: int
     test_type: str = "Normal"
     generalization: bool = False
+    calibration: bool = False
     robustness_queries: int | None = None
     robustness_n_test: int | None = 256
     generalization_n_test: int | None = 256
@@ -273,6 +291,15 @@ class RunExtras:
 
         rows = []
         for name, compute in self._jobs():
+            if name == CALIBRATION_FILE:  # the base model only: nothing to compute after training
+                fore = self.fore[name]
+                accuracy = fore[self.task.name]["accuracy"] if self.task.name in fore else None
+                if accuracy is not None:
+                    rows.append(("contextual calibration (base) accuracy", f"{accuracy:.4f}"))
+                if len(fore) > 1:
+                    average = sum(metrics["accuracy"] for metrics in fore.values()) / len(fore)
+                    rows.append(("contextual calibration (base) average", f"{average:.4f}"))
+                continue
             post = compute(loaded)
             record = {**self._meta(name), "fore": self.fore[name], "post": post}
             if name == "generalization.json":
@@ -299,16 +326,39 @@ class RunExtras:
                 loaded, self.task, self.test_type, k=self.k, n_queries=self.robustness_queries,
                 n_test=self.robustness_n_test, batch_size=self.batch_size, progress=self.progress)))
         if self.generalization:
-            indices = tuple(PAPER_DATASETS) if self.task.index in PAPER_DATASETS or self.task.index is None \
-                else tuple(PAPER_DATASETS) + (self.task.index,)
             jobs.append(("generalization.json", lambda loaded: {
                 name: result.metrics for name, result in evaluate_datasets(
-                    loaded, indices, k=self.k, n_test=self.generalization_n_test, batch_size=self.batch_size,
+                    loaded, self._indices(), k=self.k, n_test=self.generalization_n_test, batch_size=self.batch_size,
                     progress=self.progress).items()}))
+        if self.calibration:
+            jobs.append((CALIBRATION_FILE, self._calibrated))
         return jobs
+
+    def _indices(self) -> tuple[int, ...]:
+        """The paper's eight datasets, plus the trained one when it is another StaICC dataset."""
+        if self.task.index in PAPER_DATASETS or self.task.index is None:
+            return tuple(PAPER_DATASETS)
+        return tuple(PAPER_DATASETS) + (self.task.index,)
+
+    def _calibrated(self, loaded: LoadedModel) -> dict:
+        from .robustness import calibrated_evaluate
+
+        if self.generalization:
+            return {name: result.metrics for name, result in evaluate_datasets(
+                loaded, self._indices(), k=self.k, n_test=self.generalization_n_test, calibrated=True,
+                batch_size=self.batch_size, progress=self.progress).items()}
+        result = calibrated_evaluate(loaded, self.task, k=self.k, n_test=self.robustness_n_test,
+                                     batch_size=self.batch_size, progress="calibrated eval" if self.progress else False)
+        return {self.task.name: result.metrics}
 
     def _meta(self, name: str) -> dict:
         if name == "generalization.json":
             return {"trained_dataset": self.task.name, "k": self.k, "n_test": self.generalization_n_test}
+        if name == CALIBRATION_FILE:
+            from .robustness import CONTENT_FREE
+
+            return {"method": "contextual_calibration", "model": "base", "trained_dataset": self.task.name,
+                    "k": self.k, "n_test": self.generalization_n_test if self.generalization else self.robustness_n_test,
+                    "content_free": list(CONTENT_FREE)}
         return {"test_type": self.test_type, "trained_dataset": self.task.name, "k": self.k,
                 "n_queries": self.robustness_queries, "n_test": self.robustness_n_test}
