@@ -124,3 +124,50 @@ def test_eval_requires_a_subcommand(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("test_type, variants", [("TempSensitivity", 9), ("DemoSensitivity", 8)])
+def test_eval_test_type_writes_the_robustness_report(test_type, variants, tmp_path, capsys, tiny_loaded, no_network):
+    """``eval --test-type``: the consistency over the 9 templates / 8 demonstration sets, the unseen-label test and
+    the contextual bias, printed and written as JSON, equal to ``robustness_report`` on the same model."""
+    from abft_lens.robustness import consistency, robustness_report
+
+    output = tmp_path / "robustness.json"
+    assert main(["eval", "--model", "tiny", "--dataset", "sst2", "--k", "2", "--n-test", "4", "--test-type", test_type,
+                 "--robustness-queries", "3", "--output", str(output)]) == 0
+    out, err = capsys.readouterr()
+    assert f"tiny on sst2, k=2, {test_type}" in out and f"wrote {output}" in out and "Traceback" not in err
+    for words in ("consistency", "accuracy, unseen label demos", "accuracy, random demos", "accuracy, zero shot demos",
+                  "contextual bias entropy"):
+        assert words in out, words
+
+    data = json.loads(output.read_text())
+    assert data["test_type"] == test_type and data["k"] == 2
+    predictions = data["sensitivity"]["predictions"]
+    assert len(predictions) == variants and all(len(row) == 3 for row in predictions)  # [variant][query]
+    assert data["consistency"] == pytest.approx(consistency(torch.tensor(predictions)))
+    assert 1 / variants <= data["consistency"] <= 1
+    assert set(data["unseen_label"]) == {"unseen_label", "random", "zero_shot"}
+    assert data["contextual_bias"]["n_prompts"] == 4
+    assert 0 <= data["contextual_bias"]["entropy"] <= data["contextual_bias"]["max_entropy"] + 1e-9
+
+    # the same numbers as the Python API on the same model and prompts
+    reference = robustness_report(tiny_loaded, load_task("sst2"), test_type, k=2, n_queries=3, n_test=4)
+    assert data["sensitivity"]["predictions"] == reference["sensitivity"]["predictions"]
+    assert data["consistency"] == reference["consistency"]
+    for name, metrics in reference["unseen_label"].items():
+        assert data["unseen_label"][name] == pytest.approx(metrics)
+    assert data["contextual_bias"]["entropy"] == pytest.approx(reference["contextual_bias"]["entropy"])
+    assert no_network.attempts == []
+
+
+def test_eval_test_type_rejects_unknown_types_and_bad_query_counts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", "tiny", "--test-type", "Loud"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    output = tmp_path / "never.json"
+    assert main(["eval", "--model", "tiny", "--dataset", "sst2", "--k", "2", "--n-test", "2", "--test-type",
+                 "TempSensitivity", "--robustness-queries", "5000", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("abft-lens: error: ") and "n_queries=5000 is out of range" in err and "Traceback" not in err
+    assert not output.exists()
