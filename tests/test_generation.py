@@ -229,6 +229,11 @@ def test_generation_report_same_and_other_model(tiny):
     assert same.info["identical_continuations"] == len(PREFIXES)
     assert same.perplexity["before"] == same.perplexity["after"]
     assert set(same.mauve) == {"base_vs_tuned", "human_vs_base", "human_vs_tuned"}
+    assert set(same.features) == {"base", "tuned", "human"} and "features" not in same.to_dict()
+    assert same.info["num_buckets"] == auto_buckets(len(PREFIXES)) == 2
+    assert [auto_buckets(n) for n in (48, 96, 256)] == [5, 10, 26]  # mauve-text's "auto": round(n / 10)
+    assert same.mauve["human_vs_tuned"] == pytest.approx(
+        mauve_score(same.features["human"], same.features["tuned"], backend="builtin"))
     other = generation_report(tiny, load_model("tiny:seed=1"), PREFIXES, max_new_tokens=4, backend="builtin")
     assert set(other.mauve) == {"base_vs_tuned"} and other.info["perplexity_text"] == "the prefixes"
     assert other.perplexity["before"] != other.perplexity["after"]
