@@ -61,18 +61,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         load_run(args.run, loaded)
     if args.test_type != "Normal":
+        if args.calibrated:
+            raise AbftLensError("--calibrated applies to the Normal evaluation, not to --test-type "
+                                f"{args.test_type}.", "drop --calibrated, or drop --test-type.")
         report = cmd_eval_robustness(args, loaded, task)
         if args.output:
             print(f"wrote {write_json(args.output, report)}")
         return 0
     start = time.perf_counter()
-    result = evaluate(loaded, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size, progress="eval")
+    if args.calibrated:
+        from .robustness import calibrated_evaluate
+
+        result = calibrated_evaluate(loaded, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size,
+                                     progress="eval")
+    else:
+        result = evaluate(loaded, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size, progress="eval")
     seconds = time.perf_counter() - start
     result.info.update(model=loaded.describe(), dataset=task.describe(), seed=task.seed, dtype=args.dtype,
                        run=str(args.run) if args.run else None,
                        seconds=round(seconds, 2), prompts_per_second=round(len(result.gold) / seconds, 3))
     print_table(result.summary_rows() + [("prompts", str(len(result.gold))), ("seconds", f"{seconds:.1f}")],
-                title=f"{loaded.name} on {task.name}, k={args.k}")
+                title=f"{loaded.name} on {task.name}, k={args.k}" + (", contextual calibration" if args.calibrated else ""))
     if args.output:
         print(f"wrote {write_json(args.output, result.to_dict())}")
     return 0
@@ -353,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(evaluate)
     evaluate.add_argument("--n-test", type=_positive_int, default=None, help="first N fixed test prompts (default all 1024)")
     evaluate.add_argument("--run", type=Path, default=None, help="apply a training run's tensors to the model first")
+    evaluate.add_argument("--calibrated", action="store_true",
+                          help="contextual calibration (Zhao et al. 2021): divide by a content-free query's label "
+                               "probabilities, renormalise (the paper's training-free baseline)")
     evaluate.add_argument("--quantized", action="store_true",
                           help="load the base in 4-bit NF4 (TransformerBridge); a --run trained on a 4-bit base also "
                                "applies to the full-precision base")

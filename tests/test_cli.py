@@ -171,3 +171,16 @@ def test_eval_test_type_rejects_unknown_types_and_bad_query_counts(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("abft-lens: error: ") and "n_queries=5000 is out of range" in err and "Traceback" not in err
     assert not output.exists()
+
+
+def test_eval_calibrated_equals_the_python_api(tmp_path, capsys, tiny_loaded, no_network):
+    from abft_lens.robustness import calibrated_evaluate
+
+    output = tmp_path / "cc.json"
+    assert _eval(tmp_path, "--calibrated", "--output", str(output)) == 0
+    assert "contextual calibration" in capsys.readouterr().out
+    data = json.loads(output.read_text())
+    reference = calibrated_evaluate(tiny_loaded, load_task("sst2"), k=4, n_test=6)
+    assert data["method"] == "contextual_calibration" and data["metrics"] == reference.metrics
+    assert _eval(tmp_path, "--calibrated", "--test-type", "TempSensitivity") == 2
+    assert "--calibrated applies to the Normal evaluation" in capsys.readouterr().err
