@@ -34,7 +34,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="sst2", help="StaICC index 0-9 or name (sst2, mr, ...), or a .csv/.jsonl file")
     parser.add_argument("--k", type=_positive_int, default=4, help="demonstrations per prompt")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else CPU (torchrun ranks use cuda:LOCAL_RANK under NCCL)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per forward pass in evaluation")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AbftLensError("--device cuda was asked for, but torch sees no CUDA device "
+                            f"(torch {torch.__version__}).", "use --device cpu, or a CUDA build of torch on a GPU machine.")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
@@ -55,7 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .tasks import load_task
 
     task = load_task(args.dataset)
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], quantized=args.quantized)
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
+                        quantized=args.quantized)
     if args.run is not None:
         from .runs import load_run
 
@@ -218,7 +233,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist = init_from_env()  # under torchrun (WORLD_SIZE > 1): data parallel, gloo on CPU, NCCL on CUDA
     task = load_task(args.dataset)
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=training_device(dist), quantized=args.quantized)
+    device = training_device(dist, default=resolve_device(args.device))
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
     mauve_test = mauve_test_from_args(args)
     if mauve_test is not None:
         mauve_test.before(loaded)
@@ -282,7 +298,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from .tasks import load_task
 
     task = load_task(args.dataset)
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype])
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     scores = head_scores(loaded, task, k=args.k, n_prompts=args.n_prompts, batch_size=args.batch_size,
                          progress=True)
     for name, other in (("induction", "label_attention"), ("label_attention", "induction")):

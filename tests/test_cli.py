@@ -184,3 +184,11 @@ def test_eval_calibrated_equals_the_python_api(tmp_path, capsys, tiny_loaded, no
     assert data["method"] == "contextual_calibration" and data["metrics"] == reference.metrics
     assert _eval(tmp_path, "--calibrated", "--test-type", "TempSensitivity") == 2
     assert "--calibrated applies to the Normal evaluation" in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu_is_one_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _eval(tmp_path, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "--device cuda was asked for" in err and "Traceback" not in err and err.count("error:") == 1
+    assert _eval(tmp_path, "--device", "auto") == 0  # auto falls back to the CPU
