@@ -325,14 +325,9 @@ class PeftLoraTrainable(Trainable):
 
     def merged_state_dict(self) -> dict[str, Tensor]:
         """Effective W_Q / W_K (or _W_K) per layer: dequantized 4-bit weights plus the LoRA delta, float32."""
-        names = {s.layer: s.name.rsplit(".", 2)[0] for s in self._live_slots()}
-        out = {}
-        for layer, (w_q, w_k) in enumerate(qk_weights(self.model)):
-            gqa_key = "_W_K" if w_k.shape[0] < w_q.shape[0] else "W_K"
-            for t, weight, attr in (("q", w_q, "W_Q"), ("k", w_k, gqa_key)):
-                if t in self.config.targets and layer in names:
-                    out[f"blocks.{layer}.attn.{attr}"] = weight.contiguous()
-        return out
+        weights = qk_weights(self.model)  # per layer (W_Q, W_K)
+        return {slot.name.rsplit(".", 1)[0]: weights[slot.layer][0 if slot.target == "q" else 1].contiguous()
+                for slot in self._live_slots()}
 
     def _close(self, leave_parametrized: bool) -> None:
         for h in self._hooks:

@@ -200,6 +200,9 @@ def mauve_test_from_args(args: argparse.Namespace):
     """The --MAUVE_test set-up (reads and checks the prefix file before any model loads), or None."""
     if args.MAUVE_test and args.MAUVE_prefix is None:
         raise AbftLensError("--MAUVE_test needs --MAUVE_prefix FILE (one prefix per line).", "pass --MAUVE_prefix.")
+    if args.MAUVE_test and args.quantized:
+        raise AbftLensError("--MAUVE_test cannot run on a 4-bit (--quantized) base: generation needs the "
+                            "HookedTransformer's KV cache.", "drop --MAUVE_test, or drop --quantized.")
     if args.MAUVE_prefix is not None and not args.MAUVE_test:
         raise AbftLensError("--MAUVE_prefix is used only with --MAUVE_test.", "add --MAUVE_test, or drop it.")
     if not args.MAUVE_test:
@@ -233,9 +236,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist = init_from_env()  # under torchrun (WORLD_SIZE > 1): data parallel, gloo on CPU, NCCL on CUDA
     task = load_task(args.dataset)
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    mauve_test = mauve_test_from_args(args)  # checks the prefix file before the model loads
     device = training_device(dist, default=resolve_device(args.device))
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
-    mauve_test = mauve_test_from_args(args)
     if mauve_test is not None:
         mauve_test.before(loaded)
     extras = run_extras_from_args(args, task, config, run_dir)

@@ -48,9 +48,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .bridge import is_bridge
+from .capture import forward_residual
 from .errors import AbftLensError
 from .models import LoadedModel
-from .prompts import pad_token_id
+from .prompts import left_pad, pad_token_id
 
 POOLINGS = ("last", "mean")
 GENERATION_FILE = "generation.json"
@@ -116,6 +118,10 @@ def continuations(
         raise AbftLensError(f"temperature={temperature} must be positive when sampling.",
                             "pass seed=None for greedy decoding.")
     model, tokenizer = loaded.model, loaded.tokenizer
+    if is_bridge(model):
+        raise AbftLensError("generation (the MAUVE test) needs a HookedTransformer's KV cache; this model is a "
+                            "4-bit TransformerBridge base.", "run the MAUVE test on the full-precision model "
+                            "(without --quantized): a 4-bit run's adapters load onto it.")
     encoded = []
     for i, prefix in enumerate(prefixes):
         ids = _encode(loaded, prefix)
@@ -154,9 +160,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     device, n = model.cfg.device, len(prompts)
-    width = max(len(ids) for ids in prompts)
-    tokens = torch.tensor([[pad_token_id] * (width - len(ids)) + list(ids) for ids in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    tokens, mask = left_pad(prompts, pad_token_id, device)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * n
@@ -212,8 +216,7 @@ def hidden_features(loaded: LoadedModel, texts: Sequence[str], *, pooling: str =
     rows: list[Tensor | None] = [None] * len(texts)
     for indices, tokens, mask in _batches(loaded, texts, batch_size, progress, "features", min_tokens=1):
         with torch.inference_mode():
-            residual = model(tokens, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
-            final = model.ln_final(residual).float()
+            final = model.ln_final(forward_residual(model, tokens, mask)).float()
         if pooling == "last":
             pooled = final[:, -1]
         else:
@@ -253,11 +256,7 @@ def _batches(loaded: LoadedModel, texts: Sequence[str], batch_size: int, progres
         else:
             groups.append([i])
     for indices in groups:
-        width = len(encoded[indices[-1]])
-        tokens = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in indices],
-                              device=model.cfg.device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in indices],
-                            device=model.cfg.device)
+        tokens, mask = left_pad([encoded[i] for i in indices], pad, model.cfg.device)
         yield indices, tokens, mask
         bar.update(len(indices))
     bar.close()

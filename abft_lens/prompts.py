@@ -179,19 +179,28 @@ class PromptBatch:
         return bool((self.padding > 0).any())
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None
+             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """``(tokens, attention_mask)`` of token-id lists left-padded to the longest: int64 ``[batch, pos]``,
+    mask 1 on real tokens and 0 on padding."""
+    width = max(len(ids) for ids in sequences)
+    tokens = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        if ids:
+            tokens[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+            mask[row, width - len(ids):] = 1
+    return tokens.to(device), mask.to(device)
+
+
 def collate(prompts: Sequence[ICLPrompt], pad_token_id: int) -> PromptBatch:
     """Left-pad ``prompts`` (all with the same k) into one batch."""
     if len({p.k for p in prompts}) != 1:
         raise AbftLensError("a batch mixes prompts with different k.", "batch prompts of one k together.")
-    width = max(p.n_tokens for p in prompts)
-    tokens = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    positions = torch.empty((len(prompts), prompts[0].k), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        pad = width - prompt.n_tokens
-        tokens[row, pad:] = torch.tensor(prompt.token_ids)
-        mask[row, pad:] = 1
-        positions[row] = torch.tensor(prompt.label_positions) + pad
+    tokens, mask = left_pad([p.token_ids for p in prompts], pad_token_id)
+    width = tokens.shape[1]
+    positions = torch.tensor([[pos + width - p.n_tokens for pos in p.label_positions] for p in prompts],
+                             dtype=torch.long).reshape(len(prompts), prompts[0].k)
     return PromptBatch(
         tokens=tokens,
         attention_mask=mask,

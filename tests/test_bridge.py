@@ -164,6 +164,11 @@ def test_4bit_training_moves_only_adapters_and_restriction_holds(hf_llama_dir, s
     assert torch.all(k0[1] == 0) and k0[0].abs().sum() > 0  # head 1 reads kv head 0 (union rule)
     assert torch.all(optimizer.state[dict(trainable.named_parameters())["blocks.0.attn.W_Q.lora_B"]]["exp_avg"]
                      .view(4, 8, -1)[[0, 2, 3]] == 0)
+    merged = trainable.merged_state_dict()  # effective weights: dequantized base + delta, TL layout
+    assert sorted(merged) == [f"blocks.{l}.attn.{w}" for l in (0, 1) for w in ("W_Q", "_W_K")]
+    base_q = _dense_weight(loaded.model.blocks[0].attn.q.original_component.get_base_layer()).view(4, 8, -1)
+    delta = merged["blocks.0.attn.W_Q"].permute(0, 2, 1) - base_q  # [head, d_head, d_model]
+    assert delta[1].abs().sum() > 0 and torch.all(delta[[0, 2, 3]] == 0)
 
 
 def test_remove_restores_the_exact_base_and_refusals(hf_llama_dir):
@@ -275,3 +280,16 @@ def test_gemma3_4bit_multi_query_key_opens_with_any_head(sst2):
     assert grads["blocks.17.attn._W_K.lora_B"].abs().sum() > 0 and grads["blocks.17.attn._W_K.lora_A"].abs().sum() > 0
     assert all(grads[f"blocks.{layer}.attn.{w}.lora_{r}"].abs().sum() == 0
                for layer in range(17) for w in ("W_Q", "_W_K") for r in "AB")
+
+
+def test_generation_features_use_the_seam_and_generation_refuses_a_bridge(hf_llama_dir):
+    """MAUVE features go through forward_residual, so they are the same on both backends; generation needs
+    TransformerLens's KV cache and says so on a bridge."""
+    from abft_lens.generation import continuations, hidden_features
+
+    hooked, bridge = load_model(str(hf_llama_dir)), load_bridge(hf_llama_dir, name="t", source="hf-folder",
+                                                                  quantize=False)
+    texts = ["the cat sat on the mat", "a fine film", "dull"]
+    torch.testing.assert_close(hidden_features(bridge, texts), hidden_features(hooked, texts), rtol=0, atol=1e-5)
+    with pytest.raises(AbftLensError, match="KV cache"):
+        continuations(bridge, texts, max_new_tokens=2)

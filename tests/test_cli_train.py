@@ -103,6 +103,7 @@ def test_existing_and_complete_run_dirs_are_refused(prototype_run, capsys):
     (["--quantized"], "needs a Hugging Face model behind the model spec"),  # tiny hooked models have no HF folder
     (["--quantized", "--train-bias"], "--train-bias cannot be combined with --quantized"),
     (["--quantized", "--dtype", "bfloat16"], "drop --dtype with --quantized"),
+    (["--quantized", "--MAUVE_test", "--MAUVE_prefix", __file__], "--MAUVE_test cannot run on a 4-bit"),
 ])
 def test_quantized_refusals_exit_2_with_one_message(tmp_path, capsys, option, words):
     run_dir = tmp_path / "run"
