@@ -12,26 +12,26 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from abft_lens.version import __version__
 
 _EXPORTS = {
-    "load_model": "models", "LoadedModel": "models", "tiny_model": "models",
-    "load_task": "tasks", "ICLTask": "tasks", "Template": "tasks", "Example": "tasks",
-    "PromptBuilder": "prompts", "ICLPrompt": "prompts", "test_prompts": "prompts", "sample_prompts": "prompts",
-    "capture_attention_rows": "capture",
-    "abft_loss": "objectives", "e2e_loss": "objectives", "PenaltyController": "objectives",
-    "induction_threshold": "objectives",
-    "TrainableConfig": "trainable", "attach": "trainable",
-    "TrainConfig": "train", "Trainer": "train", "StepResult": "train",
-    "evaluate": "evaluate", "evaluate_prompts": "evaluate", "prompt_builder": "evaluate", "EvalResult": "evaluate",
-    "run_training": "runs", "load_run": "runs", "RunResult": "runs",
-    "head_scores": "heads", "HeadScores": "heads", "HeadSet": "heads",
-    "compare_run": "compare", "Comparison": "compare", "build_report": "report", "report_from_run": "report",
-    "template_sensitivity": "robustness", "demonstration_sensitivity": "robustness",
-    "unseen_label_test": "robustness", "contextual_bias": "robustness", "calibrated_evaluate": "robustness",
-    "evaluate_datasets": "generalization", "table_from_runs": "generalization",
-    "mix_runs": "mixing", "generation_report": "generation", "perplexity": "generation",
-    "export_run": "export",
+    "load_model": "backends.loading", "LoadedModel": "backends.loading", "tiny_model": "backends.loading",
+    "load_task": "data.tasks", "ICLTask": "data.tasks", "Template": "data.tasks", "Example": "data.tasks",
+    "PromptBuilder": "data.prompts", "ICLPrompt": "data.prompts", "test_prompts": "data.prompts", "sample_prompts": "data.prompts",
+    "capture_attention_rows": "interp.capture",
+    "abft_loss": "training.objectives", "e2e_loss": "training.objectives", "PenaltyController": "training.objectives",
+    "induction_threshold": "interp.induction_filter",
+    "TrainableConfig": "training.trainable", "attach": "training.adapters",
+    "TrainConfig": "training.train", "Trainer": "training.train", "StepResult": "training.train",
+    "evaluate": "evaluation.evaluator", "evaluate_prompts": "evaluation.evaluator", "prompt_builder": "data.prompts", "EvalResult": "evaluation.evaluator",
+    "run_training": "training.runs", "load_run": "training.runs", "RunResult": "training.runs",
+    "head_scores": "interp.heads", "HeadScores": "interp.heads", "HeadSet": "interp.heads",
+    "compare_run": "reporting.compare", "Comparison": "reporting.compare", "build_report": "reporting.report", "report_from_run": "reporting.report",
+    "template_sensitivity": "evaluation.robustness", "demonstration_sensitivity": "evaluation.robustness",
+    "unseen_label_test": "evaluation.robustness", "contextual_bias": "evaluation.robustness", "calibrated_evaluate": "evaluation.robustness",
+    "evaluate_datasets": "evaluation.generalization", "table_from_runs": "reporting.tables",
+    "mix_runs": "studies.mixing", "generation_report": "studies.generation", "perplexity": "studies.generation",
+    "export_run": "reporting.export",
     "AbftLensError": "errors",
 }
 
@@ -40,5 +40,5 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(f"abft_lens.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'abft_lens' has no attribute {name!r}")

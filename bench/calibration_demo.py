@@ -1,5 +1,5 @@
 """The training-free baseline next to a run: the run's base model with and without contextual calibration
-(Zhao et al. 2021; :func:`abft_lens.robustness.calibrated_evaluate`) on the paper's 8 datasets, first
+(Zhao et al. 2021; :func:`abft_lens.evaluation.robustness.calibrated_evaluate`) on the paper's 8 datasets, first
 ``--n-test`` fixed test prompts each (the same prompts as ``bench/robustness_demo.py``), with the run's own
 before/after accuracies from that benchmark's results when given.
 
@@ -13,9 +13,9 @@ import os
 import time
 from pathlib import Path
 
-from abft_lens.generalization import evaluate_datasets, generalization_summary
+from abft_lens.evaluation.generalization import evaluate_datasets, generalization_summary
 from abft_lens.io import read_json, write_json
-from abft_lens.models import load_model
+from abft_lens.backends.loading import load_model
 
 
 def main() -> None:

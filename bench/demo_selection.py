@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from abft_lens.io import write_json
-from abft_lens.models import load_model
-from abft_lens.runs import run_training
-from abft_lens.tasks import load_task
-from abft_lens.train import TrainConfig
+from abft_lens.backends.loading import load_model
+from abft_lens.training.runs import run_training
+from abft_lens.data.tasks import load_task
+from abft_lens.training.train import TrainConfig
 
 
 def main() -> None:

@@ -38,10 +38,11 @@ import torch
 from StaICC.prefabricate_inference.model_kernel import standard_ICL_inference_with_torch_Causal_LM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abft_lens.evaluate import label_probabilities, prompt_builder
-from abft_lens.models import load_model
-from abft_lens.prompts import pad_token_id, test_prompts
-from abft_lens.tasks import load_task
+from abft_lens.evaluation.evaluator import label_probabilities
+from abft_lens.data.prompts import prompt_builder
+from abft_lens.backends.loading import load_model
+from abft_lens.data.prompts import pad_token_id, test_prompts
+from abft_lens.data.tasks import load_task
 
 
 def main() -> None:

@@ -63,10 +63,11 @@ def time_v(stderr: str) -> dict:
 
 
 def zero_shot(n_test: int, batch_size: int) -> dict:
-    from abft_lens.evaluate import evaluate_prompts, prompt_builder
-    from abft_lens.models import load_model
-    from abft_lens.robustness import zero_shot_prompts
-    from abft_lens.tasks import load_task
+    from abft_lens.evaluation.evaluator import evaluate_prompts
+    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.backends.loading import load_model
+    from abft_lens.evaluation.robustness import zero_shot_prompts
+    from abft_lens.data.tasks import load_task
 
     loaded = load_model("gemma3-270m")
     task = load_task("sst2")
@@ -87,7 +88,7 @@ def main() -> None:
 
     cli = str(Path(sys.executable).with_name("abft-lens"))
     command = [cli, "demo", "--model", "gemma3-270m", "--run-dir", str(args.run_dir)]
-    if args.last_step:  # DEMO_DEFAULTS of abft_lens/cli.py without keep_best
+    if args.last_step:  # DEMO_DEFAULTS of abft_lens/cli/train_command.py without keep_best
         command = [cli, "train", "--model", "gemma3-270m", "--dataset", "sst2", "--k", "4", "--train-samples", "128",
                    "--pseudo-batch-size", "16", "--epochs", "1", "--lr", "5e-4", "--restricted-gradient",
                    "--validation-examples", "256", "--validation-prompts", "64", "--validate-every", "2",

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from abft_lens.generation import _encode, auto_buckets, continuations, generation_report, mauve_score
+from abft_lens.studies.generation import _encode, continuations
+from abft_lens.studies.mauve import auto_buckets, mauve_score
+from abft_lens.studies.generation_report import generation_report
 from abft_lens.io import read_json, write_json
-from abft_lens.models import load_model
-from abft_lens.runs import load_run
-from abft_lens.tasks import load_task
+from abft_lens.backends.loading import load_model
+from abft_lens.training.runs import load_run
+from abft_lens.data.tasks import load_task
 
 
 def tl_generate_one_by_one(loaded, prefixes, max_new_tokens):

@@ -26,7 +26,7 @@ VARIANTS = {"4bit-lora16": ["--quantized"], "float32-lora16": []}
 
 def weight_memory_mib() -> dict:
     """Bytes of parameters and buffers of the loaded model, MiB (what the 4-bit layers save)."""
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     out = {}
     for name, quantized in (("4bit", True), ("float32", False)):

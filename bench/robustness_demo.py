@@ -13,12 +13,12 @@ import argparse
 import time
 from pathlib import Path
 
-from abft_lens.generalization import evaluate_datasets, generalization_summary
+from abft_lens.evaluation.generalization import evaluate_datasets, generalization_summary
 from abft_lens.io import read_json, write_json
-from abft_lens.models import load_model
-from abft_lens.robustness import contextual_bias, demonstration_sensitivity, template_sensitivity, unseen_label_test
-from abft_lens.runs import load_run
-from abft_lens.tasks import load_task
+from abft_lens.backends.loading import load_model
+from abft_lens.evaluation.robustness import contextual_bias, demonstration_sensitivity, template_sensitivity, unseen_label_test
+from abft_lens.training.runs import load_run
+from abft_lens.data.tasks import load_task
 
 
 def measure(loaded, task, args) -> dict:

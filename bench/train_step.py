@@ -11,7 +11,7 @@ calibration examples of SST-2), with the same trainable set (W_Q/W_K of every la
          the last position, cross-entropy on the gold label token (ABFT terms measured without gradient).
   ABFT-stock  the ABFT step on a second copy of the model with every weight made contiguous again, i.e.
          TransformerLens's stock layout, which its forward copies into another layout on every call
-         (``abft_lens.models.relayout_for_forward`` stores the weights in that layout once, at load time).
+         (``abft_lens.backends.loading.relayout_for_forward`` stores the weights in that layout once, at load time).
 
 Each timed unit is one pseudo-batch of ``--batch`` samples (one forward+backward per sample, one optimizer
 step), divided by ``--batch``; the methods are interleaved round by round (order reversed every round) and
@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from abft_lens.capture import forward_residual
-from abft_lens.evaluate import prompt_builder
+from abft_lens.backends.forward import forward_residual
+from abft_lens.data.prompts import prompt_builder
 from abft_lens.io import write_json
-from abft_lens.models import load_model
-from abft_lens.tasks import load_task
-from abft_lens.train import TrainConfig, Trainer
+from abft_lens.backends.loading import load_model
+from abft_lens.data.tasks import load_task
+from abft_lens.training.train import TrainConfig, Trainer
 
 METHODS = ("bare", "ABFT", "E2E", "ABFT-stock")
 

@@ -12,7 +12,7 @@ os.environ["WANDB_MODE"] = "disabled"
 import pytest
 import torch
 
-from abft_lens.models import tiny_model
+from abft_lens.backends.loading import tiny_model
 
 # One intra-op thread per test process: tiny models are fastest on one thread, and parallel workers
 # (pytest -n 2) with two threads each oversubscribe two cores (measured 10x slower).
@@ -40,7 +40,7 @@ def tiny_gqa64():
 @pytest.fixture(scope="session")
 def tiny_loaded():
     """``load_model("tiny")``: the GQA tiny model with the cached tiny BPE tokenizer, once per worker."""
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     return load_model("tiny")
 
@@ -49,7 +49,7 @@ def tiny_loaded():
 def embedded():
     """``load_model("smollm2-135m")``: the embedded SmolLM2-135M, once per worker (converted into the cache on
     the very first use, ~25 s; ~4 s afterwards)."""
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -135,7 +135,7 @@ def hf_llama_dir(tmp_path_factory):
     """A tiny random Llama (GQA: 4 query heads, 2 kv heads, d_head 8) saved with the tiny tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from abft_lens.models import tiny_tokenizer
+    from abft_lens.backends.loading import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)

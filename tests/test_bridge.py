@@ -1,6 +1,6 @@
 """The 4-bit backend (TransformerBridge + bitsandbytes NF4 + PEFT LoRA): the same pipeline as the hooked model.
 
-References: PEFT LoRA on a full-precision bridge against the hooked LoRA of ``abft_lens.trainable`` (same
+References: PEFT LoRA on a full-precision bridge against the hooked LoRA of ``abft_lens.training.trainable`` (same
 initialisation, same loss, same gradients); the 4-bit model's loss and gradients against a plain float32 copy
 of the same model with the dequantized weights written into ordinary ``nn.Linear`` layers.
 """
@@ -12,20 +12,24 @@ import importlib.util
 import pytest
 import torch
 
-from abft_lens.bridge import ADAPTER, _dense_weight, is_bridge, load_bridge
-from abft_lens.capture import capture_attention_rows, forward_residual
-from abft_lens.compare import compare_run
+from abft_lens.backends.bridge import dense_weight, is_bridge, load_bridge
+from abft_lens.training.peft_lora import ADAPTER
+from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.backends.forward import forward_residual
+from abft_lens.reporting.compare import compare_run
 from abft_lens.errors import AbftLensError
-from abft_lens.export import export_run
-from abft_lens.evaluate import label_probabilities, prompt_builder
-from abft_lens.models import EMBEDDED_NAME, load_model
-from abft_lens.objectives import abft_loss
-from abft_lens.prompts import pad_token_id
-from abft_lens.prompts import test_prompts as fixed_test_prompts
-from abft_lens.runs import load_run, run_training
-from abft_lens.tasks import load_task
-from abft_lens.train import TrainConfig
-from abft_lens.trainable import TrainableConfig, attach, masked_step
+from abft_lens.reporting.export import export_run
+from abft_lens.evaluation.evaluator import label_probabilities
+from abft_lens.data.prompts import prompt_builder
+from abft_lens.backends.loading import EMBEDDED_NAME, load_model
+from abft_lens.training.objectives import abft_loss
+from abft_lens.data.prompts import pad_token_id
+from abft_lens.data.prompts import test_prompts as fixed_test_prompts
+from abft_lens.training.runs import load_run, run_training
+from abft_lens.data.tasks import load_task
+from abft_lens.training.train import TrainConfig
+from abft_lens.training.adapters import attach, masked_step
+from abft_lens.training.trainable import TrainableConfig
 
 LORA = TrainableConfig(kind="lora", lora_r=4, lora_alpha=8.0)
 
@@ -116,7 +120,7 @@ def _dequantized_copy(folder, quantized_model):
     with torch.no_grad():
         for name, module in reference.model.original_model.named_modules():
             if isinstance(module, torch.nn.Linear) and "layers" in name:
-                module.weight.copy_(_dense_weight(dense[name]))
+                module.weight.copy_(dense_weight(dense[name]))
     return reference
 
 
@@ -166,7 +170,7 @@ def test_4bit_training_moves_only_adapters_and_restriction_holds(hf_llama_dir, s
                      .view(4, 8, -1)[[0, 2, 3]] == 0)
     merged = trainable.merged_state_dict()  # effective weights: dequantized base + delta, TL layout
     assert sorted(merged) == [f"blocks.{l}.attn.{w}" for l in (0, 1) for w in ("W_Q", "_W_K")]
-    base_q = _dense_weight(loaded.model.blocks[0].attn.q.original_component.get_base_layer()).view(4, 8, -1)
+    base_q = dense_weight(loaded.model.blocks[0].attn.q.original_component.get_base_layer()).view(4, 8, -1)
     delta = merged["blocks.0.attn.W_Q"].permute(0, 2, 1) - base_q  # [head, d_head, d_model]
     assert delta[1].abs().sum() > 0 and torch.all(delta[[0, 2, 3]] == 0)
 
@@ -246,8 +250,8 @@ def test_embedded_4bit_step_moves_only_adapters(sst2):
 def test_bridge_weights_read_like_the_hooked_model(hf_llama_dir):
     """qk_weights / ov_weights of a full-precision bridge equal the hooked model's W_Q, _W_K, W_V, W_O, so the
     copying score and ΔW of reports mean the same on both backends."""
-    from abft_lens.bridge import qk_weights
-    from abft_lens.heads import copying_scores
+    from abft_lens.backends.bridge import qk_weights
+    from abft_lens.interp.heads import copying_scores
 
     hooked, bridge = load_model(str(hf_llama_dir)), load_bridge(hf_llama_dir, name="t", source="hf-folder",
                                                                   quantize=False)
@@ -263,7 +267,7 @@ def test_bridge_weights_read_like_the_hooked_model(hf_llama_dir):
 def test_gemma3_4bit_multi_query_key_opens_with_any_head(sst2):
     """Gemma-3-270m in 4-bit (one KV head per layer): W_Q rows follow the open heads; K's single head opens
     when any head of its layer is open (the union rule), and stays closed in a layer with no open head."""
-    from abft_lens.models import GEMMA_NAME
+    from abft_lens.backends.loading import GEMMA_NAME
 
     loaded = load_model(GEMMA_NAME, quantized=True)
     trainable = attach(loaded.model, TrainableConfig(kind="lora", lora_r=8))
@@ -285,7 +289,7 @@ def test_gemma3_4bit_multi_query_key_opens_with_any_head(sst2):
 def test_generation_features_use_the_seam_and_generation_refuses_a_bridge(hf_llama_dir):
     """MAUVE features go through forward_residual, so they are the same on both backends; generation needs
     TransformerLens's KV cache and says so on a bridge."""
-    from abft_lens.generation import continuations, hidden_features
+    from abft_lens.studies.generation import continuations, hidden_features
 
     hooked, bridge = load_model(str(hf_llama_dir)), load_bridge(hf_llama_dir, name="t", source="hf-folder",
                                                                   quantize=False)

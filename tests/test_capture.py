@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from abft_lens.capture import capture_attention_rows, forward_residual, pattern_hook_name
+from abft_lens.interp.capture import capture_attention_rows, pattern_hook_name
+from abft_lens.backends.forward import forward_residual
 
 
 def _tokens(model, batch: int = 2, pos: int = 12, seed: int = 0) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 
 import abft_lens.io
 from abft_lens.cli import main
-from abft_lens.evaluate import evaluate
-from abft_lens.tasks import load_task
+from abft_lens.evaluation.evaluator import evaluate
+from abft_lens.data.tasks import load_task
 
 
 def _eval(tmp_path, *extra):
@@ -130,7 +130,7 @@ def test_eval_requires_a_subcommand(capsys):
 def test_eval_test_type_writes_the_robustness_report(test_type, variants, tmp_path, capsys, tiny_loaded, no_network):
     """``eval --test-type``: the consistency over the 9 templates / 8 demonstration sets, the unseen-label test and
     the contextual bias, printed and written as JSON, equal to ``robustness_report`` on the same model."""
-    from abft_lens.robustness import consistency, robustness_report
+    from abft_lens.evaluation.robustness import consistency, robustness_report
 
     output = tmp_path / "robustness.json"
     assert main(["eval", "--model", "tiny", "--dataset", "sst2", "--k", "2", "--n-test", "4", "--test-type", test_type,
@@ -174,7 +174,7 @@ def test_eval_test_type_rejects_unknown_types_and_bad_query_counts(tmp_path, cap
 
 
 def test_eval_calibrated_equals_the_python_api(tmp_path, capsys, tiny_loaded, no_network):
-    from abft_lens.robustness import calibrated_evaluate
+    from abft_lens.evaluation.robustness import calibrated_evaluate
 
     output = tmp_path / "cc.json"
     assert _eval(tmp_path, "--calibrated", "--output", str(output)) == 0

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from abft_lens.cli import DEMO_DEFAULTS, build_parser, main
+from abft_lens.cli import build_parser, main
+from abft_lens.cli.train_command import DEMO_DEFAULTS
 
 PROTOTYPE = [
     "train", "--ICL_model_name", "tiny", "--ICL_dataset_index", "0", "--method", "ABFT", "--ICL_k", "4",
@@ -157,7 +158,7 @@ def test_resume_without_run_dir_is_refused(capsys):
 
 
 def test_learning_rate_defaults_follow_the_trainable_set():
-    from abft_lens.cli import train_config_from_args
+    from abft_lens.cli.train_command import train_config_from_args
 
     parse = build_parser().parse_args
     assert train_config_from_args(parse(QUICK)).lr == 2e-5

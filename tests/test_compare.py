@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from abft_lens.compare import Comparison, compare_run
-from abft_lens.heads import head_scores
-from abft_lens.models import load_model
-from abft_lens.runs import load_run
-from abft_lens.tasks import load_task
+from abft_lens.reporting.compare import Comparison, compare_run
+from abft_lens.interp.heads import head_scores
+from abft_lens.backends.loading import load_model
+from abft_lens.training.runs import load_run
+from abft_lens.data.tasks import load_task
 
 OPTIONS = dict(n_prompts=6, n_seqs=3, seq_len=6, batch_size=4)
 TRAINED_HEAD = (1, 0)  # the only head whose W_Q/W_K slices may change
@@ -19,9 +19,9 @@ TRAINED_HEAD = (1, 0)  # the only head whose W_Q/W_K slices may change
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from abft_lens.runs import run_training
-    from abft_lens.train import TrainConfig
-    from abft_lens.trainable import TrainableConfig
+    from abft_lens.training.runs import run_training
+    from abft_lens.training.train import TrainConfig
+    from abft_lens.training.trainable import TrainableConfig
 
     run_dir = tmp_path_factory.mktemp("run")
     config = TrainConfig(train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0,
@@ -36,8 +36,8 @@ def comparison(tiny_run):
 
 
 def _prompts(loaded):
-    from abft_lens.evaluate import prompt_builder
-    from abft_lens.prompts import test_prompts
+    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.data.prompts import test_prompts
 
     return test_prompts(prompt_builder(loaded, load_task("sst2")), 4, OPTIONS["n_prompts"])
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (abft_lens.distributed): 2 CPU processes over gloo train the same weights as one
+"""Data-parallel training (abft_lens.training.distributed): 2 CPU processes over gloo train the same weights as one
 process (up to float summation order), every rank ends bit-identical, a 2-process run interrupted after step 1
 resumes to the uninterrupted 2-process run, and ``torchrun ... abft-lens train`` writes the same run folder
 as a single process.
@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from abft_lens.distributed import DistributedContext
-from abft_lens.runs import TRAINED_FILE
+from abft_lens.training.distributed import DistributedContext
+from abft_lens.training.runs import TRAINED_FILE
 
 WORLD = 2
 # float tolerance of 2-process vs 1-process weights: gradients are summed in another order
@@ -52,10 +52,10 @@ def free_port() -> int:
 
 
 def _train(cfg_values: dict, dist=None):
-    from abft_lens.evaluate import prompt_builder
-    from abft_lens.models import load_model
-    from abft_lens.tasks import load_task
-    from abft_lens.train import TrainConfig, Trainer
+    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.backends.loading import load_model
+    from abft_lens.data.tasks import load_task
+    from abft_lens.training.train import TrainConfig, Trainer
 
     loaded = load_model("tiny")
     trainer = Trainer(loaded.model, prompt_builder(loaded, load_task("sst2")), TrainConfig(**cfg_values), dist=dist)
@@ -70,11 +70,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     """One rank: every distributed scenario, results saved to ``out/rank{rank}.pt``."""
     import torch.distributed as tdist
 
-    from abft_lens.distributed import current
-    from abft_lens.models import load_model
-    from abft_lens.runs import run_training
-    from abft_lens.tasks import load_task
-    from abft_lens.train import TrainConfig
+    from abft_lens.training.distributed import current
+    from abft_lens.backends.loading import load_model
+    from abft_lens.training.runs import run_training
+    from abft_lens.data.tasks import load_task
+    from abft_lens.training.train import TrainConfig
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -154,7 +154,7 @@ def test_shard_is_a_deterministic_strided_split():
 
 
 def test_init_from_env_is_a_no_op_for_one_process(monkeypatch):
-    from abft_lens.distributed import current, init_from_env, training_device
+    from abft_lens.training.distributed import current, init_from_env, training_device
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_from_env() is None and current() is None and training_device(None) == "cpu"
@@ -185,7 +185,7 @@ def test_two_processes_train_the_single_process_weights(spawned, single, case):
         for key in ("loss", "award_term", "penalty_term"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6)
     # training moved the weights (the comparison is not trivially between two untouched models)
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     base = load_model("tiny").model
     assert any(not torch.equal(base.get_parameter(n).detach(), w_single[n]) for n in w_single)
@@ -240,7 +240,7 @@ def test_torchrun_cli_matches_a_single_process_cli_run(tmp_path):
             "--epochs", "1", "--lr", "1e-2", "--threshold", "0", "--restricted-gradient", "--n-test", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(torchrun), "--nproc_per_node", str(WORLD), "--master_port", str(free_port()),
-                           "-m", "abft_lens.cli", *args, "--run-dir", str(tmp_path / "two")],
+                           "-m", "abft_lens", *args, "--run-dir", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone prints the summary

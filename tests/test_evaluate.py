@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from abft_lens.errors import AbftLensError
-from abft_lens.evaluate import EvalResult, evaluate, evaluate_prompts, label_probabilities, prompt_builder
-from abft_lens.metrics import (accuracy, classification_metrics, expected_calibration_error, macro_f1,
+from abft_lens.evaluation.evaluator import EvalResult, evaluate, evaluate_prompts, label_probabilities
+from abft_lens.data.prompts import prompt_builder
+from abft_lens.evaluation.metrics import (accuracy, classification_metrics, expected_calibration_error, macro_f1,
                                mean_true_label_probability)
-from abft_lens.prompts import sample_prompts
-from abft_lens.prompts import test_prompts as fixed_test_prompts  # not collected as a test
-from abft_lens.tasks import load_task
+from abft_lens.data.prompts import sample_prompts
+from abft_lens.data.prompts import test_prompts as fixed_test_prompts  # not collected as a test
+from abft_lens.data.tasks import load_task
 
 # ---------------------------------------------------------------------------- independent formulas
 
@@ -200,7 +201,7 @@ def test_batched_equals_unbatched_and_direct_forward_tiny(tiny_loaded, tiny_prom
 
 def test_batched_equals_unbatched_mha_with_a_non_pad_pad_id(tiny_prompts):
     """Padding is masked out: the pad id's value does not matter (here a real token, not the pad token)."""
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     builder, prompts = tiny_prompts
     model = load_model("tiny-mha:seed=4").model
@@ -239,7 +240,7 @@ def test_evaluate_keeps_prompt_order(tiny_loaded):
 
 
 def test_evaluate_errors(tiny_loaded):
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     task = load_task("sst2")
     with pytest.raises(AbftLensError, match="k=5000 is larger"):

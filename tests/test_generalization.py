@@ -11,8 +11,8 @@ import math
 import pytest
 
 from abft_lens.cli import main
-from abft_lens.generalization import (BASE_METHOD, CC_METHOD, ResultTable, generalization_summary, mean_std,
-                                      table_from_runs)
+from abft_lens.evaluation.generalization import generalization_summary
+from abft_lens.reporting.tables import BASE_METHOD, CC_METHOD, ResultTable, mean_std, table_from_runs
 
 
 
@@ -162,9 +162,9 @@ def test_calibration_test_main_layout_is_the_base_models_calibrated_evaluation(t
     """``train --calibration-test`` without --generalization_test: calibration.json holds the base model's
     calibrated SST-2 evaluation on the run's n_test prompts (equal to calibrated_evaluate on a fresh base), and
     ``abft-lens table`` shows it as the CC row next to the base and ABFT rows."""
-    from abft_lens.models import load_model
-    from abft_lens.robustness import calibrated_evaluate
-    from abft_lens.tasks import load_task
+    from abft_lens.backends.loading import load_model
+    from abft_lens.evaluation.robustness import calibrated_evaluate
+    from abft_lens.data.tasks import load_task
 
     run = tmp_path / "run"
     assert cli(QUICK + ["--run-dir", run, "--lr", "1e-2", "--threshold", "0", "--calibration-test"]) == 0

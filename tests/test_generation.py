@@ -12,11 +12,10 @@ import torch
 
 from abft_lens.cli import main
 from abft_lens.errors import AbftLensError
-from abft_lens.generation import (
-    MauveTest, auto_buckets, continuations, generate_batch, generation_report, hidden_features, mauve_available, mauve_from_histograms,
-    mauve_score, perplexity, read_prefix_file,
-)
-from abft_lens.models import load_model
+from abft_lens.studies.generation import continuations, generate_batch, hidden_features, perplexity, read_prefix_file
+from abft_lens.studies.generation_report import MauveTest, generation_report
+from abft_lens.studies.mauve import auto_buckets, mauve_available, mauve_from_histograms, mauve_score
+from abft_lens.backends.loading import load_model
 
 PREFIXES = ["sentence: a gripping and moving film", "sentence: dull, lifeless and far too long",
             "review: the cast is wonderful", "tweet: i can't believe this happened"]
@@ -133,7 +132,7 @@ def test_perplexity_equals_a_manual_computation(tiny):
 
 
 def test_batches_are_length_sorted_left_padded_and_bounded(tiny):
-    from abft_lens.generation import _batches
+    from abft_lens.studies.generation import _batches
 
     lengths = [len(tiny.tokenizer(t).input_ids) for t in MIXED]
     seen = []
@@ -242,9 +241,9 @@ def test_generation_report_same_and_other_model(tiny):
 
 
 def test_mauve_test_leaves_the_trained_weights(tmp_path):
-    from abft_lens.runs import run_training
-    from abft_lens.tasks import load_task
-    from abft_lens.train import TrainConfig
+    from abft_lens.training.runs import run_training
+    from abft_lens.data.tasks import load_task
+    from abft_lens.training.train import TrainConfig
 
     prefix_file = tmp_path / "prefixes.txt"
     prefix_file.write_text("\n".join(PREFIXES) + "\n")

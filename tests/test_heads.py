@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from abft_lens.heads import (
+from abft_lens.interp.heads import (
     HeadScores,
     HeadSet,
     classic_scores,
@@ -17,24 +17,24 @@ from abft_lens.heads import (
     previous_token_scores,
     repeated_tokens,
 )
-from abft_lens.models import tiny_model
-from abft_lens.objectives import induction_threshold
+from abft_lens.backends.loading import tiny_model
+from abft_lens.interp.induction_filter import induction_threshold
 
 N_SEQS, SEQ_LEN = 5, 7
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     return load_model("tiny")
 
 
 @pytest.fixture(scope="module")
 def sst2_prompts(tiny):
-    from abft_lens.evaluate import prompt_builder
-    from abft_lens.prompts import test_prompts
-    from abft_lens.tasks import load_task
+    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.data.prompts import test_prompts
+    from abft_lens.data.tasks import load_task
 
     return test_prompts(prompt_builder(tiny, load_task("sst2")), 4, 7)
 
@@ -140,7 +140,7 @@ def test_filter_pass_rate_uses_induction_threshold(tiny, sst2_prompts):
     thresholds = sorted(induction_threshold(k, p.n_tokens) for p in order)
     middle = (thresholds[2] + thresholds[3]) / 2  # between two prompts' thresholds: some pass, some fail
     masses = [1.0, 0.0, middle, thresholds[-1] + 1e-3]
-    from abft_lens.prompts import collate
+    from abft_lens.data.prompts import collate
 
     batch = collate(order, 0)
 
@@ -192,7 +192,8 @@ def test_copying_score_matches_full_ov_circuit():
 
 
 def test_head_set_selection_and_trainable():
-    from abft_lens.trainable import TrainableConfig, attach
+    from abft_lens.training.adapters import attach
+    from abft_lens.training.trainable import TrainableConfig
 
     values = torch.tensor([[0.1, 0.9, 0.3, float("nan")], [0.5, 0.2, 0.8, 0.05]])
     scores = HeadScores("induction", values, "test")
@@ -223,7 +224,7 @@ def test_head_set_selection_and_trainable():
 
 
 def test_head_scores_has_every_comparison_name(tiny, sst2_prompts):
-    from abft_lens.tasks import load_task
+    from abft_lens.data.tasks import load_task
 
     scores = head_scores(tiny, load_task("sst2"), prompts=sst2_prompts[:2], n_seqs=2, seq_len=5)
     assert set(scores) == {"induction", "previous_token", "duplicate_token", "copying", "label_attention",
@@ -236,7 +237,7 @@ def test_head_scores_has_every_comparison_name(tiny, sst2_prompts):
 @pytest.mark.embedded
 def test_smollm2_induction_heads():
     """SmolLM2-135M (30 layers x 9 heads, GQA 3 kv heads) has clear induction heads."""
-    from abft_lens.models import load_model
+    from abft_lens.backends.loading import load_model
 
     loaded = load_model("smollm2-135m")
     scores = induction_scores(loaded.model, n_seqs=8, seq_len=30, batch_size=8)

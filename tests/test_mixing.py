@@ -9,13 +9,13 @@ import torch
 
 from abft_lens.cli import main
 from abft_lens.errors import AbftLensError
-from abft_lens.evaluate import evaluate
-from abft_lens.mixing import MixResult, lambda_grid, mix_runs, mixed_tensors, trained_tensors
-from abft_lens.models import load_model
-from abft_lens.runs import run_training
-from abft_lens.tasks import load_task
-from abft_lens.train import TrainConfig
-from abft_lens.trainable import TrainableConfig
+from abft_lens.evaluation.evaluator import evaluate
+from abft_lens.studies.mixing import MixResult, lambda_grid, mix_runs, mixed_tensors, trained_tensors
+from abft_lens.backends.loading import load_model
+from abft_lens.training.runs import run_training
+from abft_lens.data.tasks import load_task
+from abft_lens.training.train import TrainConfig
+from abft_lens.training.trainable import TrainableConfig
 
 N_TEST = 8
 GRID = [-0.5, 0.0, 1.0]

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-import abft_lens.models as models
+import abft_lens.backends.hf_cache as hf_cache
+import abft_lens.backends.tiny as tiny_backend
 from abft_lens.errors import AbftLensError
-from abft_lens.models import load_model
+from abft_lens.backends.loading import load_model
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -25,7 +26,7 @@ def _tiny_llama_folder(folder, *, seed: int = 0):
     """A random Llama-architecture HF model with the tiny tokenizer saved beside it; returns the HF model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = models.tiny_tokenizer()
+    tokenizer = tiny_backend.tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
@@ -173,7 +174,7 @@ def test_gguf_file_converted_once_into_cache(tmp_path, monkeypatch, no_network):
         calls.append(path)
         _tiny_llama_folder(out)
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(hf_cache, "_convert_gguf", fake_convert)
     first = load_model(str(gguf))
     assert first.converted is True and first.source == "gguf" and len(calls) == 1
     assert first.hf_dir.parent == tmp_path / "cache"
@@ -183,13 +184,13 @@ def test_gguf_file_converted_once_into_cache(tmp_path, monkeypatch, no_network):
     def refuse(path, out):
         raise AssertionError("converted a second time")
 
-    monkeypatch.setattr(models, "_convert_gguf", refuse)
+    monkeypatch.setattr(hf_cache, "_convert_gguf", refuse)
     second = load_model(str(gguf))
     assert second.converted is False and second.hf_dir == first.hf_dir
     torch.testing.assert_close(second.model.W_Q, first.model.W_Q, rtol=0, atol=0)
 
     gguf.write_bytes(b"GGUF changed size!")  # a different file (size) is converted again
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(hf_cache, "_convert_gguf", fake_convert)
     assert load_model(str(gguf)).converted is True and len(calls) == 2
 
 
@@ -240,10 +241,10 @@ def test_embedded_second_load_does_not_convert(embedded, monkeypatch, no_network
     def refuse(*args, **kwargs):
         raise AssertionError("_convert_gguf called on a second load")
 
-    monkeypatch.setattr(models, "_convert_gguf", refuse)
+    monkeypatch.setattr(hf_cache, "_convert_gguf", refuse)
     second = load_model("smollm2-135m")
     assert second.converted is False
-    assert second.hf_dir == embedded.hf_dir and second.hf_dir.parent == models.cache_dir()
+    assert second.hf_dir == embedded.hf_dir and second.hf_dir.parent == hf_cache.cache_dir()
     torch.testing.assert_close(second.model.W_K, embedded.model.W_K, rtol=0, atol=0)
 
 

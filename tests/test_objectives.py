@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abft_lens.capture import capture_attention_rows, forward_residual
-from abft_lens.objectives import PenaltyController, abft_loss, e2e_loss, induction_threshold
+from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.backends.forward import forward_residual
+from abft_lens.interp.induction_filter import induction_threshold
+from abft_lens.training.objectives import PenaltyController, abft_loss, e2e_loss
 
 # --------------------------------------------------------------------------------------------------------
 # Plain-torch reference of layer 0 of the tiny Llama-style model, straight from the weights.

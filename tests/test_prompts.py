@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from abft_lens.errors import AbftLensError
-from abft_lens.prompts import PromptBuilder, collate, pad_token_id, sample_prompts
-from abft_lens.prompts import test_prompts as fixed_test_prompts  # not collected as a test
-from abft_lens.tasks import Example, ICLTask, Template, load_task
+from abft_lens.data.prompts import PromptBuilder, collate, pad_token_id, sample_prompts
+from abft_lens.data.prompts import test_prompts as fixed_test_prompts  # not collected as a test
+from abft_lens.data.tasks import Example, ICLTask, Template, load_task
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from abft_lens.models import tiny_tokenizer
+    from abft_lens.backends.loading import tiny_tokenizer
 
     return tiny_tokenizer()
 

@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 from plotly.offline import get_plotlyjs
 
-from abft_lens import report as report_module
+from abft_lens.reporting import html_page as report_module
 from abft_lens.cli import main
-from abft_lens.compare import Comparison
+from abft_lens.reporting.compare import Comparison
 from abft_lens.errors import AbftLensError
 from abft_lens.io import read_json, write_json
-from abft_lens.report import Report, build_report, report_from_run
+from abft_lens.reporting.html_page import Report
+from abft_lens.reporting.report import build_report, report_from_run
 from test_viz import SCORES, synthetic_comparison
 
 FEW = ["induction", "label_attention", "sink_attention"]  # fewer figures where the page's content is not the point
@@ -207,7 +208,7 @@ def fake_run(tmp_path: Path, comparison: Comparison | None = None) -> Path:
 
 
 def test_report_from_run_reuses_comparison_json_without_a_model(tmp_path, no_network, monkeypatch):
-    from abft_lens import compare
+    from abft_lens.reporting import compare
 
     monkeypatch.setattr(compare, "compare_run", lambda *a, **k: pytest.fail("compare_run must not be called"),
                         raising=False)
@@ -221,7 +222,7 @@ def test_report_from_run_reuses_comparison_json_without_a_model(tmp_path, no_net
 
 
 def test_report_from_run_computes_and_saves_the_comparison(tmp_path, monkeypatch):
-    from abft_lens import compare
+    from abft_lens.reporting import compare
 
     seen = {}
 
@@ -239,7 +240,7 @@ def test_report_from_run_computes_and_saves_the_comparison(tmp_path, monkeypatch
 
 
 def test_report_from_run_errors(tmp_path, monkeypatch):
-    from abft_lens import compare
+    from abft_lens.reporting import compare
 
     with pytest.raises(AbftLensError, match="not an abft-lens run folder"):
         report_from_run(tmp_path / "missing")
@@ -481,10 +482,10 @@ def test_report_renders_offline_in_headless_chromium(tmp_path, report):
 def test_report_from_a_real_tiny_run(tmp_path, no_network):
     """End to end on the tiny model: `abft-lens train` two steps, then report_from_run computes the comparison
     with compare_run (skipped while compare_run does not exist)."""
-    from abft_lens import compare
+    from abft_lens.reporting import compare
 
     if not hasattr(compare, "compare_run"):
-        pytest.skip("abft_lens.compare.compare_run is not available yet")
+        pytest.skip("abft_lens.reporting.compare.compare_run is not available yet")
     run_dir = tmp_path / "run"
     assert main(["train", "--model", "tiny", "--dataset", "sst2", "--k", "2", "--train-samples", "4",
                  "--epochs", "1", "--pseudo-batch-size", "2", "--no-fore-test", "--no-post-test",

@@ -12,11 +12,12 @@ import zlib
 import pytest
 import torch
 
-from abft_lens import robustness as rb
-from abft_lens.evaluate import label_probabilities, prompt_builder
-from abft_lens.prompts import pad_token_id
-from abft_lens.prompts import test_prompts as fixed_test_prompts
-from abft_lens.tasks import load_task
+from abft_lens.evaluation import robustness as rb
+from abft_lens.evaluation.evaluator import label_probabilities
+from abft_lens.data.prompts import prompt_builder
+from abft_lens.data.prompts import pad_token_id
+from abft_lens.data.prompts import test_prompts as fixed_test_prompts
+from abft_lens.data.tasks import load_task
 
 
 @pytest.fixture(scope="module")

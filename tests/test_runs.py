@@ -1,4 +1,4 @@
-"""Run folders (abft_lens.runs): contents, interrupt and resume to bit-identical weights, the validation guard
+"""Run folders (abft_lens.training.runs): contents, interrupt and resume to bit-identical weights, the validation guard
 with keep-best, and load_run reproducing the post test on a fresh base model."""
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import abft_lens.callbacks as callbacks
-import abft_lens.runs as runs
+import abft_lens.training.callbacks as callbacks
+import abft_lens.training.runs as runs
 from abft_lens.errors import AbftLensError
-from abft_lens.evaluate import evaluate
-from abft_lens.models import load_model
-from abft_lens.runs import TRAINED_FILE, load_run, run_training
-from abft_lens.tasks import load_task
-from abft_lens.train import TrainConfig
-from abft_lens.trainable import TrainableConfig, attach
+from abft_lens.evaluation.evaluator import evaluate
+from abft_lens.backends.loading import load_model
+from abft_lens.training.runs import TRAINED_FILE, load_run, run_training
+from abft_lens.data.tasks import load_task
+from abft_lens.training.train import TrainConfig
+from abft_lens.training.adapters import attach
+from abft_lens.training.trainable import TrainableConfig
 
 N_TEST = 8
 

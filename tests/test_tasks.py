@@ -7,7 +7,7 @@ import json
 import pytest
 
 from abft_lens.errors import AbftLensError
-from abft_lens.tasks import PAPER_DATASETS, Example, Template, load_custom_task, load_task, staicc_index
+from abft_lens.data.tasks import PAPER_DATASETS, Example, Template, load_custom_task, load_task, staicc_index
 
 # abft-method.md §4: index, input prefix, label prefix (no trailing space), label words, split sizes
 TABLE = {

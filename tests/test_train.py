@@ -1,4 +1,4 @@
-"""The training loop (abft_lens.train): what one ABFT/E2E step changes and logs, the direction training
+"""The training loop (abft_lens.training.train): what one ABFT/E2E step changes and logs, the direction training
 moves attention, reproducibility, and the training/validation data split.
 
 Every expectation is recomputed independently of the Trainer: attention rows come from TransformerLens's own
@@ -14,15 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abft_lens.capture import capture_attention_rows, forward_residual
+from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.backends.forward import forward_residual
 from abft_lens.errors import AbftLensError
-from abft_lens.evaluate import prompt_builder
-from abft_lens.models import load_model
-from abft_lens.objectives import PenaltyController, abft_loss
-from abft_lens.prompts import ICLPrompt, PromptBuilder
-from abft_lens.tasks import Example, load_task
-from abft_lens.train import TrainConfig, Trainer, training_pool, validation_prompts
-from abft_lens.trainable import TrainableConfig
+from abft_lens.data.prompts import prompt_builder
+from abft_lens.backends.loading import load_model
+from abft_lens.training.objectives import PenaltyController, abft_loss
+from abft_lens.data.prompts import ICLPrompt, PromptBuilder
+from abft_lens.data.tasks import Example, load_task
+from abft_lens.training.train import TrainConfig, Trainer, training_pool, validation_prompts
+from abft_lens.training.trainable import TrainableConfig
 
 
 

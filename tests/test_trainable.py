@@ -11,8 +11,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.nn.utils import parametrize
 
-from abft_lens.models import tiny_model
-from abft_lens.trainable import TrainableConfig, attach, masked_step
+from abft_lens.backends.loading import tiny_model
+from abft_lens.training.adapters import attach, masked_step
+from abft_lens.training.trainable import TrainableConfig
 
 N_LAYERS, N_HEADS = 2, 4
 

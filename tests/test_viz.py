@@ -1,4 +1,4 @@
-"""Figures of abft_lens.viz on a synthetic Comparison: shapes, data, hover text, colour settings."""
+"""Figures of abft_lens.reporting.viz on a synthetic Comparison: shapes, data, hover text, colour settings."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from abft_lens import viz
-from abft_lens.compare import Comparison
+from abft_lens.reporting import viz
+from abft_lens.reporting.compare import Comparison
 
 SCORES = ["induction", "previous_token", "duplicate_token", "copying", "label_attention",
           "correct_label_attention", "label_correctness", "filter_pass_rate", "sink_attention"]

@@ -1,0 +1,37 @@
+"""``abft-lens``: a thin command line over the Python API.
+
+Every subcommand turns :class:`~abft_lens.errors.AbftLensError` (bad input, missing resources) into one
+message on stderr and exit status 2, without a traceback. Each command lives in its own module, which adds its
+parser (``add_parsers``) and runs it (``cmd_*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from abft_lens.cli import eval_command, heads_command, run_commands, train_command
+from abft_lens.errors import AbftLensError
+
+COMMAND_MODULES = (eval_command, train_command, heads_command, run_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abft-lens", description=__doc__.splitlines()[0].strip("`: "))
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AbftLensError as error:
+        print(f"abft-lens: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("abft-lens: interrupted", file=sys.stderr)
+        return 130

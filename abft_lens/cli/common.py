@@ -1,0 +1,52 @@
+"""What every command shares: model arguments, dtype and device choices, integer checks, the printed table."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from abft_lens.errors import AbftLensError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m (embedded default), tiny, a HF folder, a .gguf file or a TransformerLens name")
+    parser.add_argument("--dataset", default="sst2", help="StaICC index 0-9 or name (sst2, mr, ...), or a .csv/.jsonl file")
+    parser.add_argument("--k", type=positive_int, default=4, help="demonstrations per prompt")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else CPU (torchrun ranks use cuda:LOCAL_RANK under NCCL)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass in evaluation")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AbftLensError("--device cuda was asked for, but torch sees no CUDA device "
+                            f"(torch {torch.__version__}).", "use --device cpu, or a CUDA build of torch on a GPU machine.")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
+    width = max(len(name) for name, _ in rows)
+    if title:
+        print(title)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")

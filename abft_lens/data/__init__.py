@@ -1,0 +1,1 @@
+"""Tasks (StaICC datasets, CSV/JSONL) and ICL prompts built segment by segment."""

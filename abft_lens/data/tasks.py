@@ -1,0 +1,277 @@
+"""ICL tasks: the ten StaICC datasets (the paper's benchmark) and custom CSV/JSONL datasets.
+
+A task holds three splits of (text, label index) examples, a template, and label words with their leading
+space (StaICC's ``replace_space_to_label()`` convention: ``"sentiment:"`` + ``" positive"``), so prompts end
+without a trailing space and the label is the next token. For StaICC datasets the splits and the fixed test
+demonstrations come from StaICC's own seed-42 generator, so results are comparable with the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+from abft_lens.errors import AbftLensError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example: the input text and the index of its label in the task's label words."""
+
+    text: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Template:
+    """How a prompt is written: ``instruction`` then, per demonstration,
+    ``input_prefix + text + input_affix + label_prefix + label_word + label_affix``; the query ends at
+    ``label_prefix`` (no trailing space: label words carry the leading space)."""
+
+    input_prefix: str = "Input: "
+    label_prefix: str = "Label:"
+    input_affix: str = " "
+    label_affix: str = "\n"
+    instruction: str = ""
+    query_prefix: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ICLTask:
+    """A classification task for in-context learning, with calibration / demonstration / test splits."""
+
+    name: str
+    label_words: tuple[str, ...]
+    template: Template
+    calibration: list[Example]
+    demonstration: list[Example]
+    test: list[Example]
+    index: int | None = None
+    seed: int = 42
+    _test_demos: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_words)
+
+    def test_demonstrations(self, k: int, repeats: int = 2) -> list[list[int]]:
+        """StaICC's fixed demonstration indices: prompt ``j`` uses query ``j % len(test)`` and
+        ``demonstration[i]`` for i in the returned ``[j]`` list; ``repeats * len(test)`` prompts in all."""
+        if k > len(self.demonstration):
+            raise AbftLensError(
+                f"k={k} is larger than the demonstration split of {self.name} ({len(self.demonstration)} examples).",
+                f"use k <= {len(self.demonstration)}.",
+            )
+        if (k, repeats) not in self._test_demos:
+            from StaICC.util.dataset_interface import demonstration_sampler
+
+            sampler = demonstration_sampler(k, len(self.demonstration), repeats * len(self.test), seed=self.seed)
+            self._test_demos[(k, repeats)] = [sampler[j] for j in range(len(sampler))]
+        return self._test_demos[(k, repeats)]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "label_words": list(self.label_words),
+            "template": self.template.to_dict(),
+            "splits": {"calibration": len(self.calibration), "demonstration": len(self.demonstration),
+                       "test": len(self.test)},
+        }
+
+
+# --------------------------------------------------------------------------------------------- StaICC
+
+STAICC_DATASETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("sst2", ("sst-2", "glue-sst2")),
+    ("mr", ("rotten_tomatoes", "rt")),
+    ("fp", ("financial_phrasebank",)),
+    ("sst5", ("sst-5",)),
+    ("trec", ()),
+    ("agnews", ("ag_news",)),
+    ("subj", ("subjective",)),
+    ("tee", ("tweet_eval_emotion",)),
+    ("teh", ("tweet_eval_hate",)),
+    ("hs18", ("hate_speech_18",)),
+)
+PAPER_DATASETS = (0, 1, 2, 3, 4, 6, 7, 8)  # the paper averages over these (AGNews 5 and HS18 9 excluded)
+
+
+def staicc_index(name_or_index: str | int) -> int:
+    """Resolve ``0``-``9``, ``"3"`` or a dataset name / alias to the paper's dataset index."""
+    text = str(name_or_index).strip().lower()
+    if text.isdigit():
+        index = int(text)
+        if not 0 <= index < len(STAICC_DATASETS):
+            raise AbftLensError(f"dataset index {index} is out of range.",
+                                f"use 0-{len(STAICC_DATASETS) - 1} ({_dataset_menu()}).")
+        return index
+    for index, (name, aliases) in enumerate(STAICC_DATASETS):
+        if text == name or text in aliases:
+            return index
+    raise AbftLensError(f"unknown dataset {name_or_index!r}.",
+                        f"use an index or name ({_dataset_menu()}) or a path to a .csv/.jsonl file.")
+
+
+def _dataset_menu() -> str:
+    return ", ".join(f"{i} {name}" for i, (name, _) in enumerate(STAICC_DATASETS))
+
+
+def load_task(name_or_path: str | int, **custom) -> ICLTask:
+    """Load a StaICC dataset by index or name, or a custom CSV/JSONL file (see :func:`load_custom_task`)."""
+    path = Path(str(name_or_path)).expanduser()
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        return load_custom_task(path, **custom)
+    if custom:
+        raise AbftLensError(f"options {sorted(custom)} only apply to custom CSV/JSONL datasets.",
+                            "drop them for StaICC datasets.")
+    return _load_staicc(staicc_index(name_or_path))
+
+
+@lru_cache(maxsize=16)
+def _load_staicc_cached(index: int) -> ICLTask:
+    from StaICC.normal import ORIGINAL_DATA_LOADER_NORMAL
+    from StaICC.util import configs
+    from StaICC.util.dataset_interface import triplet_dataset
+
+    original = ORIGINAL_DATA_LOADER_NORMAL[index]()
+    settings = configs.STANDARD_SETTINGS
+    split = {"financial_phrasebank": settings["split_for_FP"], "tweet_eval_emotion": settings["split_for_TEE"]}.get(
+        original.get_dataset_name(), settings
+    )
+    triplet = triplet_dataset(original, split["calibration_number"], split["demonstration_number"], split["test_number"])
+    words = original.get_label_space()
+    mapping = original._label_mapping  # StaICC's dataset label index -> label-space index (identity today)
+
+    def examples(part) -> list[Example]:
+        rows = part.get_dataset()
+        if any(len(texts) != 1 for texts, _ in rows):
+            raise AbftLensError(f"{original.get_dataset_name()} has multi-input examples.",
+                                "only single-input datasets are supported.")
+        return [Example(texts[0], mapping[label]) for texts, label in rows]
+
+    label_prefix = original.get_label_prefix()
+    template = Template(
+        instruction=original._instruction,
+        input_prefix=original.get_input_text_prefixes()[0],
+        input_affix=original._input_text_affixes[0],
+        label_prefix=label_prefix[:-1] if label_prefix.endswith(" ") else label_prefix,
+        label_affix=original._label_affix,
+        query_prefix=original.get_query_prefix(),
+    )
+    return ICLTask(
+        name=STAICC_DATASETS[index][0],
+        label_words=tuple(" " + word for word in words),
+        template=template,
+        calibration=examples(triplet.calibration),
+        demonstration=examples(triplet.demonstration),
+        test=examples(triplet.test),
+        index=index,
+    )
+
+
+def _load_staicc(index: int) -> ICLTask:
+    cached = _load_staicc_cached(index)
+    return replace(cached, _test_demos=cached._test_demos)
+
+
+# --------------------------------------------------------------------------------------------- custom
+
+
+def load_custom_task(
+    path: str | Path,
+    *,
+    label_words: Sequence[str] | None = None,
+    template: Template | None = None,
+    name: str | None = None,
+    seed: int = 42,
+) -> ICLTask:
+    """A task from a CSV (header ``text,label``) or JSONL (``{"text": ..., "label": ...}`` per line) file.
+
+    ``label`` is a label word or an index into ``label_words``; without ``label_words`` the distinct label
+    strings, sorted, are the label words. An optional ``split`` field (calibration / demonstration / test)
+    places rows; otherwise a seeded shuffle puts 25% in calibration, 50% in demonstration, 25% in test.
+    Label words get a leading space if they lack one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AbftLensError(f"dataset file {path} does not exist.", "check the path.")
+    rows = list(_read_rows(path))
+    if not rows:
+        raise AbftLensError(f"{path} holds no examples.", "add rows with a text and a label.")
+    raw_labels = [label for _, label, _, _ in rows]
+    words = [w.strip() for w in label_words] if label_words else sorted({str(l) for l in raw_labels})
+    examples: dict[str, list[Example]] = {"calibration": [], "demonstration": [], "test": [], "": []}
+    for line, (text, label, split, _) in enumerate(rows, start=1):
+        index = _label_index(label, words, path, rows[line - 1][3])
+        if split not in examples:
+            raise AbftLensError(f"{path}, line {rows[line - 1][3]}: unknown split {split!r}.",
+                                "use calibration, demonstration or test.")
+        examples[split].append(Example(text, index))
+    unplaced = examples.pop("")
+    if unplaced:
+        from StaICC.util.stable_random import stable_random
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            order = stable_random(seed).shuffle_list(list(range(len(unplaced))))
+        n = len(order)
+        examples["calibration"] += [unplaced[i] for i in order[: n // 4]]
+        examples["demonstration"] += [unplaced[i] for i in order[n // 4: n * 3 // 4]]
+        examples["test"] += [unplaced[i] for i in order[n * 3 // 4:]]
+    return ICLTask(
+        name=name or path.stem,
+        label_words=tuple(" " + w for w in words),
+        template=template or Template(),
+        seed=seed,
+        **examples,
+    )
+
+
+def _read_rows(path: Path):
+    """Yield (text, label, split, line_number) from a CSV or JSONL file, naming the line of a bad row."""
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise AbftLensError(f"{path}, line {number}: not valid JSON ({error.msg}).",
+                                        "write one JSON object per line.") from error
+                if not isinstance(record, dict):
+                    raise AbftLensError(f"{path}, line {number}: not a JSON object ({type(record).__name__}).",
+                                        'write one JSON object per line: {"text": ..., "label": ...}.')
+                yield _fields(record, path, number)
+    else:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for number, record in enumerate(reader, start=2):  # line 1 is the header
+                yield _fields(record, path, number)
+
+
+def _fields(record: dict, path: Path, number: int) -> tuple[str, object, str, int]:
+    missing = [key for key in ("text", "label") if record.get(key) in (None, "")]
+    if missing:
+        raise AbftLensError(f"{path}, line {number}: missing field(s) {', '.join(missing)}.",
+                            "every row needs a non-empty 'text' and 'label'.")
+    return str(record["text"]), record["label"], str(record.get("split") or "").strip().lower(), number
+
+
+def _label_index(label: object, words: list[str], path: Path, number: int) -> int:
+    text = str(label).strip()
+    if text in words:
+        return words.index(text)
+    if text.isdigit() and int(text) < len(words):
+        return int(text)
+    raise AbftLensError(f"{path}, line {number}: label {label!r} is not one of {words}.",
+                        "fix the row or pass the full list of label words.")

@@ -1,0 +1,1 @@
+"""Evaluation: label-word probabilities, StaICC metrics, robustness, out-of-domain datasets."""

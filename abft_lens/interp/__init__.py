@@ -1,0 +1,1 @@
+"""Looking at heads: attention capture at hook_pattern, the induction filter, head scores."""

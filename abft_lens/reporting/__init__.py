@@ -1,0 +1,1 @@
+"""Reporting: before/after comparison, figures, the HTML report, tables, export."""

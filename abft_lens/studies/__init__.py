@@ -1,0 +1,1 @@
+"""Studies built on the core: weight mixing, generation quality, the study runner."""

@@ -1,0 +1,163 @@
+"""The before/after generation report (:func:`generation_report`) and the train-time MAUVE test (:class:`MauveTest`,
+``train --MAUVE_test``): continuations, MAUVE and perplexity of a base and a tuned model on the same prefixes.
+See :mod:`abft_lens.studies.generation` for how each part is computed.
+"""
+
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from torch import Tensor
+
+from abft_lens.errors import AbftLensError
+from abft_lens.studies.generation import (GENERATION_FILE, QK_NAMES, Perplexity, continuations, hidden_features,
+                                         perplexity, read_prefix_file)
+from abft_lens.studies.mauve import auto_buckets, mauve_available, mauve_score
+from abft_lens.backends.loading import LoadedModel
+
+@dataclass
+class GenerationSide:
+    """What one model produced for the prefixes: its continuations and its perplexity of the held-out text."""
+
+    continuations: list[str]
+    perplexity: Perplexity
+
+
+def generate_side(loaded: LoadedModel, prefixes: Sequence[str], held_out: Sequence[str], *,
+                  max_new_tokens: int = 32, seed: int | None = None, progress: bool = False,
+                  label: str = "") -> GenerationSide:
+    """Continuations of ``prefixes`` and perplexity of ``held_out`` under ``loaded`` (as it is now)."""
+    conts = continuations(loaded, prefixes, max_new_tokens, seed, progress=f"generating {label}".strip()
+                          if progress else False)
+    return GenerationSide(conts, perplexity(loaded, held_out))
+
+
+@dataclass
+class GenerationReport:
+    """MAUVE scores and perplexities of a base and a tuned model on the same prefixes."""
+
+    mauve: dict[str, float]
+    perplexity: dict[str, dict]
+    samples: list[dict]
+    info: dict = field(default_factory=dict)
+    features: dict[str, Tensor] = field(default_factory=dict, repr=False)  # "base"/"tuned"/"human"; not in to_dict
+
+    def to_dict(self) -> dict:
+        return {"mauve": self.mauve, "perplexity": self.perplexity, **self.info, "samples": self.samples}
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [(f"MAUVE {name.replace('_', ' ')}", f"{value:.4f}") for name, value in self.mauve.items()]
+        rows.append(("perplexity", f"{self.perplexity['before']['perplexity']:.3f} -> "
+                                   f"{self.perplexity['after']['perplexity']:.3f}"))
+        return rows
+
+
+def held_out_texts(prefixes: Sequence[str], references: Sequence[str] | None) -> list[str]:
+    """The perplexity text: prefix + true continuation when references are given, else the prefixes."""
+    return list(prefixes) if references is None else [p + r for p, r in zip(prefixes, references)]
+
+
+def score_generations(feature_loaded: LoadedModel, prefixes: Sequence[str], base: GenerationSide,
+                      tuned: GenerationSide, references: Sequence[str] | None = None, *, pooling: str = "last",
+                      backend: str = "auto", seed: int = 25, progress: bool = False, info: dict | None = None
+                      ) -> GenerationReport:
+    """MAUVE between the sides (features of prefix + continuation by ``feature_loaded``, the base model)."""
+    if references is not None and len(references) != len(prefixes):
+        raise AbftLensError(f"{len(references)} references for {len(prefixes)} prefixes.", "give one per prefix.")
+    if backend == "auto":
+        backend = "mauve-text" if mauve_available() else "builtin"
+
+    def features(texts, label):
+        return hidden_features(feature_loaded, texts, pooling=pooling, progress=f"features {label}" if progress else False)
+
+    f_base = features([p + c for p, c in zip(prefixes, base.continuations)], "base")
+    f_tuned = features([p + c for p, c in zip(prefixes, tuned.continuations)], "tuned")
+    scores = {"base_vs_tuned": mauve_score(f_base, f_tuned, backend=backend, seed=seed)}
+    if references is not None:
+        f_human = features([p + r for p, r in zip(prefixes, references)], "human")
+        scores["human_vs_base"] = mauve_score(f_human, f_base, backend=backend, seed=seed)
+        scores["human_vs_tuned"] = mauve_score(f_human, f_tuned, backend=backend, seed=seed)
+    samples = [{"prefix": p, "base": b, "tuned": t, **({"reference": references[i]} if references else {})}
+               for i, (p, b, t) in enumerate(zip(prefixes, base.continuations, tuned.continuations))]
+    meta = {"n_prefixes": len(prefixes), "pooling": pooling, "mauve_backend": backend, "mauve_seed": seed,
+            "num_buckets": auto_buckets(len(prefixes)), "feature_model": feature_loaded.name,
+            "perplexity_text": "prefix + true continuation" if references is not None else "the prefixes",
+            "identical_continuations": sum(b == t for b, t in zip(base.continuations, tuned.continuations)),
+            **(info or {})}
+    features = {"base": f_base, "tuned": f_tuned, **({"human": f_human} if references is not None else {})}
+    return GenerationReport(scores, {"before": base.perplexity.to_dict(), "after": tuned.perplexity.to_dict()},
+                            samples, meta, features)
+
+
+def generation_report(base_loaded: LoadedModel, tuned_loaded: LoadedModel, prefixes: Sequence[str], *,
+                      references: Sequence[str] | None = None, max_new_tokens: int = 32, seed: int | None = None,
+                      pooling: str = "last", backend: str = "auto", progress: bool = False) -> GenerationReport:
+    """Generate with both models, then MAUVE (features from the base model) and perplexity before/after."""
+    held_out = held_out_texts(prefixes, references)
+    base = generate_side(base_loaded, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
+                         progress=progress, label="base")
+    tuned = generate_side(tuned_loaded, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
+                          progress=progress, label="tuned")
+    return score_generations(base_loaded, prefixes, base, tuned, references, pooling=pooling, backend=backend,
+                             progress=progress, info={"max_new_tokens": max_new_tokens, "sampling_seed": seed})
+
+
+# ------------------------------------------------------------------------------- the train-time test
+
+
+def qk_names(model) -> list[str]:
+    """Names of every attention W_Q/W_K (and bias) parameter: the tensors ABFT/E2E training can change."""
+    return [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in QK_NAMES
+            and ".attn." in name]
+
+
+class MauveTest:
+    """``--MAUVE_test``: :meth:`before` on the base model, train, :meth:`after` writes ``generation.json``.
+
+    ``before`` keeps a copy of the base W_Q/W_K; ``after`` generates with the trained model, puts the base
+    tensors back only to embed every text set, and leaves the trained weights in place.
+    """
+
+    def __init__(self, prefix_file: str | Path, *, max_new_tokens: int = 32, seed: int | None = None,
+                 pooling: str = "last", progress: bool = True):
+        self.prefix_file = Path(prefix_file)
+        self.prefixes, self.references = read_prefix_file(prefix_file)
+        if max_new_tokens <= 0:
+            raise AbftLensError(f"--MAUVE-max-new-tokens {max_new_tokens} must be positive.", "pass e.g. 32.")
+        self.max_new_tokens, self.seed, self.pooling, self.progress = max_new_tokens, seed, pooling, progress
+        self.held_out = held_out_texts(self.prefixes, self.references)
+        self.base: GenerationSide | None = None
+        self.base_weights: dict[str, Tensor] | None = None
+
+    def before(self, loaded: LoadedModel) -> GenerationSide:
+        from abft_lens.studies.mixing import base_tensors
+
+        self.base_weights = base_tensors(loaded.model, qk_names(loaded.model))
+        self.base = generate_side(loaded, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
+                                  seed=self.seed, progress=self.progress, label="base")
+        return self.base
+
+    def after(self, loaded: LoadedModel, run_dir: str | Path | None = None) -> GenerationReport:
+        from abft_lens.io import write_json
+        from abft_lens.studies.mixing import restored, set_tensors
+
+        if self.base is None:
+            raise RuntimeError("MauveTest.after() needs before() on the base model first")
+        tuned = generate_side(loaded, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
+                              seed=self.seed, progress=self.progress, label="tuned")
+        with restored(loaded.model, list(self.base_weights)):
+            set_tensors(loaded.model, self.base_weights)
+            report = score_generations(loaded, self.prefixes, self.base, tuned, self.references,
+                                       pooling=self.pooling, progress=self.progress,
+                                       info={"max_new_tokens": self.max_new_tokens, "sampling_seed": self.seed,
+                                             "prefix_file": str(self.prefix_file)})
+        if run_dir is not None:
+            write_json(Path(run_dir) / GENERATION_FILE, report.to_dict())
+        return report
+
+
+__all__ = ["generation_report", "score_generations", "generate_side", "GenerationReport", "GenerationSide",
+           "MauveTest", "held_out_texts", "qk_names"]

@@ -1,0 +1,321 @@
+"""Weight-space mixing of an E2E run and an ABFT run (paper §6): accuracy of θ₀ + λ_E·Δ_E + λ_A·Δ_A.
+
+Both runs must come from the same base model θ₀ and train the same tensors. A run's delta is, per trained
+tensor, its *effective* trained value minus the base: the full W_Q/_W_K (full runs) or W + scale·B@A (LoRA
+runs), i.e. exactly what the run's post test used; so a full E2E run mixes with a LoRA ABFT run as long as the
+effective tensor names (``blocks.{l}.attn.W_Q`` ...) agree.
+
+Efficiency and exactness: the base and both trained values of every mixed tensor are kept (model dtype); each
+grid point writes ``θ₀ + λ_E (θ_E − θ₀) + λ_A (θ_A − θ₀)`` computed in float64 into the model's parameters in
+place (no reload), then evaluates the same prebuilt test prompts. In float64 the point (1, 0) reproduces θ_E
+bit-for-bit (and (0, 1) θ_A, (0, 0) θ₀), so those points equal the runs' post tests and the base exactly. The
+base tensors are written back bit-identically when the sweep ends, also on an error or interrupt.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from abft_lens.errors import AbftLensError
+from abft_lens.io import read_json
+from abft_lens.backends.loading import LoadedModel
+from abft_lens.training.runs import TRAINED_FILE
+
+METRIC = "accuracy"
+
+
+# ------------------------------------------------------------------------------------------ run tensors
+
+
+def run_meta(run_dir: str | Path) -> dict:
+    """config.json of a run folder (AbftLensError when the folder is not a finished run with saved tensors)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at a run folder.")
+    if not (run_dir / TRAINED_FILE).is_file():
+        raise AbftLensError(f"{run_dir} holds no {TRAINED_FILE} (trained with --dont_save_model, or unfinished).",
+                            "re-run training without --dont_save_model.")
+    return read_json(run_dir / "config.json")
+
+
+def trained_tensors(run_dir: str | Path, loaded: LoadedModel) -> dict[str, Tensor]:
+    """The effective trained tensors of a run (after merging LoRA) as CPU copies in the model's dtype.
+
+    ``loaded.model`` must hold the base weights; it is left bit-identical (full runs: the touched tensors are
+    copied back; LoRA runs: the adapters are removed again).
+    """
+    from safetensors.torch import load_file
+
+    from abft_lens.training.train import TrainConfig
+    from abft_lens.training.adapters import attach
+
+    run_dir = Path(run_dir)
+    meta = run_meta(run_dir)
+    config = TrainConfig.from_dict(meta["train"])
+    model = loaded.model
+    trainable = attach(model, config.trainable)
+    names = [name.rsplit(".lora_", 1)[0] for name, _ in trainable.named_parameters()]
+    full = config.trainable.kind == "full"
+    if full:  # load_state_dict writes into the model's own parameters: keep the base to put it back
+        base = {name: model.get_parameter(name).detach().clone() for name in dict.fromkeys(names)}
+    try:
+        try:
+            trainable.load_state_dict(load_file(run_dir / TRAINED_FILE))
+        except ValueError as error:
+            raise AbftLensError(f"the tensors in {run_dir / TRAINED_FILE} do not fit model {loaded.name}: {error}",
+                                f"load the base model the run was trained on ({meta['model']['name']}).") from error
+        return trainable.merged_state_dict()
+    finally:
+        if full:
+            trainable.merge()
+            with torch.no_grad():
+                for name, value in base.items():
+                    model.get_parameter(name).copy_(value)
+        else:
+            trainable.remove()
+
+
+def base_tensors(model, names: Sequence[str]) -> dict[str, Tensor]:
+    """CPU copies of the model's current values of ``names``."""
+    return {name: model.get_parameter(name).detach().to("cpu", copy=True) for name in names}
+
+
+@contextmanager
+def restored(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Snapshot ``names``; whatever happens inside, write the snapshot back bit-identically on exit."""
+    saved = base_tensors(model, names)
+    try:
+        yield saved
+    finally:
+        set_tensors(model, saved)
+
+
+def set_tensors(model, values: Mapping[str, Tensor]) -> None:
+    """Copy ``values`` into the model's parameters of the same names, in place."""
+    with torch.no_grad():
+        for name, value in values.items():
+            param = model.get_parameter(name)
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def mixed_tensors(base: Mapping[str, Tensor], first: Mapping[str, Tensor], second: Mapping[str, Tensor],
+                  lam_first: float, lam_second: float) -> dict[str, Tensor]:
+    """``base + lam_first·(first − base) + lam_second·(second − base)`` per tensor, computed in float64 and
+    returned in the base's dtype (so (1, 0) gives ``first`` exactly and (0, 0) ``base``)."""
+    out = {}
+    for name, b in base.items():
+        b64 = b.double()
+        value = b64
+        if lam_first:
+            value = value + lam_first * (first[name].double() - b64)
+        if lam_second:
+            value = value + lam_second * (second[name].double() - b64)
+        out[name] = value.to(b.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- grid
+
+
+def lambda_grid(minimum: float = -0.5, maximum: float = 1.5, step: float = 0.25) -> list[float]:
+    """``minimum, minimum + step, ... , maximum`` (inclusive), rounded to 10 decimals (so 0 and 1 are exact)."""
+    if not (math.isfinite(minimum) and math.isfinite(maximum) and math.isfinite(step)) or step <= 0:
+        raise AbftLensError(f"lambda grid [{minimum}, {maximum}] step {step} is invalid.",
+                            "give finite bounds and a positive step (e.g. --grid-step 0.25).")
+    if maximum < minimum:
+        raise AbftLensError(f"--grid-max {maximum} is below --grid-min {minimum}.", "swap them.")
+    n = int(math.floor((maximum - minimum) / step + 1e-9)) + 1
+    if n > 201:
+        raise AbftLensError(f"the lambda grid has {n} points per axis ({n * n} evaluations).",
+                            "use a larger --grid-step or a narrower range.")
+    return [round(minimum + i * step, 10) + 0.0 for i in range(n)]
+
+
+@dataclass
+class MixResult:
+    """Metrics over the λ grid. ``grid[i][j]`` = accuracy at ``λ_E = lambdas_e2e[i]``, ``λ_A = lambdas_abft[j]``."""
+
+    lambdas_e2e: list[float]
+    lambdas_abft: list[float]
+    grid: Tensor  # [n_lambda_e2e, n_lambda_abft] accuracy, float64
+    metrics: dict[str, list[list[float]]]  # every metric of evaluate() on the same grid
+    runs: dict[str, dict]  # "e2e"/"abft": run_dir, method, trainable kind, post-test accuracy in the run folder
+    info: dict = field(default_factory=dict)
+
+    def value(self, lam_e2e: float, lam_abft: float) -> float:
+        return float(self.grid[self.lambdas_e2e.index(lam_e2e), self.lambdas_abft.index(lam_abft)])
+
+    @property
+    def best(self) -> dict:
+        """The grid point of highest accuracy (the first one in row-major order on ties)."""
+        flat = int(torch.argmax(self.grid))  # torch.argmax returns the first maximal index
+        i, j = divmod(flat, len(self.lambdas_abft))
+        return {"lambda_e2e": self.lambdas_e2e[i], "lambda_abft": self.lambdas_abft[j],
+                METRIC: float(self.grid[i, j])}
+
+    def to_dict(self) -> dict:
+        return {"lambdas_e2e": self.lambdas_e2e, "lambdas_abft": self.lambdas_abft,
+                "accuracy": self.grid.tolist(), "best": self.best, "metrics": self.metrics,
+                "runs": self.runs, **self.info}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MixResult":
+        known = ("lambdas_e2e", "lambdas_abft", "accuracy", "best", "metrics", "runs")
+        return cls(data["lambdas_e2e"], data["lambdas_abft"], torch.tensor(data["accuracy"], dtype=torch.float64),
+                   data["metrics"], data["runs"], {k: v for k, v in data.items() if k not in known})
+
+    def markdown(self) -> str:
+        """Accuracy table: one row per λ_E, one column per λ_A; the best cell in bold."""
+        best = self.best
+        head = "| λ_E \\ λ_A | " + " | ".join(f"{a:g}" for a in self.lambdas_abft) + " |"
+        rule = "|---|" + "---|" * len(self.lambdas_abft)
+        rows = []
+        for i, e in enumerate(self.lambdas_e2e):
+            cells = []
+            for j, a in enumerate(self.lambdas_abft):
+                text = f"{float(self.grid[i, j]):.4f}"
+                if (e, a) == (best["lambda_e2e"], best["lambda_abft"]):
+                    text = f"**{text}**"
+                cells.append(text)
+            rows.append(f"| {e:g} | " + " | ".join(cells) + " |")
+        return "\n".join([head, rule, *rows])
+
+    def figure(self, title: str | None = None):
+        """Plotly heatmap of accuracy over (λ_A, λ_E) with the base, E2E, ABFT and best points marked."""
+        import plotly.graph_objects as go
+
+        from abft_lens.reporting.viz import style_figure  # the shared figure look
+
+        best = self.best
+        fig = go.Figure(go.Heatmap(
+            z=self.grid.tolist(), x=self.lambdas_abft, y=self.lambdas_e2e, colorscale="Viridis",
+            colorbar=dict(title="accuracy"),
+            hovertemplate="λ_A %{x}<br>λ_E %{y}<br>accuracy %{z:.4f}<extra></extra>"))
+        marks = [("base θ₀", 0.0, 0.0, "circle"), ("E2E", 1.0, 0.0, "square"), ("ABFT", 0.0, 1.0, "diamond"),
+                 (f"best {best[METRIC]:.4f}", best["lambda_e2e"], best["lambda_abft"], "star")]
+        for name, e, a, symbol in marks:
+            if e in self.lambdas_e2e and a in self.lambdas_abft:
+                fig.add_trace(go.Scatter(x=[a], y=[e], mode="markers+text", text=[name], textposition="top center",
+                                         marker=dict(symbol=symbol, size=12, color="white",
+                                                     line=dict(color="black", width=1.5)),
+                                         name=name, hoverinfo="name"))
+        title = title or (f"θ₀ + λ_E·Δ_E + λ_A·Δ_A: {self.info.get('task', '')} accuracy "
+                          f"(n={self.info.get('n_test', '?')}, k={self.info.get('k', '?')})")
+        style_figure(fig, title=title, height=560, showlegend=False)
+        fig.update_xaxes(title_text="λ_A (ABFT delta)")
+        fig.update_yaxes(title_text="λ_E (E2E delta)")
+        return fig
+
+    def save_html(self, path: str | Path) -> Path:
+        """The heatmap and the markdown table as one offline HTML page (plotly.js inlined), written atomically."""
+        from abft_lens.io import atomic_write_text
+        from abft_lens.reporting.viz import PLOTLY_CONFIG
+
+        figure = self.figure().to_html(include_plotlyjs=True, full_html=False, config=PLOTLY_CONFIG)
+        table = self._html_table()
+        page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>abft-lens weight mixing</title></head>"
+                f"<body style='font-family:system-ui,sans-serif'>{figure}<h3>accuracy</h3>{table}</body></html>")
+        return atomic_write_text(path, page)
+
+    def _html_table(self) -> str:
+        head = "".join(f"<th>{a:g}</th>" for a in self.lambdas_abft)
+        rows = "".join(
+            f"<tr><th>{e:g}</th>" + "".join(f"<td>{float(self.grid[i, j]):.4f}</td>"
+                                             for j in range(len(self.lambdas_abft))) + "</tr>"
+            for i, e in enumerate(self.lambdas_e2e))
+        corner = html.escape("λ_E \\ λ_A")
+        return f"<table border='1' cellpadding='3'><tr><th>{corner}</th>{head}</tr>{rows}</table>"
+
+
+def mix_runs(
+    loaded: LoadedModel,
+    run_e2e: str | Path,
+    run_abft: str | Path,
+    *,
+    task=None,
+    k: int | None = None,
+    n_test: int | None = 64,
+    lambdas_e2e: Sequence[float] | None = None,
+    lambdas_abft: Sequence[float] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> MixResult:
+    """Accuracy of ``θ₀ + λ_E·Δ_E + λ_A·Δ_A`` on the first ``n_test`` fixed test prompts, over a λ grid.
+
+    ``loaded`` must hold the base model both runs were trained from (its name must match their config.json);
+    it is left bit-identical. ``task`` defaults to the runs' dataset (a StaICC name, loaded with
+    :func:`~abft_lens.data.tasks.load_task`), ``k`` to the runs' k. Grids default to :func:`lambda_grid`.
+    """
+    from abft_lens.evaluation.evaluator import evaluate_prompts
+    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.data.prompts import test_prompts
+    from abft_lens.data.tasks import load_task
+
+    runs = {"e2e": Path(run_e2e), "abft": Path(run_abft)}
+    metas = {key: run_meta(path) for key, path in runs.items()}
+    names = {key: meta["model"]["name"] for key, meta in metas.items()}
+    if names["e2e"] != names["abft"]:
+        raise AbftLensError(f"the runs come from different base models: {runs['e2e']} from {names['e2e']!r}, "
+                            f"{runs['abft']} from {names['abft']!r}.", "mix two runs of the same base model.")
+    if loaded.name != names["e2e"]:
+        raise AbftLensError(f"the runs were trained on {names['e2e']!r}, but the loaded model is {loaded.name!r}.",
+                            f"load the base model {names['e2e']!r} (--model {names['e2e']}).")
+    if k is None:
+        ks = {meta["train"]["k"] for meta in metas.values()}
+        if len(ks) != 1:
+            raise AbftLensError(f"the runs were trained with different k ({sorted(ks)}).", "pass k explicitly (--k).")
+        k = ks.pop()
+    if task is None:
+        task_names = {meta["task"]["name"] for meta in metas.values()}
+        if len(task_names) != 1:
+            raise AbftLensError(f"the runs were trained on different datasets ({sorted(task_names)}).",
+                                "pass the dataset to evaluate on (--dataset).")
+        task = load_task(task_names.pop())
+    lambdas_e2e = list(lambda_grid() if lambdas_e2e is None else lambdas_e2e)
+    lambdas_abft = list(lambda_grid() if lambdas_abft is None else lambdas_abft)
+    if not lambdas_e2e or not lambdas_abft:
+        raise AbftLensError("the lambda grid is empty.", "give at least one value per axis.")
+
+    model = loaded.model
+    trained = {key: trained_tensors(path, loaded) for key, path in runs.items()}
+    if set(trained["e2e"]) != set(trained["abft"]):
+        only_e, only_a = sorted(set(trained["e2e"]) - set(trained["abft"])), sorted(set(trained["abft"]) - set(trained["e2e"]))
+        raise AbftLensError(f"the runs train different tensors: only in {runs['e2e']}: {only_e[:4]}, only in "
+                            f"{runs['abft']}: {only_a[:4]}.", "mix runs with the same trainable set (targets, bias).")
+    builder = prompt_builder(loaded, task)
+    prompts = test_prompts(builder, k, n_test)
+    names_mixed = sorted(trained["e2e"])
+    points = [(e, a) for e in lambdas_e2e for a in lambdas_abft]
+    metrics: dict[str, list[list[float]]] = {}
+    bar = tqdm(total=len(points), desc="mixing", unit="point", disable=not progress)
+    with restored(model, names_mixed) as base:
+        for index, (e, a) in enumerate(points):
+            set_tensors(model, mixed_tensors(base, trained["e2e"], trained["abft"], e, a))
+            result = evaluate_prompts(model, builder, prompts, batch_size=batch_size)
+            i, j = divmod(index, len(lambdas_abft))
+            for name, value in result.metrics.items():
+                metrics.setdefault(name, [[math.nan] * len(lambdas_abft) for _ in lambdas_e2e])[i][j] = value
+            bar.update(1)
+    bar.close()
+    runs_info = {}
+    for key, path in runs.items():
+        post_path = path / "post_test.json"
+        post = read_json(post_path)["metrics"].get(METRIC) if post_path.is_file() else None
+        runs_info[key] = {"run_dir": str(path), "method": metas[key]["train"]["method"],
+                          "trainable": metas[key]["train"]["trainable"]["kind"], "post_test_accuracy": post,
+                          "post_test_n": metas[key].get("n_test")}
+    info = {"model": loaded.name, "task": task.name, "k": k, "n_test": len(prompts), "tensors": len(names_mixed)}
+    return MixResult(lambdas_e2e, lambdas_abft, torch.tensor(metrics[METRIC], dtype=torch.float64), metrics,
+                     runs_info, info)
+
+
+__all__ = ["MixResult", "mix_runs", "lambda_grid", "trained_tensors", "mixed_tensors", "restored", "set_tensors"]

@@ -1,0 +1,1 @@
+"""Training: the ABFT/E2E objectives, the trainable set, the trainer, callbacks, run folders."""

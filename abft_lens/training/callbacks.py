@@ -1,0 +1,99 @@
+"""Callbacks of the training loop: each sees ``(trainer, step_result)`` after every optimizer step, under
+``torch.no_grad()``. Logging, validation, checkpoints and progress live here, not inside the loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from abft_lens.evaluation.evaluator import evaluate_prompts
+from abft_lens.io import append_jsonl, atomic_write_bytes
+from abft_lens.data.prompts import ICLPrompt
+from abft_lens.training.train import StepResult, Trainer
+
+
+class JsonlLogger:
+    """One JSON line per optimizer step (and per validation) in ``path``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __call__(self, trainer: Trainer, result: StepResult) -> None:
+        append_jsonl(self.path, {"event": "step", **result.to_dict()})
+
+
+class ValidationGuard:
+    """Evaluates held-out validation prompts every ``every`` steps and remembers the best trainable state.
+
+    Best = highest validation accuracy, ties broken by mean true-label probability, then by the earlier step
+    (step 0 is the untrained model: if nothing beats it, keeping the best keeps the base weights).
+    """
+
+    def __init__(self, prompts: Sequence[ICLPrompt], every: int, *, batch_size: int = 8, log_path: Path | None = None):
+        self.prompts = list(prompts)
+        self.every = every
+        self.batch_size = batch_size
+        self.log_path = log_path
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def evaluate(self, trainer: Trainer, step: int) -> dict:
+        result = evaluate_prompts(trainer.model, trainer.builder, self.prompts, batch_size=self.batch_size)
+        record = {"event": "validation", "step": step, **result.metrics}
+        self.history.append(record)
+        if self.log_path is not None:
+            append_jsonl(self.log_path, record)
+        key = (record["accuracy"], record["mean_true_label_probability"])
+        if self.best is None or key > (self.best["accuracy"], self.best["mean_true_label_probability"]):
+            self.best = record
+            self.best_state = trainer.trainable.state_dict()
+        return record
+
+    def __call__(self, trainer: Trainer, result: StepResult) -> None:
+        if result.step % self.every == 0 or result.step == trainer.config.total_steps:
+            self.evaluate(trainer, result.step)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best, self.best_state = state["history"], state["best"], state["best_state"]
+
+
+class Checkpointer:
+    """Writes the trainer's full state (and the guard's) atomically to ``path`` every ``every`` steps."""
+
+    def __init__(self, path: str | Path, every: int = 1, guard: ValidationGuard | None = None):
+        self.path = Path(path)
+        self.every = every
+        self.guard = guard
+
+    def save(self, trainer: Trainer) -> None:
+        import io
+
+        state = {"trainer": trainer.state_dict(), "guard": self.guard.state_dict() if self.guard else None}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def __call__(self, trainer: Trainer, result: StepResult) -> None:
+        if result.step % self.every == 0:
+            self.save(trainer)
+
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps showing loss, taking-part heads and the penalty A."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train"):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+
+    def __call__(self, trainer: Trainer, result: StepResult) -> None:
+        self.bar.set_postfix(loss=f"{result.loss:.3f}", heads=f"{result.mean_heads:.1f}", A=f"{result.next_penalty:.3f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

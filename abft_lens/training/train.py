@@ -1,0 +1,285 @@
+"""The ABFT and E2E training loop: short, linear, readable top to bottom.
+
+Data: ``train_samples`` prompts of k+1 seeded-random calibration examples (k demonstrations, one query),
+reshuffled each epoch with a generator seeded by (seed, epoch). One optimizer step per pseudo-batch; each
+sample gets its own forward and backward (one graph alive at a time) and contributes 1/len(batch) of the
+step's gradient. A step returns a :class:`StepResult`; callbacks (logging, validation, checkpoints, progress)
+see every result and run under ``torch.no_grad()``.
+
+ABFT loss: :func:`abft_lens.training.objectives.abft_loss` on the last attention row of every head (the unembedding
+is skipped). E2E loss: cross-entropy of the query's gold label token over the whole vocabulary at the last
+position. Both log the same quantities (E2E computes the ABFT terms without gradient), so runs compare step
+for step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Literal, Sequence
+
+import torch
+from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.backends.forward import forward_residual
+from abft_lens.errors import AbftLensError
+from abft_lens.interp.induction_filter import induction_threshold
+from abft_lens.training.objectives import PenaltyController, abft_loss, e2e_loss
+from abft_lens.data.prompts import ICLPrompt, PromptBuilder, sample_prompts
+from abft_lens.data.tasks import ICLTask
+from abft_lens.training.adapters import attach, masked_step
+from abft_lens.training.trainable import Trainable, TrainableConfig
+
+Method = Literal["ABFT", "E2E"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; round-trips through JSON (``to_dict`` / ``from_dict``).
+
+    Defaults are the paper's (k=4, 512 samples, pseudo-batch 32, 2 epochs, Adam lr 2e-5, B=1, A0=0.5, PID).
+    ``threshold=None`` uses T = k / (k + ln n_tokens) per prompt. ``validation_examples`` calibration
+    examples (the last ones of the split) are held out from training and build ``validation_prompts``
+    prompts for the validation guard, evaluated every ``validate_every`` steps (0: never).
+    """
+
+    method: Method = "ABFT"
+    k: int = 4
+    train_samples: int = 512
+    epochs: int = 2
+    pseudo_batch_size: int = 32
+    lr: float = 2e-5
+    seed: int = 0
+    award: float = 1.0
+    penalty: float = 0.5
+    penalty_mode: Literal["None", "P", "PID"] = "PID"
+    p_gain: float = 0.03
+    pid_kp: float = 0.03
+    pid_ki: float = 0.005
+    pid_kd: float = 0.005
+    threshold: float | None = None
+    restricted_gradient: bool = False
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    validation_examples: int = 0
+    validation_prompts: int = 64
+    validate_every: int = 0
+    keep_best: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("ABFT", "E2E"):
+            raise AbftLensError(f"method {self.method!r} is unknown.", "use ABFT or E2E.")
+        for name in ("k", "train_samples", "epochs", "pseudo_batch_size"):
+            if getattr(self, name) <= 0:
+                raise AbftLensError(f"{name}={getattr(self, name)} must be positive.", f"pass {name} >= 1.")
+        if not self.lr > 0:
+            raise AbftLensError(f"lr={self.lr} must be positive.", "pass e.g. --lr 2e-5.")
+        if self.award < 0 or self.penalty < 0:
+            raise AbftLensError("the correct-label award and wrong-label penalty must be >= 0.",
+                                "pass non-negative --award/--penalty.")
+        if self.validate_every < 0:
+            raise AbftLensError(f"validate_every={self.validate_every} must be >= 0.", "pass 0 (never) or a step count.")
+        if self.keep_best and not (self.validate_every and self.validation_examples):
+            raise AbftLensError("keep_best needs a validation set.",
+                                "set validation_examples > k and validate_every >= 1.")
+        if self.validation_examples and self.validation_examples <= self.k:
+            raise AbftLensError(f"validation_examples={self.validation_examples} cannot fill a k={self.k} prompt.",
+                                "hold out more than k+1 examples (e.g. 128) or 0 for no validation.")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.train_samples // self.pseudo_batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["trainable"] = self.trainable.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AbftLensError(f"unknown training options {unknown}.", f"use only {sorted(known)}.")
+        values = dict(data)
+        values["trainable"] = TrainableConfig.from_dict(values.get("trainable") or {})
+        return cls(**values)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did. Losses are means over the pseudo-batch; ``penalty`` is the A used in
+    this step and ``next_penalty`` the controller's A for the next one; ``head_counts[l][h]`` counts the
+    samples in which head (l, h) passed the filter."""
+
+    step: int
+    epoch: int
+    loss: float
+    award_term: float
+    penalty_term: float
+    e2e_loss: float | None
+    penalty: float
+    next_penalty: float
+    mean_heads: float
+    head_counts: list[list[int]]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Callback = Callable[["Trainer", StepResult], None]
+
+
+class Trainer:
+    """Holds the model, its trainable set, the optimizer, the penalty controller and the training prompts.
+
+    ``step(batch)`` runs one pseudo-batch; ``run()`` runs every remaining step and calls the callbacks.
+    ``state_dict()`` / ``load_state_dict()`` capture everything a resumed run needs.
+
+    ``dist`` (a :class:`abft_lens.training.distributed.DistributedContext`, or None for one process): data parallel
+    training. Each rank runs its share ``batch[rank::world_size]`` of every pseudo-batch; gradients, loss
+    totals and head counts are summed over ranks before the optimizer step, so every rank applies the same
+    update and every :class:`StepResult` is the global one.
+    """
+
+    def __init__(self, model, builder: PromptBuilder, config: TrainConfig, dist=None):
+        self.model = model
+        self.builder = builder
+        self.config = config
+        self.dist = dist
+        self.trainable: Trainable = attach(model, config.trainable)
+        if dist is not None:
+            dist.broadcast_parameters(self.trainable.parameters())  # identical start on every rank
+        self.optimizer = torch.optim.Adam(self.trainable.parameters(), lr=config.lr)
+        self.controller = PenaltyController(mode=config.penalty_mode, initial_penalty=config.penalty,
+                                            kp=config.pid_kp, ki=config.pid_ki, kd=config.pid_kd,
+                                            p_gain=config.p_gain)
+        pool = training_pool(builder.task, config)
+        self.prompts: list[ICLPrompt] = sample_prompts(builder, pool, config.k, config.train_samples, config.seed)
+        self.label_token_ids = torch.tensor(builder.label_token_ids)
+        self.completed_steps = 0
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------------------------------ data
+    def batches(self, epoch: int) -> list[list[ICLPrompt]]:
+        """The pseudo-batches of ``epoch``: a permutation seeded by (seed, epoch), cut in order."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.prompts), generator=generator).tolist()
+        size = self.config.pseudo_batch_size
+        return [[self.prompts[i] for i in order[start:start + size]] for start in range(0, len(order), size)]
+
+    # ------------------------------------------------------------------------------------------ step
+    def step(self, batch: Sequence[ICLPrompt], epoch: int = 0) -> StepResult:
+        """One optimizer step over ``batch``: per-sample forward and backward, then a (masked) Adam step."""
+        start = time.perf_counter()
+        config, n_layers, n_heads = self.config, self.model.cfg.n_layers, self.model.cfg.n_heads
+        penalty = self.controller.penalty
+        totals = {"loss": 0.0, "award": 0.0, "penalty": 0.0, "e2e": 0.0}
+        counts = torch.zeros(n_layers, n_heads, dtype=torch.long)
+        self.optimizer.zero_grad(set_to_none=True)
+        for prompt in (batch if self.dist is None else self.dist.shard(batch)):
+            terms, participating, e2e = self._sample_loss(prompt, penalty)
+            loss = (e2e if config.method == "E2E" else terms.loss) / len(batch)
+            if config.restricted_gradient:
+                with self.trainable.restricted(participating):
+                    loss.backward()
+            else:
+                loss.backward()
+            counts += participating.long()
+            totals["loss"] += float(loss.detach()) * len(batch)
+            totals["award"] += float(terms.award_term.detach())
+            totals["penalty"] += float(terms.penalty_term.detach())
+            totals["e2e"] += float(e2e.detach()) if e2e is not None else 0.0
+        if self.dist is not None:
+            counts, totals = self._all_reduce(counts, totals)
+        if config.restricted_gradient:
+            masked_step(self.optimizer, self.trainable, counts > 0)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean_heads = float(counts.sum()) / len(batch)
+        next_penalty = self.controller.update(mean_heads)
+        self.completed_steps += 1
+        n = len(batch)
+        return StepResult(
+            step=self.completed_steps, epoch=epoch, loss=totals["loss"] / n, award_term=totals["award"] / n,
+            penalty_term=totals["penalty"] / n, e2e_loss=totals["e2e"] / n if config.method == "E2E" else None,
+            penalty=penalty, next_penalty=next_penalty, mean_heads=mean_heads, head_counts=counts.tolist(),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _all_reduce(self, counts: torch.Tensor, totals: dict[str, float]):
+        """Sum the gradients, head counts and loss totals of every rank's share of the pseudo-batch."""
+        self.dist.all_reduce_gradients(self.trainable.parameters())
+        stats = torch.tensor([*totals.values(), *counts.flatten().tolist()], dtype=torch.float64)
+        self.dist.all_reduce_(stats)
+        summed = dict(zip(totals, stats[:len(totals)].tolist()))
+        return stats[len(totals):].round().long().view_as(counts), summed
+
+    def _sample_loss(self, prompt: ICLPrompt, penalty: float):
+        """(ABFT terms, participating heads, E2E loss or None) of one prompt, with graph for the trained loss."""
+        tokens = torch.tensor([prompt.token_ids], device=self.model.cfg.device)
+        e2e = self.config.method == "E2E"
+        with capture_attention_rows(self.model, detach=e2e) as rows:
+            residual = forward_residual(self.model, tokens)
+        threshold = self.config.threshold if self.config.threshold is not None \
+            else induction_threshold(prompt.k, prompt.n_tokens)
+        # under E2E the rows are detached, so these ABFT terms are measured, not trained
+        terms = abft_loss(rows.stacked()[0], torch.tensor(prompt.label_positions), torch.tensor(prompt.demo_labels),
+                          prompt.query_label, award=self.config.award, penalty=penalty, threshold=threshold)
+        cross_entropy = None
+        if e2e:
+            logits = self.model.unembed(self.model.ln_final(residual[:, -1:, :]))[0, 0]
+            cross_entropy = e2e_loss(logits, int(self.label_token_ids[prompt.query_label]))
+        return terms, terms.participating.cpu(), cross_entropy
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self, callbacks: Sequence[Callback] = ()) -> None:
+        """Run every step not yet completed (a resumed trainer continues where its state left off)."""
+        per_epoch = self.config.steps_per_epoch
+        for epoch in range(self.completed_steps // per_epoch, self.config.epochs):
+            for index, batch in enumerate(self.batches(epoch)):
+                if epoch * per_epoch + index < self.completed_steps:
+                    continue
+                result = self.step(batch, epoch)
+                with torch.no_grad():
+                    for callback in callbacks:
+                        callback(self, result)
+                if self.dist is not None:  # every rank stops when any rank asked to
+                    self.stop_requested = self.dist.any(self.stop_requested)
+                if self.stop_requested:
+                    return
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "completed_steps": self.completed_steps,
+            "trainable": self.trainable.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainable.load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.controller.load_state_dict(state["controller"])
+        self.completed_steps = int(state["completed_steps"])
+
+
+def training_pool(task: ICLTask, config: TrainConfig):
+    """The calibration examples training may draw from: all but the last ``validation_examples``."""
+    pool = task.calibration[: len(task.calibration) - config.validation_examples]
+    if len(pool) < config.k + 1:
+        raise AbftLensError(f"{task.name}'s calibration split leaves {len(pool)} training examples, "
+                            f"fewer than k+1={config.k + 1}.", "hold out fewer validation examples or use a smaller k.")
+    return pool
+
+
+def validation_prompts(builder: PromptBuilder, config: TrainConfig) -> list[ICLPrompt]:
+    """Prompts built only from the held-out end of the calibration split: disjoint from the training prompts
+    (which draw from the rest of it) and from the test prompts (test split + demonstration split)."""
+    held_out = builder.task.calibration[len(builder.task.calibration) - config.validation_examples:]
+    return sample_prompts(builder, held_out, config.k, config.validation_prompts, seed=config.seed + 7919)

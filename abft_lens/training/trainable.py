@@ -1,0 +1,367 @@
+"""The trainable set of ABFT: W_Q/W_K of every attention layer, fully or through LoRA, with per-head masks.
+
+PEFT-style: a :class:`TrainableConfig` says what trains, :func:`attach` freezes the whole model and wraps the
+targets, the returned :class:`Trainable` hands its parameters to the optimizer and ends with ``merge()`` or
+``remove()``. The trainable set follows from the config alone; one Trainable per model at a time.
+
+Head slices. Query head ``h`` of layer ``l`` owns ``W_Q[h]`` (``[d_model, d_head]``) and ``b_Q[h]``. Under
+grouped-query attention TransformerLens stores ``_W_K`` ``[n_kv_heads, d_model, d_head]``; query head ``h``
+reads kv head ``h // (n_heads // n_kv_heads)``. A K slice is therefore *shared*: it is open when ANY query
+head of its group is open (the union rule), and a participating head's K update also changes what the other
+heads of its group see. A multi-query model (one kv head) opens K whenever any head of the layer is open.
+
+LoRA. ``delta = scale * (B @ A)`` with ``A [r, d_model]``, ``B [n_out_heads * d_head, r]`` (rows head-major,
+the layout of Hugging Face's ``q_proj``/``k_proj`` weight), viewed as ``[n_out_heads, d_model, d_head]``. The
+per-head slice of an adapter is its block of ``d_head`` rows of ``B``; ``A`` is shared by the heads of its
+(layer, target). Restriction masks the gradient of ``delta``, so ``A`` receives gradient only through the open
+heads' rows and ``A`` counts as open when any head of its (layer, target) is open. Consequence (like K under
+GQA): a head whose rows of ``B`` are non-zero sees its delta move when ``A`` moves, even while it is closed; a
+head that was never open keeps ``B`` rows at zero and its effective weights bit-identical to the base.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+import operator
+import weakref
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange, reduce, repeat
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from abft_lens.backends.tl import HookedTransformer
+
+KINDS = ("full", "lora")
+TARGETS = ("q", "k")
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its live Trainable
+
+
+@dataclass(frozen=True)
+class TrainableConfig:
+    """What trains. ``heads``: optional fixed selection of ``(layer, head)`` pairs; only their slices change."""
+
+    kind: str = "full"
+    targets: tuple[str, ...] = ("q", "k")
+    bias: bool = False
+    lora_r: int = 16
+    lora_alpha: float | None = None
+    lora_init_seed: int = 0
+    heads: frozenset[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"TrainableConfig.kind={self.kind!r} is unknown; use one of {KINDS}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        bad = [t for t in targets if t not in TARGETS]
+        if bad or not targets:
+            raise ValueError(f"TrainableConfig.targets={self.targets!r}: each must be one of {TARGETS}, at least one")
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
+            raise ValueError(f"TrainableConfig.lora_r={self.lora_r!r} must be a positive integer (e.g. 16)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"TrainableConfig.lora_alpha={self.lora_alpha!r} must be > 0, or None for alpha = r")
+        if self.heads is not None:
+            try:
+                heads = frozenset((operator.index(l), operator.index(h)) for l, h in self.heads)
+            except (TypeError, ValueError):
+                raise ValueError(f"TrainableConfig.heads={self.heads!r}: give (layer, head) integer pairs") from None
+            if not heads or any(l < 0 or h < 0 for l, h in heads):
+                raise ValueError(f"TrainableConfig.heads={self.heads!r}: give a non-empty set of (layer, head) >= 0")
+            object.__setattr__(self, "heads", heads)
+
+    @property
+    def lora_scale(self) -> float:
+        """LoRA multiplier alpha / r (1.0 with the default alpha = r)."""
+        return (self.lora_r if self.lora_alpha is None else self.lora_alpha) / self.lora_r
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; ``heads`` becomes a sorted list of ``[layer, head]``."""
+        return {
+            "kind": self.kind, "targets": list(self.targets), "bias": self.bias, "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha, "lora_init_seed": self.lora_init_seed,
+            "heads": None if self.heads is None else [list(p) for p in sorted(self.heads)],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainableConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they usually mean a version mismatch)."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"TrainableConfig.from_dict: unknown keys {unknown}; known: {list(cls.__dataclass_fields__)}")
+        kw = dict(d)
+        if "targets" in kw:
+            kw["targets"] = tuple(kw["targets"])
+        if kw.get("heads") is not None:
+            kw["heads"] = frozenset(tuple(p) for p in kw["heads"])
+        return cls(**kw)
+
+
+class LoraDelta(nn.Module):
+    """Parametrization ``W -> W + scale * (B @ A)`` viewed per head, for one ``[n_out, d_model, d_head]`` weight.
+
+    ``lora_A`` [r, d_model] is drawn like PEFT (uniform ±1/sqrt(d_model)); ``lora_B`` [n_out*d_head, r] starts
+    at zero, so attaching changes nothing. Adapters are float32 (float64 for float64 weights); the delta is
+    cast to the weight's dtype. ``grad_mask`` (Bool [n_out, 1, 1] or None), read at backward time, zeroes the
+    gradient of closed heads' delta before it reaches A and B.
+    """
+
+    def __init__(self, weight: Float[Tensor, "n d_model d_head"], r: int, scale: float, gen: torch.Generator):
+        super().__init__()
+        n_out, d_model, d_head = weight.shape
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        bound = 1.0 / math.sqrt(d_model)
+        a = (torch.rand(r, d_model, generator=gen, dtype=dtype) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(a.to(weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out * d_head, r, dtype=dtype, device=weight.device))
+        self.scale, self.n_out = scale, n_out
+        self.grad_mask: Tensor | None = None
+
+    def delta(self) -> Float[Tensor, "n d_model d_head"]:
+        """``scale * (B @ A)`` as ``[n_out, d_model, d_head]``, in the adapters' dtype."""
+        return rearrange(self.scale * (self.lora_B @ self.lora_A), "(n h) m -> n m h", n=self.n_out)
+
+    def _mask_grad(self, grad: Tensor) -> Tensor | None:
+        return None if self.grad_mask is None else grad.masked_fill(~self.grad_mask, 0)
+
+    def forward(self, weight: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n d_model d_head"]:
+        delta = self.delta()
+        if delta.requires_grad:
+            delta.register_hook(self._mask_grad)
+        return weight + delta.to(weight.dtype)
+
+
+@dataclass
+class Slot:
+    """One trained tensor: stable name, (layer, target), role in weight/bias/lora_A/lora_B, the parameter."""
+
+    name: str
+    layer: int
+    target: str
+    role: str
+    param: nn.Parameter
+
+
+class Trainable:
+    """Handle on an attached model; build the optimizer from :meth:`parameters`. Created by :func:`attach`."""
+
+    def __init__(self, model: HookedTransformer, config: TrainableConfig):
+        self.model, self.config = model, config
+        cfg = model.cfg
+        self.n_layers, self.n_heads, self.d_head = cfg.n_layers, cfg.n_heads, cfg.d_head
+        self.group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)  # query heads per kv head
+        self._fixed: Bool[Tensor, "layer head"] | None = None
+        if config.heads is not None:
+            bad = sorted(p for p in config.heads if p[0] >= self.n_layers or p[1] >= self.n_heads)
+            if bad:
+                raise ValueError(f"TrainableConfig.heads {bad} out of range: model has {self.n_layers} layers x "
+                                 f"{self.n_heads} heads (0-based)")
+            self._fixed = torch.zeros(self.n_layers, self.n_heads, dtype=torch.bool)
+            self._fixed[tuple(torch.tensor(sorted(config.heads)).T)] = True
+        self._sample: Bool[Tensor, "layer head"] | None = None
+        self._slots: list[Slot] = []
+        self._loras: dict[tuple[int, str], LoraDelta] = {}
+        self._lora_attr: dict[tuple[int, str], str] = {}
+        self._bias_backup: dict[str, Tensor] = {}
+        self._hooks: list = []
+        self._open = True
+        self._wire()
+
+    # --- wiring -------------------------------------------------------------------------------------------
+    def _attn_names(self, layer: int) -> dict[str, str]:
+        """Model attribute names of the weight/bias of each target (``_W_K``/``_b_K`` under GQA); before wiring."""
+        gqa = "_W_K" in dict(self.model.blocks[layer].attn.named_parameters(recurse=False))
+        return {"q": "W_Q", "k": "_W_K" if gqa else "W_K", "bq": "b_Q", "bk": "_b_K" if gqa else "b_K"}
+
+    def _wire(self) -> None:
+        model, config = self.model, self.config
+        if getattr(model.cfg, "load_in_4bit", False):
+            raise ValueError("attach: 4-bit TransformerLens weights are packed uint8 and cannot be trained or "
+                             "parametrized; load the model unquantized")
+        live = attached(model)
+        if (live is not None and live._open) or any(parametrize.is_parametrized(b.attn) for b in model.blocks):
+            raise ValueError("attach: this model already has an attached Trainable (or parametrized attention); "
+                             "call merge() or remove() on it first")
+        register_attached(model, self)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gen = torch.Generator().manual_seed(config.lora_init_seed)
+        for layer in range(self.n_layers):
+            attn, names = self.model.blocks[layer].attn, self._attn_names(layer)
+            for t in config.targets:
+                w_name, prefix = names[t], f"blocks.{layer}.attn."
+                if config.kind == "full":
+                    self._add(Slot(prefix + w_name, layer, t, "weight", getattr(attn, w_name)))
+                else:
+                    lora = LoraDelta(getattr(attn, w_name).detach(), config.lora_r, config.lora_scale, gen)
+                    parametrize.register_parametrization(attn, w_name, lora)
+                    self._loras[(layer, t)] = lora
+                    self._lora_attr[(layer, t)] = w_name
+                    for role in ("lora_A", "lora_B"):
+                        self._slots.append(Slot(f"{prefix}{w_name}.{role}", layer, t, role, getattr(lora, role)))
+                if config.bias:
+                    b = getattr(attn, names["b" + t])
+                    self._add(Slot(prefix + names["b" + t], layer, t, "bias", b))
+                    if config.kind == "lora":
+                        self._bias_backup[prefix + names["b" + t]] = b.detach().clone()
+        self._refresh_masks()
+
+    def _add(self, slot: Slot) -> None:
+        """A directly trained model tensor: requires grad, with a hook that masks its gradient per head."""
+        slot.param.requires_grad_(True)
+        self._slots.append(slot)
+        self._hooks.append(slot.param.register_hook(lambda g, s=slot: self._mask_leaf_grad(s, g)))
+
+    def _mask_leaf_grad(self, slot: Slot, grad: Tensor) -> Tensor | None:
+        heads = self._active_heads()
+        return None if heads is None else grad.masked_fill(~self._slot_mask(slot, heads), 0)
+
+    def _active_heads(self) -> Bool[Tensor, "layer head"] | None:
+        s, f = self._sample, self._fixed
+        return f if s is None else (s if f is None else s & f)
+
+    def _refresh_masks(self) -> None:
+        heads = self._active_heads()
+        for (layer, t), lora in self._loras.items():
+            lora.grad_mask = None if heads is None else rearrange(
+                self._out_open(heads[layer], t).to(lora.lora_B.device), "n -> n 1 1")
+
+    # --- masks --------------------------------------------------------------------------------------------
+    def _check_heads(self, heads: Tensor) -> Bool[Tensor, "layer head"]:
+        if not isinstance(heads, Tensor) or heads.dtype != torch.bool or tuple(heads.shape) != (self.n_layers, self.n_heads):
+            got = f"{heads.dtype} {tuple(heads.shape)}" if isinstance(heads, Tensor) else type(heads).__name__
+            raise ValueError(f"expected a bool tensor [layer, head] = ({self.n_layers}, {self.n_heads}) of "
+                             f"participating heads, got {got}; build it with e.g. scores > threshold")
+        return heads.cpu()
+
+    def _out_open(self, layer_heads: Bool[Tensor, "head"], target: str) -> Bool[Tensor, "n_out"]:
+        """Open output heads of one (layer, target): the query heads for q, the union per kv group for k."""
+        return layer_heads if target == "q" else reduce(layer_heads, "(g r) -> g", "any", r=self.group)
+
+    def _slot_mask(self, slot: Slot, heads: Bool[Tensor, "layer head"]) -> Tensor:
+        """Bool mask of ``slot.param``'s open entries, shape ``[size0, 1, ...]`` (or all-ones ``[1, ...]``)."""
+        open_, p = self._out_open(heads[slot.layer], slot.target), slot.param
+        if slot.role == "lora_B":
+            open_ = repeat(open_, "n -> (n h)", h=self.d_head)
+        elif slot.role == "lora_A":
+            open_ = open_.any().reshape(1)
+        return open_.reshape(-1, *([1] * (p.dim() - 1))).to(p.device)
+
+    def head_masks(self, participating: Bool[Tensor, "layer head"] | None = None) -> dict[str, Tensor]:
+        """Open-entry masks per trained tensor for a head set, intersected with the fixed ``heads=``.
+
+        ``participating[l, h]`` opens W_Q/b_Q head h of layer l; K slices follow the union rule (module
+        docstring); LoRA opens B's rows of the open heads and A when any head of its (layer, target) is open.
+        ``None`` means every head. Each mask is bool, broadcastable to its tensor, varying only along dim 0.
+        """
+        heads = torch.ones(self.n_layers, self.n_heads, dtype=torch.bool) if participating is None \
+            else self._check_heads(participating)
+        if self._fixed is not None:
+            heads = heads & self._fixed
+        return {s.name: self._slot_mask(s, heads) for s in self._live_slots()}
+
+    @contextmanager
+    def restricted(self, participating: Bool[Tensor, "layer head"]) -> Iterator[None]:
+        """Restricted gradient for one sample: gradients computed inside reach only the open heads' slices.
+
+        Wrap that sample's ``backward()`` (the forward may run outside): masks are applied as gradients are
+        produced, so accumulation over a pseudo-batch sums per-sample masked gradients. Full mode masks each tensor's slices; LoRA masks
+        the delta's gradient per head, so A learns only through open heads. Combine with :func:`masked_step`
+        to keep closed slices bit-identical through the optimizer step.
+        """
+        self._live_slots()
+        previous, self._sample = self._sample, self._check_heads(participating)
+        self._refresh_masks()
+        try:
+            yield
+        finally:
+            self._sample = previous
+            self._refresh_masks()
+
+    # --- parameters and state -----------------------------------------------------------------------------
+    def _live_slots(self) -> list[Slot]:
+        if not self._open:
+            raise ValueError("this Trainable was merged or removed; call attach(model, config) again to train")
+        return self._slots
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(stable name, parameter) of every trained tensor; names are model names (+ ``.lora_A``/``.lora_B``)."""
+        return ((s.name, s.param) for s in self._live_slots())
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The trained tensors, for the optimizer."""
+        return (s.param for s in self._live_slots())
+
+    @property
+    def n_trainable(self) -> int:
+        """Number of trained scalars (the paper reports trainable-parameter counts)."""
+        return sum(s.param.numel() for s in self._live_slots())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The trained tensors only: detached, contiguous copies on CPU (safetensors-ready)."""
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.named_parameters()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Strict load of :meth:`state_dict` output (device/dtype converted); mismatches raise ValueError."""
+        params = dict(self.named_parameters())
+        missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"Trainable.load_state_dict: missing keys {missing}, unexpected keys {unexpected}; "
+                             "attach with the TrainableConfig the state dict was saved with")
+        for name, p in params.items():
+            if tuple(state_dict[name].shape) != tuple(p.shape):
+                raise ValueError(f"Trainable.load_state_dict: {name} has shape {tuple(state_dict[name].shape)}, "
+                                 f"the model expects {tuple(p.shape)}; was it saved from another model?")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state_dict[name])
+
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """Effective trained model tensors (W_Q, _W_K or W_K, biases) as CPU copies, without merging: exports."""
+        out = {}
+        for s in self._live_slots():
+            name = s.name.rsplit(".lora_", 1)[0]
+            attn = self.model.blocks[s.layer].attn
+            out[name] = getattr(attn, name.rsplit(".", 1)[1]).detach().to("cpu", copy=True).contiguous()
+        return out
+
+    # --- ending -------------------------------------------------------------------------------------------
+    def _close(self, leave_parametrized: bool) -> None:
+        for h in self._hooks:
+            h.remove()
+        for (layer, t), w_name in self._lora_attr.items():
+            parametrize.remove_parametrizations(self.model.blocks[layer].attn, w_name, leave_parametrized=leave_parametrized)
+        for s in self._slots:
+            s.param.requires_grad_(False)
+        self._open = False
+
+    def merge(self) -> None:
+        """LoRA: fold the adapters into W_Q/W_K, drop the parametrization. Full: weights are already in place.
+        Ends this Trainable either way (hooks removed, everything frozen)."""
+        self._live_slots()
+        self._close(leave_parametrized=True)
+
+    def remove(self) -> None:
+        """LoRA: drop the adapters and restore the original weights (and trained biases) exactly."""
+        self._live_slots()
+        if self.config.kind == "full":
+            raise ValueError("remove(): full fine-tuning writes into W_Q/W_K in place, there is nothing to remove; "
+                             "reload the model (or use kind='lora') to get the original weights back")
+        with torch.no_grad():
+            for name, value in self._bias_backup.items():
+                self.model.get_parameter(name).copy_(value)
+        self._close(leave_parametrized=False)
+
+
+def attached(model) -> Trainable | None:
+    """The Trainable currently attached to ``model`` (open, merged or removed), or None: one per model."""
+    return _ATTACHED.get(model)
+
+
+def register_attached(model, trainable: Trainable) -> None:
+    """Record ``trainable`` as the one attached to ``model`` (called by each Trainable's wiring)."""
+    _ATTACHED[model] = trainable
