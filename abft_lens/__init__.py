@@ -1,11 +1,17 @@
 """abft-lens: Attention Behavior Fine-Tuning of induction heads for in-context learning.
 
-The public API, in the order data flows (imported lazily, so ``import abft_lens`` is instant)::
+The public API, in the order data flows (imported lazily, so ``import abft_lens`` is instant). Every function
+takes the model itself, a TransformerLens ``HookedTransformer`` (or a ``TransformerBridge`` for 4-bit bases),
+whether abft-lens loaded it or the user built it; the tokenizer is ``model.tokenizer``::
 
-    loaded = abft_lens.load_model("smollm2-135m")                 # hooked model + tokenizer
+    import abft_lens
+
+    model = abft_lens.load_model("smollm2-135m")                  # HookedTransformer, unprocessed weights
     task = abft_lens.load_task("sst2")                            # StaICC dataset (or a CSV/JSONL file)
-    before = abft_lens.evaluate(loaded, task, k=4, n_test=256)    # StaICC "Normal" metrics
-    run = abft_lens.run_training(loaded, task, abft_lens.TrainConfig(lr=5e-4), run_dir="runs/demo")
+    before = abft_lens.evaluate(model, task, k=4, n_test=256)     # StaICC "Normal" metrics
+    config = abft_lens.TrainConfig(lr=5e-4, train_samples=128, pseudo_batch_size=16, epochs=1)
+    run = abft_lens.run_training(model, task, config, run_dir="runs/demo", n_test=256)
+    info = abft_lens.model_info(model)                            # name, source, hf_dir, adds_bos, load_seconds
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import importlib
 from abft_lens.version import __version__
 
 _EXPORTS = {
-    "load_model": "backends.loading", "LoadedModel": "backends.loading", "tiny_model": "backends.loading",
+    "load_model": "backends.loading", "tiny_model": "backends.loading",
+    "LoadedModel": "backends.provenance", "ModelInfo": "backends.provenance", "model_info": "backends.provenance",
+    "describe_model": "backends.provenance",
     "load_task": "data.tasks", "ICLTask": "data.tasks", "Template": "data.tasks", "Example": "data.tasks",
     "PromptBuilder": "data.prompts", "ICLPrompt": "data.prompts", "test_prompts": "data.prompts", "sample_prompts": "data.prompts",
     "capture_attention_rows": "interp.capture",

@@ -28,11 +28,11 @@ def main() -> None:
     args = parser.parse_args()
     meta = read_json(args.run_dir / "config.json")
     trained = meta["task"]["name"]
-    loaded = load_model(meta["model"]["name"])
+    model = load_model(meta["model"]["name"])
     rows, seconds = {}, {}
     for name, calibrated in (("base", False), ("base_cc", True)):
         wall, cpu = time.perf_counter(), time.process_time()
-        results = evaluate_datasets(loaded, k=meta["train"]["k"], n_test=args.n_test, calibrated=calibrated,
+        results = evaluate_datasets(model, k=meta["train"]["k"], n_test=args.n_test, calibrated=calibrated,
                                     batch_size=args.batch_size, progress=True)
         seconds[name] = {"wall": round(time.perf_counter() - wall, 1), "cpu": round(time.process_time() - cpu, 1)}
         rows[name] = {task: result.accuracy for task, result in results.items()}

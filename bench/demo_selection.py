@@ -34,13 +34,13 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for lr in args.lrs:
-            loaded = load_model("smollm2-135m")
+            model = load_model("smollm2-135m")
             config = TrainConfig(train_samples=args.train_samples, pseudo_batch_size=args.pseudo_batch_size,
                                  epochs=1, lr=lr, seed=seed, penalty_mode=args.penalty_mode,
                                  restricted_gradient=args.restricted_gradient,
                                  validation_examples=256, validation_prompts=64, validate_every=2)
             start = time.perf_counter()
-            run = run_training(loaded, task, config, fore_test=False, post_test=False, progress=False)
+            run = run_training(model, task, config, fore_test=False, post_test=False, progress=False)
             results.append({"lr": lr, "seed": seed, "penalty_mode": args.penalty_mode,
                             "restricted_gradient": args.restricted_gradient, "seconds": round(time.perf_counter() - start, 1),
                             "validation": [(v["step"], v["accuracy"]) for v in run.validation],

@@ -3,7 +3,7 @@
 What is compared, on the embedded SmolLM2-135M and the first ``--n`` fixed StaICC test prompts (k demos):
 
   a      StaICC's own per-prompt kernel ``standard_ICL_inference_with_torch_Causal_LM`` on the Hugging Face model
-         read from ``loaded.hf_dir`` (float32). This is what the paper's harness runs: one unpadded prompt per
+         read from ``model_info(model).hf_dir`` (float32). This is what the paper's harness runs: one unpadded prompt per
          forward, full-vocabulary logits at every position, hidden states returned.
   b1     abft-lens ``label_probabilities`` (HookedTransformer, float32), batch size 1.
   bB     the same with ``--batch-size`` (length-sorted, left-padded batches).
@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from abft_lens.evaluation.evaluator import label_probabilities
 from abft_lens.data.prompts import prompt_builder
 from abft_lens.backends.loading import load_model
+from abft_lens.backends.provenance import model_info
 from abft_lens.data.prompts import pad_token_id, test_prompts
 from abft_lens.data.tasks import load_task
 
@@ -64,8 +65,9 @@ def main() -> None:
     task = load_task(args.dataset)
     fp32 = load_model("smollm2-135m", dtype=torch.float32)
     bf16 = load_model("smollm2-135m", dtype=torch.bfloat16)
-    hf_model = AutoModelForCausalLM.from_pretrained(fp32.hf_dir, dtype=torch.float32).eval()
-    hf_tok = AutoTokenizer.from_pretrained(fp32.hf_dir)
+    hf_dir = model_info(fp32).hf_dir
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
     builder = prompt_builder(fp32, task)
     prompts = test_prompts(builder, args.k, args.n)
     pad, label_ids = pad_token_id(builder.tokenizer), builder.label_token_ids
@@ -86,8 +88,8 @@ def main() -> None:
             prompt=p.text, model=hf_model, tokenizer=hf_tok, label_space=label_space, cache_empty=None)
             for p in prompts], dtype=torch.float32)
 
-    def lens(loaded, batch_size):
-        return lambda: label_probabilities(loaded.model, prompts, label_ids, pad_id=pad, batch_size=batch_size)
+    def lens(model, batch_size):
+        return lambda: label_probabilities(model, prompts, label_ids, pad_id=pad, batch_size=batch_size)
 
     methods = {
         "a: StaICC kernel, HF fp32, per prompt": staicc,

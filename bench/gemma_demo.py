@@ -69,11 +69,11 @@ def zero_shot(n_test: int, batch_size: int) -> dict:
     from abft_lens.evaluation.robustness import zero_shot_prompts
     from abft_lens.data.tasks import load_task
 
-    loaded = load_model("gemma3-270m")
+    model = load_model("gemma3-270m")
     task = load_task("sst2")
-    builder = prompt_builder(loaded, task)
+    builder = prompt_builder(model, task)
     start = time.perf_counter()
-    result = evaluate_prompts(loaded.model, builder, zero_shot_prompts(builder, n_test), batch_size=batch_size)
+    result = evaluate_prompts(model, builder, zero_shot_prompts(builder, n_test), batch_size=batch_size)
     return {"n": n_test, "metrics": result.metrics, "seconds": round(time.perf_counter() - start, 1)}
 
 

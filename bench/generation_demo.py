@@ -32,16 +32,16 @@ from abft_lens.training.runs import load_run
 from abft_lens.data.tasks import load_task
 
 
-def tl_generate_one_by_one(loaded, prefixes, max_new_tokens):
+def tl_generate_one_by_one(model, prefixes, max_new_tokens):
     """The previous ``continuations``: TransformerLens ``generate`` on each prefix alone (greedy, KV cache)."""
     out = []
     for prefix in prefixes:
-        ids = _encode(loaded, prefix)
+        ids = _encode(model, prefix)
         with torch.inference_mode():
-            generated = loaded.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                              stop_at_eos=loaded.tokenizer.eos_token_id is not None, verbose=False,
-                                              return_type="tokens", prepend_bos=False)
-        out.append(loaded.tokenizer.decode(generated[0, len(ids):].tolist(), skip_special_tokens=True))
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                       stop_at_eos=model.tokenizer.eos_token_id is not None, verbose=False,
+                                       return_type="tokens", prepend_bos=False)
+        out.append(model.tokenizer.decode(generated[0, len(ids):].tolist(), skip_special_tokens=True))
     return out
 
 
@@ -63,7 +63,7 @@ def mauve_seed_spread(features: dict, seeds) -> dict[str, list[float]]:
             for name, (p, q) in pairs.items() if p in features and q in features}
 
 
-def compare_speed(loaded, prefixes, max_new_tokens, batch_size) -> dict:
+def compare_speed(model, prefixes, max_new_tokens, batch_size) -> dict:
     """The previous path against ``continuations``, interleaved prefix by prefix (old, new batch 1) so both
     see the same load, then ``continuations`` in batches of ``batch_size`` before and after (fastest kept)."""
     seconds = {"tl_generate_one_at_a_time": [0.0, 0.0], "continuations_batch_1": [0.0, 0.0]}
@@ -72,11 +72,11 @@ def compare_speed(loaded, prefixes, max_new_tokens, batch_size) -> dict:
         for name, function, kwargs, sink in (
                 ("tl_generate_one_at_a_time", tl_generate_one_by_one, {}, old),
                 ("continuations_batch_1", continuations, {"batch_size": 1}, one)):
-            result, wall, cpu = timed_cpu(function, loaded, [prefix], max_new_tokens, **kwargs)
+            result, wall, cpu = timed_cpu(function, model, [prefix], max_new_tokens, **kwargs)
             sink += result
             seconds[name][0] += wall
             seconds[name][1] += cpu
-    runs = [timed_cpu(continuations, loaded, prefixes, max_new_tokens, batch_size=batch_size) for _ in range(2)]
+    runs = [timed_cpu(continuations, model, prefixes, max_new_tokens, batch_size=batch_size) for _ in range(2)]
     batched = runs[0][0]
     batch_name = f"continuations_batch_{batch_size}"
     seconds[batch_name] = [min(r[1] for r in runs), min(r[2] for r in runs)]

@@ -27,15 +27,16 @@ VARIANTS = {"4bit-lora16": ["--quantized"], "float32-lora16": []}
 def weight_memory_mib() -> dict:
     """Bytes of parameters and buffers of the loaded model, MiB (what the 4-bit layers save)."""
     from abft_lens.backends.loading import load_model
+    from abft_lens.backends.provenance import model_info
 
     out = {}
     for name, quantized in (("4bit", True), ("float32", False)):
-        loaded = load_model("smollm2-135m", quantized=quantized)
-        tensors = [*loaded.model.parameters(), *loaded.model.buffers()]
+        model = load_model("smollm2-135m", quantized=quantized)
+        tensors = [*model.parameters(), *model.buffers()]
         if quantized:
-            tensors = [*loaded.model.original_model.parameters(), *loaded.model.original_model.buffers()]
+            tensors = [*model.original_model.parameters(), *model.original_model.buffers()]
         out[name] = {"weights_mib": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1),
-                     "load_seconds": round(loaded.load_seconds, 1)}
+                     "load_seconds": round(model_info(model).load_seconds, 1)}
     return out
 
 

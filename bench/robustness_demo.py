@@ -21,19 +21,19 @@ from abft_lens.training.runs import load_run
 from abft_lens.data.tasks import load_task
 
 
-def measure(loaded, task, args) -> dict:
-    datasets = evaluate_datasets(loaded, k=4, n_test=args.n_test, batch_size=args.batch_size)
+def measure(model, task, args) -> dict:
+    datasets = evaluate_datasets(model, k=4, n_test=args.n_test, batch_size=args.batch_size)
     accuracy = {name: result.accuracy for name, result in datasets.items()}
-    unseen = unseen_label_test(loaded, task, k=4, n_test=args.n_unseen, batch_size=args.batch_size)
+    unseen = unseen_label_test(model, task, k=4, n_test=args.n_unseen, batch_size=args.batch_size)
     return {
         "accuracy": accuracy,
         "summary": generalization_summary(accuracy, task.name),
-        "template_consistency": template_sensitivity(loaded, task, k=4, n_queries=args.queries,
+        "template_consistency": template_sensitivity(model, task, k=4, n_queries=args.queries,
                                                      batch_size=args.batch_size).consistency,
-        "demonstration_consistency": demonstration_sensitivity(loaded, task, k=4, n_queries=args.queries,
+        "demonstration_consistency": demonstration_sensitivity(model, task, k=4, n_queries=args.queries,
                                                                batch_size=args.batch_size).consistency,
         "unseen_label": {name: result.accuracy for name, result in unseen.items()},
-        "contextual_bias": contextual_bias(loaded, task, k=4, n_prompts=args.n_unseen, batch_size=args.batch_size),
+        "contextual_bias": contextual_bias(model, task, k=4, n_prompts=args.n_unseen, batch_size=args.batch_size),
     }
 
 
@@ -48,11 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     meta = read_json(args.run_dir / "config.json")
     task = load_task(meta["task"]["name"])
-    loaded = load_model(meta["model"]["name"])
+    model = load_model(meta["model"]["name"])
     start = time.perf_counter()
-    before = measure(loaded, task, args)
-    load_run(args.run_dir, loaded)
-    after = measure(loaded, task, args)
+    before = measure(model, task, args)
+    load_run(args.run_dir, model)
+    after = measure(model, task, args)
     write_json(args.output, {"run": str(args.run_dir), "settings": vars(args) | {"run_dir": str(args.run_dir),
                "output": str(args.output)}, "before": before, "after": after,
                "seconds": round(time.perf_counter() - start, 1)})

@@ -53,13 +53,16 @@ def stock_layout(model):
     return model
 
 
-def make_unit(method: str, loaded, builder, batch: int, seed: int):
+_STOCK: dict = {}  # "model": the stock-layout copy ABFT-stock trains, built once per process
+
+
+def make_unit(method: str, model, builder, batch: int, seed: int):
     """A callable running one pseudo-batch of ``method``; fresh trainable state per method."""
     config = TrainConfig(method="E2E" if method == "E2E" else "ABFT", train_samples=batch, pseudo_batch_size=batch,
                          epochs=1, lr=1e-6, seed=seed)
-    if method == "ABFT-stock" and not hasattr(loaded, "stock"):
-        loaded.stock = stock_layout(load_model("smollm2-135m").model)
-    trainer = Trainer(loaded.stock if method == "ABFT-stock" else loaded.model, builder, config)
+    if method == "ABFT-stock" and "model" not in _STOCK:
+        _STOCK["model"] = stock_layout(load_model("smollm2-135m"))
+    trainer = Trainer(_STOCK["model"] if method == "ABFT-stock" else model, builder, config)
     prompts = trainer.prompts
     if method != "bare":
         return trainer, lambda: trainer.step(prompts)
@@ -68,19 +71,19 @@ def make_unit(method: str, loaded, builder, batch: int, seed: int):
         trainer.optimizer.zero_grad(set_to_none=True)
         for prompt in prompts:
             tokens = torch.tensor([prompt.token_ids])
-            (forward_residual(loaded.model, tokens)[0, -1].sum() / len(prompts)).backward()
+            (forward_residual(model, tokens)[0, -1].sum() / len(prompts)).backward()
         trainer.optimizer.step()
 
     return trainer, bare
 
 
-def time_methods(loaded, builder, args) -> dict[str, list[float]]:
+def time_methods(model, builder, args) -> dict[str, list[float]]:
     """Seconds per sample of each method and round; round 0 is an untimed warm-up."""
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
     for round_index in range(args.rounds + 1):
         order = METHODS if round_index % 2 == 0 else METHODS[::-1]
         for method in order:  # one Trainable per model at a time: attach, run, merge
-            trainer, unit = make_unit(method, loaded, builder, args.batch, args.seed)
+            trainer, unit = make_unit(method, model, builder, args.batch, args.seed)
             start = time.perf_counter()
             unit()
             if round_index > 0:
@@ -91,11 +94,11 @@ def time_methods(loaded, builder, args) -> dict[str, list[float]]:
 
 def child(args) -> None:
     """Run one method alone for a few pseudo-batches and print its peak RSS in MiB."""
-    loaded = load_model("smollm2-135m")
+    model = load_model("smollm2-135m")
     if args.child == "ABFT-stock":
-        loaded.stock = stock_layout(loaded.model)  # one model in this process, as for the other methods
-    builder = prompt_builder(loaded, load_task(args.dataset))
-    _, unit = make_unit(args.child, loaded, builder, args.batch, args.seed)
+        _STOCK["model"] = stock_layout(model)  # one model in this process, as for the other methods
+    builder = prompt_builder(model, load_task(args.dataset))
+    _, unit = make_unit(args.child, model, builder, args.batch, args.seed)
     loaded_rss = _current_rss_mib()
     for _ in range(2):
         unit()
@@ -121,16 +124,16 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    loaded = load_model("smollm2-135m")
-    builder = prompt_builder(loaded, load_task(args.dataset))
-    seconds = time_methods(loaded, builder, args)
+    model = load_model("smollm2-135m")
+    builder = prompt_builder(model, load_task(args.dataset))
+    seconds = time_methods(model, builder, args)
     median = {m: statistics.median(v) for m, v in seconds.items()}
     memory = {}
     for method in METHODS:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--batch", str(args.batch),
                               "--dataset", args.dataset], capture_output=True, text=True, check=True)
         memory[method] = json.loads(out.stdout.strip().splitlines()[-1])
-    tokens = statistics.mean(len(p.token_ids) for p in make_unit("bare", loaded, builder, args.batch, args.seed)[0].prompts)
+    tokens = statistics.mean(len(p.token_ids) for p in make_unit("bare", model, builder, args.batch, args.seed)[0].prompts)
     print(f"SmolLM2-135M, float32, {torch.get_num_threads()} threads, ~{tokens:.0f}-token prompts, "
           f"median of {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
     print(f"{'method':<10} {'s/sample':>9} {'x bare':>7} {'peak RSS':>9} {'RSS after 2 steps':>18} (MiB)")

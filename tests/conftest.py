@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from abft_lens.backends.loading import tiny_model
+from abft_lens.backends.provenance import model_info
 
 # One intra-op thread per test process: tiny models are fastest on one thread, and parallel workers
 # (pytest -n 2) with two threads each oversubscribe two cores (measured 10x slower).
@@ -59,7 +60,7 @@ def embedded_hf(embedded):
     """The Hugging Face model read from the embedded model's converted folder, float32, eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(embedded.hf_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_info(embedded).hf_dir, dtype=torch.float32).eval()
 
 
 class NetworkAttempted(RuntimeError):

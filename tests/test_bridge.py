@@ -22,6 +22,7 @@ from abft_lens.reporting.export import export_run
 from abft_lens.evaluation.evaluator import label_probabilities
 from abft_lens.data.prompts import prompt_builder
 from abft_lens.backends.loading import EMBEDDED_NAME, load_model
+from abft_lens.backends.provenance import describe_model, model_info
 from abft_lens.training.objectives import abft_loss
 from abft_lens.data.prompts import pad_token_id
 from abft_lens.data.prompts import test_prompts as fixed_test_prompts
@@ -39,8 +40,8 @@ def sst2():
     return load_task("sst2")
 
 
-def _prompts(loaded, task, n=4, k=2):
-    return fixed_test_prompts(prompt_builder(loaded, task), k, n)
+def _prompts(model, task, n=4, k=2):
+    return fixed_test_prompts(prompt_builder(model, task), k, n)
 
 
 def _loss(model, prompt):
@@ -68,8 +69,8 @@ def _grads(trainable):
 def test_peft_lora_on_the_bridge_equals_the_hooked_lora(hf_llama_dir, sst2):
     hooked, bridge = load_model(str(hf_llama_dir)), load_bridge(hf_llama_dir, name="t", source="hf-folder",
                                                                   quantize=False)
-    assert is_bridge(bridge.model) and not is_bridge(hooked.model)
-    h_train, b_train = attach(hooked.model, LORA), attach(bridge.model, LORA)
+    assert is_bridge(bridge) and not is_bridge(hooked)
+    h_train, b_train = attach(hooked, LORA), attach(bridge, LORA)
     assert type(b_train).__name__ == "PeftLoraTrainable"
     # same names, same shapes and the same initial A (drawn from lora_init_seed in the same order)
     h_state, b_state = h_train.state_dict(), b_train.state_dict()
@@ -79,7 +80,7 @@ def test_peft_lora_on_the_bridge_equals_the_hooked_lora(hf_llama_dir, sst2):
     prompt = _prompts(hooked, sst2, n=1)[0]
     participating = torch.tensor([[True, False, True, False], [False, True, True, False]])
     losses = []
-    for model, trainable in ((hooked.model, h_train), (bridge.model, b_train)):
+    for model, trainable in ((hooked, h_train), (bridge, b_train)):
         loss = _loss(model, prompt)
         with trainable.restricted(participating):
             loss.backward()
@@ -97,20 +98,20 @@ def test_peft_lora_on_the_bridge_equals_the_hooked_lora(hf_llama_dir, sst2):
 
 def test_4bit_load_and_batched_evaluation(hf_llama_dir, sst2):
     loaded = load_model(str(hf_llama_dir), quantized=True)
-    assert loaded.quantized and loaded.describe()["quantized"] and loaded.info["backend"] == "TransformerBridge"
-    q_proj = loaded.model.blocks[0].attn.q.original_component
+    assert model_info(loaded).quantized and describe_model(loaded)["quantized"] and model_info(loaded).info["backend"] == "TransformerBridge"
+    q_proj = loaded.blocks[0].attn.q.original_component
     assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.dtype == torch.uint8
     prompts = _prompts(loaded, sst2, n=8)
     ids, pad = prompt_builder(loaded, sst2).label_token_ids, pad_token_id(loaded.tokenizer)
-    single = label_probabilities(loaded.model, prompts, ids, pad_id=pad, batch_size=1)
-    batched = label_probabilities(loaded.model, prompts, ids, pad_id=pad, batch_size=8)
+    single = label_probabilities(loaded, prompts, ids, pad_id=pad, batch_size=1)
+    batched = label_probabilities(loaded, prompts, ids, pad_id=pad, batch_size=8)
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
     # the final residual of the seam equals the model's own logits path
     tokens = torch.tensor([prompts[0].token_ids])
     with torch.no_grad():
-        logits = loaded.model(tokens)[0, -1]
-        final = loaded.model.ln_final(forward_residual(loaded.model, tokens)[:, -1:])[0, 0]
-    torch.testing.assert_close(final @ loaded.model.W_U + loaded.model.b_U, logits, rtol=0, atol=1e-5)
+        logits = loaded(tokens)[0, -1]
+        final = loaded.ln_final(forward_residual(loaded, tokens)[:, -1:])[0, 0]
+    torch.testing.assert_close(final @ loaded.W_U + loaded.b_U, logits, rtol=0, atol=1e-5)
 
 
 def _dequantized_copy(folder, quantized_model):
@@ -118,7 +119,7 @@ def _dequantized_copy(folder, quantized_model):
     reference = load_bridge(folder, name="ref", source="hf-folder", quantize=False)
     dense = dict(quantized_model.original_model.named_modules())
     with torch.no_grad():
-        for name, module in reference.model.original_model.named_modules():
+        for name, module in reference.original_model.named_modules():
             if isinstance(module, torch.nn.Linear) and "layers" in name:
                 module.weight.copy_(dense_weight(dense[name]))
     return reference
@@ -126,14 +127,14 @@ def _dequantized_copy(folder, quantized_model):
 
 def test_4bit_gradients_equal_the_dequantized_float32_model(hf_llama_dir, sst2):
     quantized = load_model(str(hf_llama_dir), quantized=True)
-    reference = _dequantized_copy(hf_llama_dir, quantized.model)
+    reference = _dequantized_copy(hf_llama_dir, quantized)
     prompt = _prompts(quantized, sst2, n=1)[0]
     with torch.inference_mode():  # an eval-mode pass first: bitsandbytes' CPU repacking must stay off
-        forward_residual(quantized.model, torch.tensor([prompt.token_ids]))
-    q_train, r_train = attach(quantized.model, LORA), attach(reference.model, LORA)
+        forward_residual(quantized, torch.tensor([prompt.token_ids]))
+    q_train, r_train = attach(quantized, LORA), attach(reference, LORA)
     _randomise_b(q_train, r_train, seed=1)
     losses = []
-    for model in (quantized.model, reference.model):
+    for model in (quantized, reference):
         loss = _loss(model, prompt)
         loss.backward()
         losses.append(loss.item())
@@ -145,19 +146,19 @@ def test_4bit_gradients_equal_the_dequantized_float32_model(hf_llama_dir, sst2):
 
 
 def test_4bit_training_moves_only_adapters_and_restriction_holds(hf_llama_dir, sst2):
-    loaded = load_model(str(hf_llama_dir), quantized=True)
+    model = load_model(str(hf_llama_dir), quantized=True)
     fixed = TrainableConfig(kind="lora", lora_r=4, heads=frozenset({(0, 1), (1, 2)}))
-    trainable = attach(loaded.model, fixed)
-    base = {n: t.detach().clone() for n, t in loaded.model.original_model.state_dict().items()}
+    trainable = attach(model, fixed)
+    base = {n: t.detach().clone() for n, t in model.original_model.state_dict().items()}
     assert any(".weight.nested_absmax" in n or n.endswith("base_layer.weight") for n in base)  # 4-bit state inside
     optimizer = torch.optim.Adam(trainable.parameters(), lr=1e-2)
-    for step, prompt in enumerate(_prompts(loaded, sst2, n=3)):
-        loss = _loss(loaded.model, prompt)
+    for step, prompt in enumerate(_prompts(model, sst2, n=3)):
+        loss = _loss(model, prompt)
         with trainable.restricted(torch.ones(2, 4, dtype=torch.bool)):
             loss.backward()
         masked_step(optimizer, trainable)
         optimizer.zero_grad()
-    after = loaded.model.original_model.state_dict()
+    after = model.original_model.state_dict()
     assert set(after) == set(base)
     changed = {n for n in base if not torch.equal(base[n], after[n])}
     assert changed and all(".lora_" in n for n in changed)  # packed 4-bit weights, norms, embeddings untouched
@@ -170,7 +171,7 @@ def test_4bit_training_moves_only_adapters_and_restriction_holds(hf_llama_dir, s
                      .view(4, 8, -1)[[0, 2, 3]] == 0)
     merged = trainable.merged_state_dict()  # effective weights: dequantized base + delta, TL layout
     assert sorted(merged) == [f"blocks.{l}.attn.{w}" for l in (0, 1) for w in ("W_Q", "_W_K")]
-    base_q = dense_weight(loaded.model.blocks[0].attn.q.original_component.get_base_layer()).view(4, 8, -1)
+    base_q = dense_weight(model.blocks[0].attn.q.original_component.get_base_layer()).view(4, 8, -1)
     delta = merged["blocks.0.attn.W_Q"].permute(0, 2, 1) - base_q  # [head, d_head, d_model]
     assert delta[1].abs().sum() > 0 and torch.all(delta[[0, 2, 3]] == 0)
 
@@ -179,19 +180,19 @@ def test_remove_restores_the_exact_base_and_refusals(hf_llama_dir):
     loaded = load_model(str(hf_llama_dir), quantized=True)
     tokens = torch.tensor([[5, 17, 42, 9, 3, 77]])
     with torch.no_grad():
-        before = loaded.model(tokens)
+        before = loaded(tokens)
     with pytest.raises(ValueError, match="LoRA adapters only"):
-        attach(loaded.model, TrainableConfig(kind="full"))
-    trainable = attach(loaded.model, LORA)
+        attach(loaded, TrainableConfig(kind="full"))
+    trainable = attach(loaded, LORA)
     _randomise_b(trainable)
     with torch.no_grad():
-        assert not torch.equal(loaded.model(tokens), before)
+        assert not torch.equal(loaded(tokens), before)
     with pytest.raises(ValueError, match="already carries LoRA"):
-        attach(loaded.model, LORA)
+        attach(loaded, LORA)
     trainable.remove()
     with torch.no_grad():
-        assert torch.equal(loaded.model(tokens), before)
-    assert ADAPTER and not any("lora_" in n for n, _ in loaded.model.named_parameters())
+        assert torch.equal(loaded(tokens), before)
+    assert ADAPTER and not any("lora_" in n for n, _ in loaded.named_parameters())
     with pytest.raises(AbftLensError, match="Hugging Face model behind"):
         load_model("tiny", quantized=True)
     with pytest.raises(AbftLensError, match="dtype"):
@@ -208,7 +209,7 @@ def test_4bit_run_applies_to_the_full_precision_base(hf_llama_dir, sst2, tmp_pat
     load_run(tmp_path / "run", reloaded)  # the adapters stay attached (frozen): the 4-bit weights are not rewritten
     prompts = _prompts(reloaded, sst2, n=4, k=config.k)
     ids, pad = prompt_builder(reloaded, sst2).label_token_ids, pad_token_id(reloaded.tokenizer)
-    probs = label_probabilities(reloaded.model, prompts, ids, pad_id=pad)
+    probs = label_probabilities(reloaded, prompts, ids, pad_id=pad)
     torch.testing.assert_close(probs, torch.tensor(result.post.probs), rtol=0, atol=1e-5)
     comparison = compare_run(tmp_path / "run", n_prompts=4, n_seqs=4, seq_len=16)  # reloads the 4-bit base
     assert comparison.weight_change.shape == (2, 2) and bool((comparison.weight_change > 0).all())
@@ -216,7 +217,7 @@ def test_4bit_run_applies_to_the_full_precision_base(hf_llama_dir, sst2, tmp_pat
     assert not torch.equal(comparison.before["label_attention"], comparison.after["label_attention"])
     full = load_model(str(hf_llama_dir))
     load_run(tmp_path / "run", full)  # same parameter names: the adapters merge into the float32 hooked model
-    assert not torch.equal(full.model.blocks[0].attn.W_Q, load_model(str(hf_llama_dir)).model.blocks[0].attn.W_Q)
+    assert not torch.equal(full.blocks[0].attn.W_Q, load_model(str(hf_llama_dir)).blocks[0].attn.W_Q)
     # export merges them into the full-precision base too, and writes the PEFT adapter
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -228,19 +229,19 @@ def test_4bit_run_applies_to_the_full_precision_base(hf_llama_dir, sst2, tmp_pat
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_llama_dir),
                                              tmp_path / "export" / "adapter")
     with torch.no_grad():
-        hooked_logits = full.model(tokens)
+        hooked_logits = full(tokens)
         torch.testing.assert_close(exported(tokens).logits, hooked_logits, rtol=0, atol=1e-4)
         torch.testing.assert_close(with_adapter(tokens).logits, hooked_logits, rtol=0, atol=1e-4)
 
 
 def test_embedded_4bit_step_moves_only_adapters(sst2):
     loaded = load_model(EMBEDDED_NAME, quantized=True)
-    assert loaded.info["memory_mib"] < 200  # 4-bit decoder layers; the fp32 model is 513 MiB
-    trainable = attach(loaded.model, TrainableConfig(kind="lora", lora_r=16))
+    assert model_info(loaded).info["memory_mib"] < 200  # 4-bit decoder layers; the fp32 model is 513 MiB
+    trainable = attach(loaded, TrainableConfig(kind="lora", lora_r=16))
     # per layer: q's A [16, 576] and B [576, 16], k's A [16, 576] and B [192, 16]
     assert trainable.n_trainable == 30 * (16 * 576 + 576 * 16 + 16 * 576 + 192 * 16)
     prompt = _prompts(loaded, sst2, n=1, k=4)[0]
-    loss = _loss(loaded.model, prompt)
+    loss = _loss(loaded, prompt)
     loss.backward()
     grads = _grads(trainable)
     assert grads["blocks.29.attn._W_K.lora_B"].abs().sum() > 0
@@ -255,10 +256,10 @@ def test_bridge_weights_read_like_the_hooked_model(hf_llama_dir):
 
     hooked, bridge = load_model(str(hf_llama_dir)), load_bridge(hf_llama_dir, name="t", source="hf-folder",
                                                                   quantize=False)
-    for layer, (w_q, w_k) in enumerate(qk_weights(bridge.model)):
-        torch.testing.assert_close(w_q, hooked.model.blocks[layer].attn.W_Q.detach(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(w_k, hooked.model.blocks[layer].attn._W_K.detach(), rtol=0, atol=1e-6)
-    torch.testing.assert_close(copying_scores(bridge.model).scores, copying_scores(hooked.model).scores,
+    for layer, (w_q, w_k) in enumerate(qk_weights(bridge)):
+        torch.testing.assert_close(w_q, hooked.blocks[layer].attn.W_Q.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(w_k, hooked.blocks[layer].attn._W_K.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(copying_scores(bridge).scores, copying_scores(hooked).scores,
                                rtol=0, atol=1e-6)
 
 
@@ -269,13 +270,13 @@ def test_gemma3_4bit_multi_query_key_opens_with_any_head(sst2):
     when any head of its layer is open (the union rule), and stays closed in a layer with no open head."""
     from abft_lens.backends.loading import GEMMA_NAME
 
-    loaded = load_model(GEMMA_NAME, quantized=True)
-    trainable = attach(loaded.model, TrainableConfig(kind="lora", lora_r=8))
+    model = load_model(GEMMA_NAME, quantized=True)
+    trainable = attach(model, TrainableConfig(kind="lora", lora_r=8))
     assert "blocks.0.attn._W_K.lora_B" in dict(trainable.named_parameters())
     _randomise_b(trainable, seed=2)
     open_heads = torch.zeros(18, 4, dtype=torch.bool)
     open_heads[17, 1] = True  # one head of the last layer
-    loss = _loss(loaded.model, _prompts(loaded, sst2, n=1, k=2)[0])
+    loss = _loss(model, _prompts(model, sst2, n=1, k=2)[0])
     with trainable.restricted(open_heads):
         loss.backward()
     grads = _grads(trainable)

@@ -35,17 +35,17 @@ def comparison(tiny_run):
     return compare_run(tiny_run, **OPTIONS)
 
 
-def _prompts(loaded):
+def _prompts(model):
     from abft_lens.data.prompts import prompt_builder
     from abft_lens.data.prompts import test_prompts
 
-    return test_prompts(prompt_builder(loaded, load_task("sst2")), 4, OPTIONS["n_prompts"])
+    return test_prompts(prompt_builder(model, load_task("sst2")), 4, OPTIONS["n_prompts"])
 
 
-def _scores(loaded):
+def _scores(model):
     options = {key: value for key, value in OPTIONS.items() if key != "n_prompts"}
     return {name: value.scores for name, value in
-            head_scores(loaded, load_task("sst2"), prompts=_prompts(loaded), **options).items()}
+            head_scores(model, load_task("sst2"), prompts=_prompts(model), **options).items()}
 
 
 def test_before_and_after_match_fresh_models(tiny_run, comparison):
@@ -68,7 +68,7 @@ def test_weight_change_only_where_weights_changed(tiny_run, comparison):
     change = comparison.weight_change
     assert change.shape == (2, 2) and comparison.n_layers == 2
     for layer in range(2):
-        a, b = base.model.blocks[layer].attn, trained.model.blocks[layer].attn
+        a, b = base.blocks[layer].attn, trained.blocks[layer].attn
         expected = [torch.linalg.vector_norm(b.W_Q - a.W_Q).item(), torch.linalg.vector_norm(b._W_K - a._W_K).item()]
         assert change[layer].tolist() == pytest.approx(expected, abs=1e-6)
     assert change[0].tolist() == [0.0, 0.0]  # layer 0 is outside the trained head set
@@ -107,9 +107,9 @@ def test_round_trip(comparison):
 
 def test_loaded_model_is_trained_in_place_and_example_heads(tiny_run):
     loaded = load_model("tiny")
-    before = loaded.model.blocks[1].attn.W_Q.detach().clone()
-    result = compare_run(tiny_run, loaded=loaded, example_heads=[(1, 0)], **OPTIONS)
-    assert not torch.equal(loaded.model.blocks[1].attn.W_Q, before)  # documented: load_run mutates `loaded`
+    before = loaded.blocks[1].attn.W_Q.detach().clone()
+    result = compare_run(tiny_run, model=loaded, example_heads=[(1, 0)], **OPTIONS)
+    assert not torch.equal(loaded.blocks[1].attn.W_Q, before)  # documented: load_run mutates `loaded`
     assert result.prompt_example["heads"] == [[1, 0]]
     assert result.prompt_example["before"] != result.prompt_example["after"]
 

@@ -57,8 +57,8 @@ def _train(cfg_values: dict, dist=None):
     from abft_lens.data.tasks import load_task
     from abft_lens.training.train import TrainConfig, Trainer
 
-    loaded = load_model("tiny")
-    trainer = Trainer(loaded.model, prompt_builder(loaded, load_task("sst2")), TrainConfig(**cfg_values), dist=dist)
+    model = load_model("tiny")
+    trainer = Trainer(model, prompt_builder(model, load_task("sst2")), TrainConfig(**cfg_values), dist=dist)
     steps = []
     start = time.perf_counter()
     trainer.run([lambda _, result: steps.append(result.to_dict())])
@@ -187,7 +187,7 @@ def test_two_processes_train_the_single_process_weights(spawned, single, case):
     # training moved the weights (the comparison is not trivially between two untouched models)
     from abft_lens.backends.loading import load_model
 
-    base = load_model("tiny").model
+    base = load_model("tiny")
     assert any(not torch.equal(base.get_parameter(n).detach(), w_single[n]) for n in w_single)
 
 

@@ -22,6 +22,7 @@ from abft_lens.evaluation.metrics import (accuracy, classification_metrics, expe
 from abft_lens.data.prompts import sample_prompts
 from abft_lens.data.prompts import test_prompts as fixed_test_prompts  # not collected as a test
 from abft_lens.data.tasks import load_task
+from abft_lens.backends.provenance import model_info
 
 # ---------------------------------------------------------------------------- independent formulas
 
@@ -185,7 +186,7 @@ def tiny_prompts(tiny_loaded):
 
 def test_batched_equals_unbatched_and_direct_forward_tiny(tiny_loaded, tiny_prompts):
     builder, prompts = tiny_prompts
-    model, ids = tiny_loaded.model, builder.label_token_ids
+    model, ids = tiny_loaded, builder.label_token_ids
     pad = builder.tokenizer.pad_token_id
     one = label_probabilities(model, prompts, ids, pad_id=pad, batch_size=1)
     eight = label_probabilities(model, prompts, ids, pad_id=pad, batch_size=8)
@@ -204,7 +205,7 @@ def test_batched_equals_unbatched_mha_with_a_non_pad_pad_id(tiny_prompts):
     from abft_lens.backends.loading import load_model
 
     builder, prompts = tiny_prompts
-    model = load_model("tiny-mha:seed=4").model
+    model = load_model("tiny-mha:seed=4")
     ids = builder.label_token_ids
     one = label_probabilities(model, prompts, ids, pad_id=builder.tokenizer.pad_token_id, batch_size=1)
     other_pad = label_probabilities(model, prompts, ids, pad_id=ids[0], batch_size=13)
@@ -213,7 +214,7 @@ def test_batched_equals_unbatched_mha_with_a_non_pad_pad_id(tiny_prompts):
 
 def test_evaluate_prompts_metrics_and_predictions(tiny_loaded, tiny_prompts):
     builder, prompts = tiny_prompts
-    result = evaluate_prompts(tiny_loaded.model, builder, prompts, batch_size=4)
+    result = evaluate_prompts(tiny_loaded, builder, prompts, batch_size=4)
     probs = torch.tensor(result.probs)
     gold = [p.query_label for p in prompts]
     assert result.gold == gold and result.k == 3 and result.task == "sst5"
@@ -233,7 +234,7 @@ def test_evaluate_keeps_prompt_order(tiny_loaded):
     lengths = [p.n_tokens for p in prompts]
     assert sorted(range(n), key=lambda i: lengths[i]) != list(range(n))  # length sorting does permute them
     assert result.gold == [task.test[j].label for j in range(n)]
-    direct = torch.stack([_direct_probs(tiny_loaded.model, p, builder.label_token_ids) for p in prompts])
+    direct = torch.stack([_direct_probs(tiny_loaded, p, builder.label_token_ids) for p in prompts])
     torch.testing.assert_close(torch.tensor(result.probs), direct, rtol=0, atol=1e-5)
     assert result.info["model"] == "tiny" and result.info["protocol"] == "Normal"
     assert result.k == 4 and len(result.probs) == n
@@ -277,8 +278,8 @@ def test_batched_equals_unbatched_embedded(embedded):
     prompts = fixed_test_prompts(builder, 4, 4)
     assert len({p.n_tokens for p in prompts}) > 1
     pad = builder.tokenizer.pad_token_id if builder.tokenizer.pad_token_id is not None else 0
-    one = label_probabilities(embedded.model, prompts, builder.label_token_ids, pad_id=pad, batch_size=1)
-    batched = label_probabilities(embedded.model, prompts, builder.label_token_ids, pad_id=pad, batch_size=4)
+    one = label_probabilities(embedded, prompts, builder.label_token_ids, pad_id=pad, batch_size=1)
+    batched = label_probabilities(embedded, prompts, builder.label_token_ids, pad_id=pad, batch_size=4)
     torch.testing.assert_close(batched, one, rtol=0, atol=1e-5)
 
 
@@ -293,7 +294,7 @@ def test_accuracy_equals_staicc_harness_with_hugging_face(embedded, embedded_hf)
     from transformers import AutoTokenizer
 
     n = 12
-    hf_tokenizer = AutoTokenizer.from_pretrained(embedded.hf_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(model_info(embedded).hf_dir)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exp = single_experimentor(original_dataset=ORIGINAL_DATA_LOADER_NORMAL[0](), k=4)

@@ -11,6 +11,7 @@ import torch
 from abft_lens.errors import AbftLensError
 from abft_lens.reporting.export import ADAPTER_DIR, export_run
 from abft_lens.backends.loading import load_model
+from abft_lens.backends.provenance import model_info
 from abft_lens.training.runs import run_training
 from abft_lens.data.tasks import load_task
 from abft_lens.training.train import TrainConfig
@@ -21,18 +22,18 @@ TOL = 1e-4
 
 
 def _train(folder, run_dir, trainable=TrainableConfig()):
-    loaded = load_model(str(folder))
+    model = load_model(str(folder))
     config = TrainConfig(train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0, trainable=trainable)
-    run_training(loaded, load_task("sst2"), config, run_dir=run_dir, n_test=8, progress=False)
-    return loaded
+    run_training(model, load_task("sst2"), config, run_dir=run_dir, n_test=8, progress=False)
+    return model
 
 
-def _max_logit_diff(loaded, hf_model) -> float:
+def _max_logit_diff(model, hf_model) -> float:
     worst = 0.0
     for text in PROMPTS:
-        ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+        ids = model.tokenizer(text, return_tensors="pt").input_ids
         with torch.no_grad():
-            hooked, hf = loaded.model(ids), hf_model(ids).logits
+            hooked, hf = model(ids), hf_model(ids).logits
         worst = max(worst, (hooked - hf).abs().max().item())
     return worst
 
@@ -146,9 +147,9 @@ def test_refusals(hf_llama_dir, tmp_path):
 
 
 def test_tiny_hooked_run_has_no_hf_folder(tmp_path):
-    loaded = load_model("tiny")
+    model = load_model("tiny")
     config = TrainConfig(train_samples=4, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0)
-    run_training(loaded, load_task("sst2"), config, run_dir=tmp_path / "run", n_test=4, progress=False,
+    run_training(model, load_task("sst2"), config, run_dir=tmp_path / "run", n_test=4, progress=False,
                  fore_test=False, post_test=False)
     with pytest.raises(AbftLensError, match="no Hugging Face folder"):
         export_run(tmp_path / "run", tmp_path / "out")
@@ -176,5 +177,5 @@ def test_embedded_export_round_trip(tmp_path, no_network):
     print(f"embedded export round trip: max |logit diff| {diff:.2e}")
     assert diff < TOL
     assert not torch.equal(exported.model.layers[0].self_attn.q_proj.weight,
-                           _hf(loaded.hf_dir).model.layers[0].self_attn.q_proj.weight)
+                           _hf(model_info(loaded).hf_dir).model.layers[0].self_attn.q_proj.weight)
     assert "license: apache-2.0" in (tmp_path / "out" / "README.md").read_text()

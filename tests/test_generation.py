@@ -16,6 +16,7 @@ from abft_lens.studies.generation import continuations, generate_batch, hidden_f
 from abft_lens.studies.generation_report import MauveTest, generation_report
 from abft_lens.studies.mauve import auto_buckets, mauve_available, mauve_from_histograms, mauve_score
 from abft_lens.backends.loading import load_model
+from abft_lens.backends.provenance import model_info
 
 PREFIXES = ["sentence: a gripping and moving film", "sentence: dull, lifeless and far too long",
             "review: the cast is wonderful", "tweet: i can't believe this happened"]
@@ -28,26 +29,26 @@ def tiny():
     return load_model("tiny")
 
 
-def _greedy(loaded, text, n):
-    ids = loaded.tokenizer(text).input_ids
+def _greedy(model, text, n):
+    ids = model.tokenizer(text).input_ids
     with torch.no_grad():
         for _ in range(n):
-            ids = ids + [int(loaded.model(torch.tensor([ids]))[0, -1].argmax())]
-    return loaded.tokenizer.decode(ids[len(loaded.tokenizer(text).input_ids):], skip_special_tokens=True)
+            ids = ids + [int(model(torch.tensor([ids]))[0, -1].argmax())]
+    return model.tokenizer.decode(ids[len(model.tokenizer(text).input_ids):], skip_special_tokens=True)
 
 
-def _tl_generate(loaded, text, n):
+def _tl_generate(model, text, n):
     """The previous implementation: TransformerLens ``generate`` on one prefix, no padding."""
-    ids = loaded.tokenizer(text).input_ids
+    ids = model.tokenizer(text).input_ids
     with torch.inference_mode():
-        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, verbose=False,
-                                    stop_at_eos=loaded.tokenizer.eos_token_id is not None, return_type="tokens",
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, verbose=False,
+                                    stop_at_eos=model.tokenizer.eos_token_id is not None, return_type="tokens",
                                     prepend_bos=False)
-    return loaded.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    return model.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
 def test_greedy_continuations_equal_a_manual_argmax_loop(tiny):
-    assert not tiny.adds_bos
+    assert not model_info(tiny).adds_bos
     got = continuations(tiny, PREFIXES[:2], max_new_tokens=6)
     assert got == [_greedy(tiny, p, 6) for p in PREFIXES[:2]]
     assert continuations(tiny, PREFIXES[:2], max_new_tokens=6) == got
@@ -70,10 +71,10 @@ def test_batched_greedy_equals_one_prefix_at_a_time(tiny):
 
 def test_generate_batch_stops_each_row_at_its_own_eos(tiny):
     prompts = [tiny.tokenizer(p).input_ids for p in PREFIXES[:3]]
-    free = generate_batch(tiny.model, prompts, 8, eos_token_id=None)
+    free = generate_batch(tiny, prompts, 8, eos_token_id=None)
     assert [len(row) for row in free] == [8, 8, 8]
     eos = free[0][2]  # a token row 0 emits at step 3
-    stopped = generate_batch(tiny.model, prompts, 8, eos_token_id=eos)
+    stopped = generate_batch(tiny, prompts, 8, eos_token_id=eos)
     for row, full in zip(stopped, free):
         assert row == (full[:full.index(eos)] if eos in full else full)
     assert len(stopped[0]) == 2
@@ -104,7 +105,7 @@ def test_hidden_features_are_the_final_normalised_state(tiny):
     alone_means = hidden_features(tiny, MIXED, pooling="mean", batch_size=1)
     assert alone.shape == (len(MIXED), tiny.cfg.d_model) and alone.dtype == torch.float32
     for i, text in enumerate(MIXED):
-        _, cache = tiny.model.run_with_cache(torch.tensor([tiny.tokenizer(text).input_ids]))
+        _, cache = tiny.run_with_cache(torch.tensor([tiny.tokenizer(text).input_ids]))
         final = cache["ln_final.hook_normalized"][0]
         torch.testing.assert_close(alone[i], final[-1])
         torch.testing.assert_close(alone_means[i], final.mean(0))
@@ -121,7 +122,7 @@ def test_perplexity_equals_a_manual_computation(tiny):
     with torch.no_grad():
         for text in MIXED:
             ids = torch.tensor(tiny.tokenizer(text).input_ids)
-            logp = torch.log_softmax(tiny.model(ids[None])[0].double(), -1)
+            logp = torch.log_softmax(tiny(ids[None])[0].double(), -1)
             nll -= float(logp[torch.arange(len(ids) - 1), ids[1:]].sum())  # first token: no context, no BOS
             count += len(ids) - 1
     assert 1 in {len(tiny.tokenizer(t).input_ids) for t in MIXED}  # a one-token text scores nothing
@@ -247,14 +248,14 @@ def test_mauve_test_leaves_the_trained_weights(tmp_path):
 
     prefix_file = tmp_path / "prefixes.txt"
     prefix_file.write_text("\n".join(PREFIXES) + "\n")
-    loaded = load_model("tiny")
+    model = load_model("tiny")
     test = MauveTest(prefix_file, max_new_tokens=3, progress=False)
-    test.before(loaded)
+    test.before(model)
     config = TrainConfig(train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0)
-    run_training(loaded, load_task("sst2"), config, n_test=4, fore_test=False, post_test=False, progress=False)
-    trained = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    report = test.after(loaded, tmp_path)
-    assert all(torch.equal(trained[n], p) for n, p in loaded.model.named_parameters())
+    run_training(model, load_task("sst2"), config, n_test=4, fore_test=False, post_test=False, progress=False)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = test.after(model, tmp_path)
+    assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())
     assert report.perplexity["before"] != report.perplexity["after"]
     assert json.loads((tmp_path / "generation.json").read_text())["n_prefixes"] == len(PREFIXES)
 
@@ -288,7 +289,7 @@ def test_train_cli_mauve_test_writes_generation_json(tmp_path, capsys, no_networ
 def test_embedded_greedy_continuations_equal_hugging_face_and_tl_generate(embedded, embedded_hf):
     """SmolLM2: one left-padded batch of 4 prefixes of different lengths gives, for each prefix, Hugging Face's
     greedy ``generate`` on it alone; for two of them also TransformerLens ``generate`` alone (the old path)."""
-    assert not embedded.adds_bos  # SmolLM2: no BOS, and none is prepended
+    assert not model_info(embedded).adds_bos  # SmolLM2: no BOS, and none is prepended
     assert len({len(embedded.tokenizer(p).input_ids) for p in PREFIXES}) > 1
     expected = []
     for text in PREFIXES:

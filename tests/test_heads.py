@@ -58,7 +58,7 @@ def _brute_classic(model, tokens, seq_len, bos):
 
 @pytest.mark.parametrize("bos", [None, 0])
 def test_classic_scores_match_brute_force(tiny, bos):
-    model = tiny.model
+    model = tiny
     scores = classic_scores(model, n_seqs=N_SEQS, seq_len=SEQ_LEN, batch_size=2, seed=3, bos_token_id=bos)
     tokens = repeated_tokens(model, N_SEQS, SEQ_LEN, seed=3, bos_token_id=bos)
     assert tokens.shape == (N_SEQS, 2 * SEQ_LEN + (bos is not None))
@@ -78,7 +78,7 @@ def test_classic_scores_match_brute_force(tiny, bos):
 
 def test_constructed_heads_score_one(tiny):
     """Heads forced to exact previous-token / induction / duplicate patterns score 1 on their own score."""
-    model, seq_len = tiny.model, 6
+    model, seq_len = tiny, 6
     n = 2 * seq_len
     fixed = torch.zeros(3, n, n)
     for i in range(n):
@@ -125,8 +125,8 @@ def _brute_icl(model, prompts):
 
 def test_icl_label_attention_matches_unbatched(tiny, sst2_prompts):
     assert len({p.n_tokens for p in sst2_prompts}) > 1  # batches are really padded
-    scores = icl_label_attention(tiny.model, sst2_prompts, batch_size=3)
-    expected = _brute_icl(tiny.model, sst2_prompts)
+    scores = icl_label_attention(tiny, sst2_prompts, batch_size=3)
+    expected = _brute_icl(tiny, sst2_prompts)
     assert set(scores) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(scores[name].scores.double(), value, atol=2e-5, rtol=0, msg=name)
@@ -135,7 +135,7 @@ def test_icl_label_attention_matches_unbatched(tiny, sst2_prompts):
 
 def test_filter_pass_rate_uses_induction_threshold(tiny, sst2_prompts):
     """Heads of layer 0 forced to put mass c on the labels (rest on the last token): pass iff c > T(k, n)."""
-    model, k = tiny.model, 4
+    model, k = tiny, 4
     order = sorted(sst2_prompts, key=lambda p: p.n_tokens)
     thresholds = sorted(induction_threshold(k, p.n_tokens) for p in order)
     middle = (thresholds[2] + thresholds[3]) / 2  # between two prompts' thresholds: some pass, some fail
@@ -239,8 +239,8 @@ def test_smollm2_induction_heads():
     """SmolLM2-135M (30 layers x 9 heads, GQA 3 kv heads) has clear induction heads."""
     from abft_lens.backends.loading import load_model
 
-    loaded = load_model("smollm2-135m")
-    scores = induction_scores(loaded.model, n_seqs=8, seq_len=30, batch_size=8)
+    model = load_model("smollm2-135m")
+    scores = induction_scores(model, n_seqs=8, seq_len=30, batch_size=8)
     assert scores.shape == (30, 9)
     values = scores.scores
     assert torch.isfinite(values).all() and values.min() >= 0 and values.max() <= 1

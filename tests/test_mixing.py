@@ -54,11 +54,11 @@ def test_grid_values():
 
 def test_corners_equal_base_and_post_tests_and_weights_are_restored(runs):
     e2e, abft, _ = runs
-    loaded = load_model("tiny")
-    before = _params(loaded.model)
-    base = evaluate(loaded, load_task("sst2"), k=4, n_test=N_TEST)
-    result = mix_runs(loaded, e2e, abft, n_test=N_TEST, lambdas_e2e=GRID, lambdas_abft=GRID, progress=False)
-    after = _params(loaded.model)
+    model = load_model("tiny")
+    before = _params(model)
+    base = evaluate(model, load_task("sst2"), k=4, n_test=N_TEST)
+    result = mix_runs(model, e2e, abft, n_test=N_TEST, lambdas_e2e=GRID, lambdas_abft=GRID, progress=False)
+    after = _params(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before), "θ₀ not restored bit-identically"
     assert result.grid.shape == (3, 3)
@@ -83,10 +83,10 @@ def test_corners_equal_base_and_post_tests_and_weights_are_restored(runs):
 
 def test_trained_tensors_and_mixing_arithmetic(runs):
     e2e, abft, _ = runs
-    loaded = load_model("tiny")
-    before = _params(loaded.model)
-    te, ta = trained_tensors(e2e, loaded), trained_tensors(abft, loaded)
-    assert all(torch.equal(before[n], p) for n, p in loaded.model.named_parameters())
+    model = load_model("tiny")
+    before = _params(model)
+    te, ta = trained_tensors(e2e, model), trained_tensors(abft, model)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert set(te) == set(ta) and all(n.endswith(("W_Q", "_W_K")) for n in te)
     base = {n: before[n] for n in te}
     assert any(not torch.equal(te[n], base[n]) for n in te) and any(not torch.equal(ta[n], base[n]) for n in ta)

@@ -11,6 +11,7 @@ import abft_lens.backends.hf_cache as hf_cache
 import abft_lens.backends.tiny as tiny_backend
 from abft_lens.errors import AbftLensError
 from abft_lens.backends.loading import load_model
+from abft_lens.backends.provenance import describe_model, model_info
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -46,35 +47,35 @@ def _tiny_llama_folder(folder, *, seed: int = 0):
 def test_tiny_default_is_gqa_with_tiny_tokenizer(tiny_loaded):
     cfg = tiny_loaded.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head) == (2, 4, 2, 8)
-    assert tiny_loaded.source == "tiny" and tiny_loaded.name == "tiny"
-    assert tiny_loaded.hf_dir is None and tiny_loaded.adds_bos is False
+    assert model_info(tiny_loaded).source == "tiny" and model_info(tiny_loaded).name == "tiny"
+    assert model_info(tiny_loaded).hf_dir is None and model_info(tiny_loaded).adds_bos is False
     assert cfg.d_vocab == len(tiny_loaded.tokenizer) == 1024
     assert tiny_loaded.tokenizer.is_fast
-    assert not tiny_loaded.model.training
-    described = tiny_loaded.describe()
+    assert not tiny_loaded.training
+    described = describe_model(tiny_loaded)
     assert described["n_key_value_heads"] == 2 and described["dtype"] == "float32"
     json.dumps(described)  # JSON-able
     tokens = torch.tensor([tiny_loaded.tokenizer("sentence: fine sentiment:").input_ids])
-    assert tiny_loaded.model(tokens).shape == (1, tokens.shape[1], 1024)
+    assert tiny_loaded(tokens).shape == (1, tokens.shape[1], 1024)
 
 
 def test_tiny_mha_and_options():
-    loaded = load_model("tiny-mha:n_layers=3,n_heads=2,d_model=16,d_head=4,n_ctx=64,seed=5")
-    cfg = loaded.cfg
+    model = load_model("tiny-mha:n_layers=3,n_heads=2,d_model=16,d_head=4,n_ctx=64,seed=5")
+    cfg = model.cfg
     assert cfg.n_key_value_heads is None
     assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.n_ctx, cfg.seed) == (3, 2, 16, 4, 64, 5)
-    assert loaded.name == "tiny-mha:n_layers=3,n_heads=2,d_model=16,d_head=4,n_ctx=64,seed=5"
+    assert model_info(model).name == "tiny-mha:n_layers=3,n_heads=2,d_model=16,d_head=4,n_ctx=64,seed=5"
     assert load_model("tiny:n_heads=6,n_kv_heads=3").cfg.n_key_value_heads == 3
     assert load_model("tiny-mha:n_kv_heads=2").cfg.n_key_value_heads == 2
 
 
 def test_tiny_seed_and_dtype():
     a, b, c = load_model("tiny:seed=1"), load_model("tiny:seed=1"), load_model("tiny:seed=2")
-    torch.testing.assert_close(a.model.W_Q, b.model.W_Q, rtol=0, atol=0)
-    assert not torch.equal(a.model.W_Q, c.model.W_Q)
+    torch.testing.assert_close(a.W_Q, b.W_Q, rtol=0, atol=0)
+    assert not torch.equal(a.W_Q, c.W_Q)
     double = load_model("tiny", dtype=torch.float64)
-    assert double.cfg.dtype == torch.float64 and double.model.W_Q.dtype == torch.float64
-    assert double.describe()["dtype"] == "float64"
+    assert double.cfg.dtype == torch.float64 and double.W_Q.dtype == torch.float64
+    assert describe_model(double)["dtype"] == "float64"
 
 
 @pytest.mark.parametrize(
@@ -147,17 +148,17 @@ def test_hf_folder_round_trip_logits_equal_hf(tmp_path, no_network):
     folder = tmp_path / "tiny-llama"
     hf_model = _tiny_llama_folder(folder)
     loaded = load_model(str(folder))
-    assert loaded.source == "hf-folder" and loaded.hf_dir == folder and loaded.adds_bos is False
+    assert model_info(loaded).source == "hf-folder" and model_info(loaded).hf_dir == folder and model_info(loaded).adds_bos is False
     assert loaded.cfg.n_key_value_heads == 2 and loaded.cfg.n_layers == 2
     tokens = torch.tensor([loaded.tokenizer("sentence: a fine film sentiment: positive\nsentence: dull").input_ids])
     with torch.no_grad():
-        ours = loaded.model(tokens)
+        ours = loaded(tokens)
         reference = hf_model(tokens).logits
     assert reference.abs().max() > 1.0  # logits large enough for the comparison to mean something
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
     q_proj = hf_model.model.layers[1].self_attn.q_proj.weight
     for head in range(4):
-        torch.testing.assert_close(loaded.model.W_Q[1, head], q_proj[head * 8:(head + 1) * 8].T, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.W_Q[1, head], q_proj[head * 8:(head + 1) * 8].T, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------- GGUF caching
@@ -176,22 +177,22 @@ def test_gguf_file_converted_once_into_cache(tmp_path, monkeypatch, no_network):
 
     monkeypatch.setattr(hf_cache, "_convert_gguf", fake_convert)
     first = load_model(str(gguf))
-    assert first.converted is True and first.source == "gguf" and len(calls) == 1
-    assert first.hf_dir.parent == tmp_path / "cache"
-    assert (first.hf_dir / "abft-lens-source.json").is_file()
-    assert not [p for p in first.hf_dir.parent.iterdir() if p.name.startswith(".fake") and p.is_dir()]
+    assert model_info(first).converted is True and model_info(first).source == "gguf" and len(calls) == 1
+    assert model_info(first).hf_dir.parent == tmp_path / "cache"
+    assert (model_info(first).hf_dir / "abft-lens-source.json").is_file()
+    assert not [p for p in model_info(first).hf_dir.parent.iterdir() if p.name.startswith(".fake") and p.is_dir()]
 
     def refuse(path, out):
         raise AssertionError("converted a second time")
 
     monkeypatch.setattr(hf_cache, "_convert_gguf", refuse)
     second = load_model(str(gguf))
-    assert second.converted is False and second.hf_dir == first.hf_dir
-    torch.testing.assert_close(second.model.W_Q, first.model.W_Q, rtol=0, atol=0)
+    assert model_info(second).converted is False and model_info(second).hf_dir == model_info(first).hf_dir
+    torch.testing.assert_close(second.W_Q, first.W_Q, rtol=0, atol=0)
 
     gguf.write_bytes(b"GGUF changed size!")  # a different file (size) is converted again
     monkeypatch.setattr(hf_cache, "_convert_gguf", fake_convert)
-    assert load_model(str(gguf)).converted is True and len(calls) == 2
+    assert model_info(load_model(str(gguf))).converted is True and len(calls) == 2
 
 
 def test_failed_conversion_leaves_no_folder(tmp_path, monkeypatch):
@@ -209,11 +210,11 @@ def test_failed_conversion_leaves_no_folder(tmp_path, monkeypatch):
 
 @pytest.mark.embedded
 def test_embedded_logits_equal_hugging_face(embedded, embedded_hf):
-    assert embedded.source == "embedded" and embedded.name == "smollm2-135m"
+    assert model_info(embedded).source == "embedded" and model_info(embedded).name == "smollm2-135m"
     text = "sentence: a gorgeous, witty film sentiment: positive\nsentence: a tedious mess sentiment:"
     tokens = torch.tensor([embedded.tokenizer(text).input_ids])
     with torch.no_grad():
-        ours = embedded.model(tokens)
+        ours = embedded(tokens)
         reference = embedded_hf(tokens).logits
     assert ours.shape == reference.shape == (1, tokens.shape[1], 49152)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
@@ -223,13 +224,13 @@ def test_embedded_logits_equal_hugging_face(embedded, embedded_hf):
 def test_embedded_config_bos_and_unprocessed_weights(embedded, embedded_hf):
     cfg = embedded.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head) == (30, 9, 3, 64)
-    assert embedded.adds_bos is False and cfg.default_prepend_bos is False
+    assert model_info(embedded).adds_bos is False and cfg.default_prepend_bos is False
     assert embedded.tokenizer("a").input_ids == embedded.tokenizer("a", add_special_tokens=False).input_ids
     layer = embedded_hf.model.layers[0]
     q_proj, k_proj = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
-    block = embedded.model.blocks[0]
+    block = embedded.blocks[0]
     for head in range(cfg.n_heads):
-        torch.testing.assert_close(embedded.model.W_Q[0, head], q_proj[head * 64:(head + 1) * 64].T, rtol=0, atol=0)
+        torch.testing.assert_close(embedded.W_Q[0, head], q_proj[head * 64:(head + 1) * 64].T, rtol=0, atol=0)
     for group in range(cfg.n_key_value_heads):
         torch.testing.assert_close(block.attn._W_K[group], k_proj[group * 64:(group + 1) * 64].T, rtol=0, atol=0)
     # no fold_ln: the RMSNorm weights are still there, as in the checkpoint
@@ -243,9 +244,9 @@ def test_embedded_second_load_does_not_convert(embedded, monkeypatch, no_network
 
     monkeypatch.setattr(hf_cache, "_convert_gguf", refuse)
     second = load_model("smollm2-135m")
-    assert second.converted is False
-    assert second.hf_dir == embedded.hf_dir and second.hf_dir.parent == hf_cache.cache_dir()
-    torch.testing.assert_close(second.model.W_K, embedded.model.W_K, rtol=0, atol=0)
+    assert model_info(second).converted is False
+    assert model_info(second).hf_dir == model_info(embedded).hf_dir and model_info(second).hf_dir.parent == hf_cache.cache_dir()
+    torch.testing.assert_close(second.W_K, embedded.W_K, rtol=0, atol=0)
 
 
 def test_relayout_is_bit_identical_and_turns_tl_weight_copies_into_views(tiny_gqa):

@@ -14,6 +14,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.data.prompts import PromptBuilder, collate, pad_token_id, sample_prompts
 from abft_lens.data.prompts import test_prompts as fixed_test_prompts  # not collected as a test
 from abft_lens.data.tasks import Example, ICLTask, Template, load_task
+from abft_lens.backends.provenance import model_info
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_bos_is_prepended_and_positions_shift(tok):
 @pytest.mark.parametrize("index", [0, 4, 7])
 def test_label_positions_with_smollm2_tokenizer(index, embedded):
     task = load_task(index)
-    builder = PromptBuilder(embedded.tokenizer, task, adds_bos=embedded.adds_bos, max_tokens=embedded.cfg.n_ctx)
+    builder = PromptBuilder(embedded.tokenizer, task, adds_bos=model_info(embedded).adds_bos, max_tokens=embedded.cfg.n_ctx)
     assert len(set(builder.label_token_ids)) == task.n_labels
     for prompt in sample_prompts(builder, task.calibration, k=4, n=8, seed=1):
         _check_labels(builder, prompt)

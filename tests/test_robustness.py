@@ -163,7 +163,7 @@ def test_contextual_bias_is_the_entropy_of_the_mean_empty_query_prediction(tiny_
     prompts = rb.content_free_prompts(builder, sst2.test_demonstrations(2)[:6], "")
     template = sst2.template
     assert all(p.text.endswith(template.input_prefix + template.input_affix + template.label_prefix) for p in prompts)
-    probs = label_probabilities(tiny_loaded.model, prompts, builder.label_token_ids,
+    probs = label_probabilities(tiny_loaded, prompts, builder.label_token_ids,
                                 pad_id=pad_token_id(tiny_loaded.tokenizer)).double()
     p, q = probs.mean(0).tolist()
     assert bias["entropy"] == pytest.approx(-(p * math.log(p) + q * math.log(q)), abs=1e-9)
@@ -181,9 +181,9 @@ def test_calibrated_evaluate_against_a_hand_computation(tiny_loaded, sst2):
     builder = prompt_builder(tiny_loaded, sst2)
     pad = pad_token_id(tiny_loaded.tokenizer)
     demos = sst2.test_demonstrations(2)[:3]
-    raw = label_probabilities(tiny_loaded.model, fixed_test_prompts(builder, 2, 3), builder.label_token_ids, pad_id=pad)
+    raw = label_probabilities(tiny_loaded, fixed_test_prompts(builder, 2, 3), builder.label_token_ids, pad_id=pad)
     for j in range(3):
-        cf = [label_probabilities(tiny_loaded.model, rb.content_free_prompts(builder, [demos[j]], text),
+        cf = [label_probabilities(tiny_loaded, rb.content_free_prompts(builder, [demos[j]], text),
                                   builder.label_token_ids, pad_id=pad)[0] for text in ("N/A", "", "[MASK]")]
         p_cf = [(cf[0][c] + cf[1][c] + cf[2][c]) / 3 for c in range(2)]
         ratio = [float(raw[j][c] / p_cf[c]) for c in range(2)]

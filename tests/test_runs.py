@@ -41,9 +41,9 @@ def config(**overrides) -> TrainConfig:
 
 
 def train(task, run_dir, cfg: TrainConfig, spec: str = "tiny", **kwargs):
-    loaded = load_model(spec)
+    model = load_model(spec)
     kwargs = {"n_test": N_TEST, "progress": False, **kwargs}
-    return run_training(loaded, task, cfg, run_dir=run_dir, **kwargs), loaded
+    return run_training(model, task, cfg, run_dir=run_dir, **kwargs), model
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -79,7 +79,7 @@ def interrupt_after(step: int, how: str):
 
 def test_run_folder_holds_config_log_tests_metrics_and_trained_tensors(task, tmp_path):
     cfg = config()
-    result, loaded = train(task, tmp_path / "run", cfg)
+    result, model = train(task, tmp_path / "run", cfg)
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         ["config.json", "log.jsonl", "fore_test.json", "post_test.json", "metrics.json", TRAINED_FILE])
@@ -98,11 +98,10 @@ def test_run_folder_holds_config_log_tests_metrics_and_trained_tensors(task, tmp
     assert json.loads((run_dir / "post_test.json").read_text())["n"] == N_TEST
     # the model was trained in place and merged; the file holds exactly the trained tensors
     tensors = trained(run_dir)
-    model = loaded.model
     assert set(tensors) == {f"blocks.{l}.attn.{w}" for l in range(2) for w in ("W_Q", "_W_K")}
     for name, value in tensors.items():
         assert torch.equal(model.get_parameter(name).detach(), value)
-    base = load_model("tiny").model
+    base = load_model("tiny")
     assert not torch.equal(base.blocks[1].attn.W_Q, tensors["blocks.1.attn.W_Q"])
 
 
@@ -217,14 +216,14 @@ def recorded(monkeypatch):
         states.setdefault(0, base)
         states[result.step] = trainer.trainable.state_dict()
 
-    base = {f"blocks.{l}.attn.{w}": getattr(load_model("tiny").model.blocks[l].attn, w).detach().clone()
+    base = {f"blocks.{l}.attn.{w}": getattr(load_model("tiny").blocks[l].attn, w).detach().clone()
             for l in range(2) for w in ("W_Q", "_W_K")}
     return types.SimpleNamespace(guards=RecordingGuard.instances, states=states, callback=snapshot, base=base)
 
 
 def test_keep_best_restores_the_best_validation_step(task, tmp_path, recorded):
     cfg = config(validation_examples=32, validation_prompts=8, validate_every=3, keep_best=True)
-    result, loaded = train(task, tmp_path / "run", cfg, callbacks=[recorded.callback])
+    result, model = train(task, tmp_path / "run", cfg, callbacks=[recorded.callback])
     (guard,) = recorded.guards
     log = read_log(tmp_path / "run")
     validations = [line for line in log if line["event"] == "validation"]
@@ -238,7 +237,7 @@ def test_keep_best_restores_the_best_validation_step(task, tmp_path, recorded):
     assert_same_tensors(trained(tmp_path / "run"), guard.best_state)
     assert_same_tensors(guard.best_state, recorded.states[best["step"]])
     for name, value in guard.best_state.items():  # the post test ran on the kept weights
-        assert torch.equal(loaded.model.get_parameter(name).detach(), value)
+        assert torch.equal(model.get_parameter(name).detach(), value)
 
 
 SCRIPTS = {  # (accuracy, mean true-label probability) at validation steps 0, 1, 2, 3, 4 -> kept step
@@ -259,13 +258,13 @@ def test_keep_best_with_scripted_validation(task, tmp_path, recorded, monkeypatc
 
     monkeypatch.setattr(callbacks, "evaluate_prompts", fake_evaluate_prompts)
     cfg = config(validation_examples=32, validation_prompts=8, validate_every=1, keep_best=True)
-    result, loaded = train(task, tmp_path / "run", cfg, callbacks=[recorded.callback])
+    result, model = train(task, tmp_path / "run", cfg, callbacks=[recorded.callback])
     assert result.best_step == expected
     assert_same_tensors(trained(tmp_path / "run"), recorded.states[expected])
     if expected == 0:
         assert_same_tensors(trained(tmp_path / "run"), recorded.base)
         for name, value in recorded.base.items():
-            assert torch.equal(loaded.model.get_parameter(name).detach(), value)
+            assert torch.equal(model.get_parameter(name).detach(), value)
     assert [v["step"] for v in read_log(tmp_path / "run") if v["event"] == "validation"] == [0, 1, 2, 3, 4]
 
 
@@ -287,16 +286,16 @@ def test_load_run_reproduces_the_post_test_on_a_fresh_base(task, tmp_path, train
     if trainable.kind == "lora":
         assert any(name.endswith("lora_B") for name in trained(tmp_path / "run"))
     fresh = load_model("tiny")
-    base_q = fresh.model.blocks[0].attn.W_Q.detach().clone()
+    base_q = fresh.blocks[0].attn.W_Q.detach().clone()
     assert load_run(tmp_path / "run", fresh) == cfg
-    assert not torch.equal(fresh.model.blocks[0].attn.W_Q, base_q)
+    assert not torch.equal(fresh.blocks[0].attn.W_Q, base_q)
     again = evaluate(fresh, task, k=cfg.k, n_test=N_TEST)
     assert again.metrics == result.post.metrics
     assert again.probs == result.post.probs
     saved = json.loads((tmp_path / "run" / "post_test.json").read_text())
     assert saved["metrics"] == again.metrics
     assert [row["label_probs"] for row in saved["per_prompt"]] == [[round(x, 6) for x in r] for r in again.probs]
-    attach(fresh.model).merge()  # load_run left no trainable attached
+    attach(fresh).merge()  # load_run left no trainable attached
 
 
 def test_load_run_errors(task, tmp_path):
@@ -316,11 +315,11 @@ def test_load_run_errors(task, tmp_path):
         run_dir = tmp_path / trainable.kind
         train(task, run_dir, dataclasses.replace(cfg, trainable=trainable), fore_test=False, post_test=False)
         other = load_model("tiny:n_layers=3")
-        before = {n: p.detach().clone() for n, p in other.model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in other.named_parameters()}
         with pytest.raises(AbftLensError, match="tiny"):
             load_run(run_dir, other)
-        after = dict(other.model.named_parameters())
+        after = dict(other.named_parameters())
         assert before.keys() == after.keys()
         if trainable.kind == "lora":  # LoRA adapters are removed, the base is untouched
             assert all(torch.equal(before[n], after[n]) for n in before)
-        attach(other.model).merge()  # and nothing stays attached
+        attach(other).merge()  # and nothing stays attached

@@ -37,7 +37,7 @@ def make_trainer(task, spec: str = "tiny", **overrides) -> Trainer:
     values = dict(train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0)
     values.update(overrides)
     loaded = load_model(spec)
-    return Trainer(loaded.model, prompt_builder(loaded, task), TrainConfig(**values))
+    return Trainer(loaded, prompt_builder(loaded, task), TrainConfig(**values))
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -304,8 +304,8 @@ def parse_prompt(task, builder: PromptBuilder, prompt: ICLPrompt) -> list[str]:
 
 
 def test_validation_prompts_are_disjoint_from_training_and_never_use_test(task):
-    loaded = load_model("tiny")
-    builder = prompt_builder(loaded, task)
+    model = load_model("tiny")
+    builder = prompt_builder(model, task)
     config = TrainConfig(train_samples=64, validation_examples=40, validation_prompts=16, validate_every=1)
     pool = training_pool(task, config)
     held_out = task.calibration[-40:]
@@ -314,7 +314,7 @@ def test_validation_prompts_are_disjoint_from_training_and_never_use_test(task):
     assert len(held_texts) >= 38
     other_splits = {e.text for e in task.test + task.demonstration} - {e.text for e in held_out}
 
-    trainer = Trainer(loaded.model, builder, config)
+    trainer = Trainer(model, builder, config)
     for prompt in trainer.prompts:
         assert not set(parse_prompt(task, builder, prompt)) & held_texts
     # 64 prompts x 5 examples from 1024: without the hold-out ~12 would come from the last 40

@@ -81,13 +81,14 @@ def load_bridge(hf_dir: Path, *, name: str, source: str, device: str = "cpu", qu
     """A ``TransformerBridge`` over the Hugging Face model in ``hf_dir``, its decoder Linears in 4-bit NF4.
 
     ``quantize=False`` keeps full precision (the same backend without bitsandbytes: used by the tests to
-    compare PEFT LoRA on the bridge with the hooked LoRA). Returns a :class:`abft_lens.backends.loading.LoadedModel`
-    with ``quantized`` set and ``info["memory_mib"]``, the model's parameter and buffer bytes.
+    compare PEFT LoRA on the bridge with the hooked LoRA). Returns the bridge, with a
+    :class:`~abft_lens.backends.provenance.ModelInfo` attached: ``quantized`` set and ``info["memory_mib"]``, the
+    model's parameter and buffer bytes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
-    from abft_lens.backends.provenance import LoadedModel, tokenizer_adds_bos
+    from abft_lens.backends.provenance import ModelInfo, attach_info, tokenizer_adds_bos, use_own_tokenizer
 
     start = time.perf_counter()
     try:
@@ -107,14 +108,15 @@ def load_bridge(hf_dir: Path, *, name: str, source: str, device: str = "cpu", qu
     with _tl.quiet_deprecation():
         bridge = TransformerBridge.boot_transformers(str(hf_dir), hf_model=hf_model, tokenizer=tokenizer,
                                                      device=device)
+    use_own_tokenizer(bridge, tokenizer)
     bridge.eval()
     memory = sum(t.numel() * t.element_size() for t in (*hf_model.parameters(), *hf_model.buffers()))
-    loaded = LoadedModel(bridge, tokenizer, name=name, source=source, hf_dir=Path(hf_dir),
-                         adds_bos=tokenizer_adds_bos(tokenizer), quantized=quantize)
-    loaded.info.update(memory_mib=round(memory / 2**20, 1), backend="TransformerBridge",
-                       quantization="bitsandbytes NF4, double quantization" if quantize else None)
-    loaded.load_seconds = time.perf_counter() - start
-    return loaded
+    info = ModelInfo(name=name, source=source, hf_dir=Path(hf_dir), adds_bos=tokenizer_adds_bos(tokenizer),
+                     quantized=quantize)
+    info.info.update(memory_mib=round(memory / 2**20, 1), backend="TransformerBridge",
+                     quantization="bitsandbytes NF4, double quantization" if quantize else None)
+    info.load_seconds = time.perf_counter() - start
+    return attach_info(bridge, info)
 
 
 def is_bridge(model) -> bool:

@@ -1,8 +1,9 @@
 """Loading hooked models: TransformerLens names, local Hugging Face folders, GGUF files, the embedded
 SmolLM2-135M default and tiny random configurations.
 
-Every route returns a :class:`LoadedModel`: a ``HookedTransformer`` with unprocessed weights (no fold_ln, no
-centering, so W_Q/W_K mean what they mean in the checkpoint) and the model's own tokenizer. Nothing here
+Every route returns the model itself: a ``HookedTransformer`` with unprocessed weights (no fold_ln, no
+centering, so W_Q/W_K mean what they mean in the checkpoint) carrying the model's own tokenizer, and a
+:class:`~abft_lens.backends.provenance.ModelInfo` (where it came from) read by ``model_info(model)``. Nothing here
 touches the network except route 1 (an official TransformerLens name), and that only when the hub is on.
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from abft_lens.backends.provenance import LoadedModel, tokenizer_adds_bos
+from abft_lens.backends.provenance import (LoadedModel, ModelInfo, attach_info, model_info, tokenizer_adds_bos,
+                                           use_own_tokenizer)
 from abft_lens.backends.hf_cache import (EMBEDDED_NAME, GEMMA_NAME, embedded_hf_dir, gemma_hf_dir,
                                         gguf_hf_dir)
 from abft_lens.backends.relayout import relayout_for_forward
@@ -48,6 +50,8 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     ``quantized=True`` loads a 4-bit NF4 base through ``TransformerBridge`` instead (:mod:`abft_lens.backends.bridge`;
     train it with LoRA). It needs a Hugging Face folder behind the spec: the embedded models, a folder, a
     ``.gguf``; ``dtype`` must stay float32 (the compute dtype follows the device).
+
+    Returns the model (``model.tokenizer`` is its tokenizer); ``model_info(model)`` says where it came from.
     """
     if quantized:
         return _quantized(spec, dtype=dtype, device=device)
@@ -55,35 +59,35 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     path = Path(spec).expanduser()
     if spec == EMBEDDED_NAME:
         hf_dir, converted = embedded_hf_dir()
-        loaded = _from_hf_dir(hf_dir, name=EMBEDDED_NAME, source="embedded", dtype=dtype, device=device)
-        loaded.converted = converted
+        model = _from_hf_dir(hf_dir, name=EMBEDDED_NAME, source="embedded", dtype=dtype, device=device)
+        model_info(model).converted = converted
     elif spec == GEMMA_NAME:
         hf_dir, converted = gemma_hf_dir()
-        loaded = _from_hf_dir(hf_dir, name=GEMMA_NAME, source="embedded", dtype=dtype, device=device)
-        loaded.converted = converted
+        model = _from_hf_dir(hf_dir, name=GEMMA_NAME, source="embedded", dtype=dtype, device=device)
+        model_info(model).converted = converted
     elif spec.split(":")[0] in ("tiny", "tiny-mha"):
-        loaded = _tiny_from_spec(spec, dtype=dtype)
+        model = _tiny_from_spec(spec, dtype=dtype)
     elif path.is_file() and path.suffix == ".gguf":
         hf_dir, converted = gguf_hf_dir(path)
-        loaded = _from_hf_dir(hf_dir, name=str(path), source="gguf", dtype=dtype, device=device)
-        loaded.converted = converted
+        model = _from_hf_dir(hf_dir, name=str(path), source="gguf", dtype=dtype, device=device)
+        model_info(model).converted = converted
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise AbftLensError(
                 f"{path} is a folder but holds no config.json, so it is not a Hugging Face model folder.",
                 "point --model at a folder written by save_pretrained (config.json, weights, tokenizer files).",
             )
-        loaded = _from_hf_dir(path, name=str(path), source="hf-folder", dtype=dtype, device=device)
+        model = _from_hf_dir(path, name=str(path), source="hf-folder", dtype=dtype, device=device)
     elif path.suffix == ".gguf" or "/" in spec and spec.startswith((".", "/", "~")):
         raise AbftLensError(f"model path {spec} does not exist.", "check the path.")
     else:
-        loaded = _from_official_name(spec, dtype=dtype, device=device)
-    loaded.load_seconds = time.perf_counter() - start
-    return loaded
+        model = _from_official_name(spec, dtype=dtype, device=device)
+    model_info(model).load_seconds = time.perf_counter() - start
+    return model
 
 
 def load_model_like(described: dict, **overrides) -> LoadedModel:
-    """Load the model a run folder's ``config.json["model"]`` (:meth:`LoadedModel.describe`) names, quantized
+    """Load the model a run folder's ``config.json["model"]`` (:func:`describe_model`) names, quantized
     when that run's base was; ``overrides`` go to :func:`load_model` (e.g. ``quantized=False``)."""
     kwargs = {"quantized": bool(described.get("quantized", False)), **overrides}
     return load_model(described["name"], **kwargs)
@@ -114,7 +118,7 @@ def _quantized(spec: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
 # ----------------------------------------------------------------------------------------------- routes
 
 
-def _from_hf_dir(hf_dir: Path, *, name: str, source: str, dtype: torch.dtype, device: str) -> LoadedModel:
+def _from_hf_dir(hf_dir: Path, *, name: str, source: str, dtype: torch.dtype, device: str) -> HookedTransformer:
     """Build a HookedTransformer from a local Hugging Face folder without asking the hub anything."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
@@ -141,8 +145,9 @@ def _from_hf_dir(hf_dir: Path, *, name: str, source: str, dtype: torch.dtype, de
     if device != "cpu":
         model.to(device)
     relayout_for_forward(model)
+    use_own_tokenizer(model, tokenizer)
     model.eval()
-    return LoadedModel(model, tokenizer, name=name, source=source, hf_dir=Path(hf_dir), adds_bos=adds_bos)
+    return attach_info(model, ModelInfo(name=name, source=source, hf_dir=Path(hf_dir), adds_bos=adds_bos))
 
 
 def _tl_config_dict(hf_dir: Path) -> dict:
@@ -204,7 +209,7 @@ def _gemma3_tl_config(hf: dict) -> dict:
     }
 
 
-def _from_official_name(name: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
+def _from_official_name(name: str, *, dtype: torch.dtype, device: str) -> HookedTransformer:
     try:
         with quiet_deprecation():
             model = HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device)
@@ -220,10 +225,10 @@ def _from_official_name(name: str, *, dtype: torch.dtype, device: str) -> Loaded
     tokenizer = model.tokenizer
     adds_bos = tokenizer_adds_bos(tokenizer)
     model.cfg.default_prepend_bos = adds_bos
-    return LoadedModel(model, tokenizer, name=name, source="official", adds_bos=adds_bos)
+    return attach_info(model, ModelInfo(name=name, source="official", adds_bos=adds_bos))
 
 
-def _tiny_from_spec(spec: str, *, dtype: torch.dtype) -> LoadedModel:
+def _tiny_from_spec(spec: str, *, dtype: torch.dtype) -> HookedTransformer:
     """``tiny`` (GQA) or ``tiny-mha``, optionally ``tiny:n_layers=3,n_heads=4,seed=1``."""
     base, _, options = spec.partition(":")
     kwargs: dict = {"n_kv_heads": None} if base == "tiny-mha" else {}
@@ -241,6 +246,5 @@ def _tiny_from_spec(spec: str, *, dtype: torch.dtype) -> LoadedModel:
     if n_kv_heads is not None and (n_kv_heads <= 0 or n_heads % n_kv_heads):
         raise AbftLensError(f"{spec!r}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}.",
                             "choose n_kv_heads dividing n_heads (or use tiny-mha for plain multi-head attention).")
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer=tokenizer, dtype=dtype, **kwargs)
-    return LoadedModel(model, tokenizer, name=spec, source="tiny", adds_bos=False)
+    model = tiny_model(tokenizer=tiny_tokenizer(), dtype=dtype, **kwargs)
+    return attach_info(model, ModelInfo(name=spec, source="tiny", adds_bos=False))

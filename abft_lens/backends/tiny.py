@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from abft_lens.backends.hf_cache import build_once, cache_dir
+from abft_lens.backends.provenance import use_own_tokenizer
 from abft_lens.backends.relayout import relayout_for_forward
 from abft_lens.backends.tl import HookedTransformer, HookedTransformerConfig, quiet_deprecation
 
@@ -27,7 +28,8 @@ def tiny_model(
     """A randomly initialised Llama-style hooked model (RMSNorm, rotary, gated SiLU MLP, optional GQA).
 
     ``n_kv_heads=None`` gives plain multi-head attention. Used by tests and notebooks; builds in well under
-    a second. With a tokenizer, ``d_vocab`` follows the tokenizer.
+    a second. With a tokenizer, ``d_vocab`` follows the tokenizer and ``model.tokenizer`` is that tokenizer
+    itself (no BOS prepended).
     """
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -53,6 +55,8 @@ def tiny_model(
     padding = {"default_padding_side": "left"} if tokenizer is not None else {}
     with quiet_deprecation():
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, **padding)
+    if tokenizer is not None:
+        use_own_tokenizer(model, tokenizer)
     relayout_for_forward(model)
     model.eval()
     return model

@@ -14,20 +14,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from abft_lens.evaluation.evaluator import evaluate
     from abft_lens.io import write_json
     from abft_lens.backends.loading import load_model
+    from abft_lens.backends.provenance import describe_model, model_info
     from abft_lens.data.tasks import load_task
 
     task = load_task(args.dataset)
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
-                        quantized=args.quantized)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
+                       quantized=args.quantized)
     if args.run is not None:
         from abft_lens.training.runs import load_run
 
-        load_run(args.run, loaded)
+        load_run(args.run, model)
     if args.test_type != "Normal":
         if args.calibrated:
             raise AbftLensError("--calibrated applies to the Normal evaluation, not to --test-type "
                                 f"{args.test_type}.", "drop --calibrated, or drop --test-type.")
-        report = cmd_eval_robustness(args, loaded, task)
+        report = cmd_eval_robustness(args, model, task)
         if args.output:
             print(f"wrote {write_json(args.output, report)}")
         return 0
@@ -35,32 +36,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.calibrated:
         from abft_lens.evaluation.robustness import calibrated_evaluate
 
-        result = calibrated_evaluate(loaded, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size,
+        result = calibrated_evaluate(model, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size,
                                      progress="eval")
     else:
-        result = evaluate(loaded, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size, progress="eval")
+        result = evaluate(model, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size, progress="eval")
     seconds = time.perf_counter() - start
-    result.info.update(model=loaded.describe(), dataset=task.describe(), seed=task.seed, dtype=args.dtype,
+    result.info.update(model=describe_model(model), dataset=task.describe(), seed=task.seed, dtype=args.dtype,
                        run=str(args.run) if args.run else None,
                        seconds=round(seconds, 2), prompts_per_second=round(len(result.gold) / seconds, 3))
     print_table(result.summary_rows() + [("prompts", str(len(result.gold))), ("seconds", f"{seconds:.1f}")],
-                title=f"{loaded.name} on {task.name}, k={args.k}" + (", contextual calibration" if args.calibrated else ""))
+                title=f"{model_info(model).name} on {task.name}, k={args.k}" + (", contextual calibration" if args.calibrated else ""))
     if args.output:
         print(f"wrote {write_json(args.output, result.to_dict())}")
     return 0
 
 
-def cmd_eval_robustness(args: argparse.Namespace, loaded, task) -> dict:
+def cmd_eval_robustness(args: argparse.Namespace, model, task) -> dict:
     """``eval --test-type TempSensitivity|DemoSensitivity``: the robustness report instead of the Normal metrics."""
+    from abft_lens.backends.provenance import model_info
     from abft_lens.evaluation.robustness import robustness_report
 
-    report = robustness_report(loaded, task, args.test_type, k=args.k, n_queries=args.robustness_queries,
+    report = robustness_report(model, task, args.test_type, k=args.k, n_queries=args.robustness_queries,
                                n_test=args.n_test or 256, batch_size=args.batch_size, progress=True)
     print_table([("consistency", f"{report['consistency']:.4f}")]
                 + [(f"accuracy, {name.replace('_', ' ')} demos", f"{metrics['accuracy']:.4f}")
                    for name, metrics in report["unseen_label"].items()]
                 + [("contextual bias entropy", f"{report['contextual_bias']['entropy']:.4f} nats")],
-                title=f"{loaded.name} on {task.name}, k={args.k}, {args.test_type}")
+                title=f"{model_info(model).name} on {task.name}, k={args.k}, {args.test_type}")
     return report
 
 

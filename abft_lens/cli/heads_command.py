@@ -12,18 +12,19 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from abft_lens.interp.heads import head_scores
     from abft_lens.io import write_json
     from abft_lens.backends.loading import load_model
+    from abft_lens.backends.provenance import describe_model, model_info
     from abft_lens.data.tasks import load_task
 
     task = load_task(args.dataset)
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
-    scores = head_scores(loaded, task, k=args.k, n_prompts=args.n_prompts, batch_size=args.batch_size,
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
+    scores = head_scores(model, task, k=args.k, n_prompts=args.n_prompts, batch_size=args.batch_size,
                          progress=True)
     for name, other in (("induction", "label_attention"), ("label_attention", "induction")):
         rows = [(f"L{layer}H{head}", f"{name} {score:.3f}   {other} {scores[other].scores[layer, head]:.3f}")
                 for layer, head, score in scores[name].top(args.top)]
-        print_table(rows, title=f"top {args.top} {name} heads of {loaded.name} ({task.name}, k={args.k})")
+        print_table(rows, title=f"top {args.top} {name} heads of {model_info(model).name} ({task.name}, k={args.k})")
     if args.output:
-        data = {"model": loaded.describe(), "dataset": task.describe(), "k": args.k, "n_prompts": args.n_prompts,
+        data = {"model": describe_model(model), "dataset": task.describe(), "k": args.k, "n_prompts": args.n_prompts,
                 "scores": {name: value.to_dict() for name, value in scores.items()}}
         print(f"wrote {write_json(args.output, data)}")
     return 0

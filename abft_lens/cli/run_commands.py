@@ -36,12 +36,12 @@ def cmd_mix(args: argparse.Namespace) -> int:
     from abft_lens.data.tasks import load_task
 
     grid = lambda_grid(args.grid_min, args.grid_max, args.grid_step)
-    model = args.model or run_meta(args.run_e2e)["model"]["name"]
+    spec = args.model or run_meta(args.run_e2e)["model"]["name"]
     run_meta(args.run_abft)
     dtype = args.dtype or read_json(args.run_e2e / "config.json")["model"].get("dtype") or "float32"
-    loaded = load_model(model, dtype=DTYPES[dtype])
+    model = load_model(spec, dtype=DTYPES[dtype])
     task = load_task(args.dataset) if args.dataset is not None else None
-    result = mix_runs(loaded, args.run_e2e, args.run_abft, task=task, k=args.k, n_test=args.n_test,
+    result = mix_runs(model, args.run_e2e, args.run_abft, task=task, k=args.k, n_test=args.n_test,
                       lambdas_e2e=grid, lambdas_abft=grid, batch_size=args.batch_size)
     best = result.best
     print(f"accuracy of θ0 + λ_E·Δ_E + λ_A·Δ_A ({result.info['task']}, n={result.info['n_test']}, "

@@ -134,6 +134,7 @@ def run_extras_from_args(args: argparse.Namespace, task, config, run_dir: Path):
 def cmd_train(args: argparse.Namespace) -> int:
     from abft_lens.training.distributed import init_from_env, training_device
     from abft_lens.backends.loading import load_model
+    from abft_lens.backends.provenance import model_info
     from abft_lens.training.runs import run_training
     from abft_lens.data.tasks import load_task
 
@@ -143,14 +144,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     mauve_test = mauve_test_from_args(args)  # checks the prefix file before the model loads
     device = training_device(dist, default=resolve_device(args.device))
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
     if mauve_test is not None:
-        mauve_test.before(loaded)
+        mauve_test.before(model)
     extras = run_extras_from_args(args, task, config, run_dir)
     if extras is not None:
-        extras.before(loaded)
+        extras.before(model)
     result = run_training(
-        loaded, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
+        model, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
         post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
         checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, dist=dist,
     )
@@ -158,12 +159,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")]
     if extras is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
-        rows += extras.after(loaded)
+        rows += extras.after(model)
     if mauve_test is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
-        rows += mauve_test.after(loaded, run_dir).summary_rows()
+        rows += mauve_test.after(model, run_dir).summary_rows()
     if result.best_step is not None:
         rows.append(("best validation step", f"{result.best_step}" + (" (kept)" if config.keep_best else "")))
-    print_table(rows, title=f"{config.method} on {loaded.name}, {task.name}, k={config.k}, "
+    print_table(rows, title=f"{config.method} on {model_info(model).name}, {task.name}, k={config.k}, "
                             f"{config.total_steps} steps, n_test={args.n_test}")
     print(f"run folder: {run_dir}")
     return 0

@@ -20,7 +20,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.data.tasks import Example, ICLTask
 
 if TYPE_CHECKING:
-    from abft_lens.backends.loading import LoadedModel
+    from abft_lens.backends.provenance import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,8 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def prompt_builder(loaded: LoadedModel, task: ICLTask) -> PromptBuilder:
+def prompt_builder(model: LoadedModel, task: ICLTask) -> PromptBuilder:
     """The prompt builder for ``task`` with the model's tokenizer, BOS convention and context length."""
-    return PromptBuilder(loaded.tokenizer, task, adds_bos=loaded.adds_bos, max_tokens=loaded.model.cfg.n_ctx)
+    from abft_lens.backends.provenance import model_info  # lazy: building prompts needs no TransformerLens
+
+    return PromptBuilder(model.tokenizer, task, adds_bos=model_info(model).adds_bos, max_tokens=model.cfg.n_ctx)

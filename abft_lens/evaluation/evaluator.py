@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from abft_lens.backends.tl import HookedTransformer
 from abft_lens.backends.forward import forward_residual
 from abft_lens.evaluation.metrics import classification_metrics
-from abft_lens.backends.loading import LoadedModel
+from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.data.prompts import prompt_builder, ICLPrompt, PromptBatch, PromptBuilder, collate, pad_token_id, test_prompts
 from abft_lens.data.tasks import ICLTask
 
@@ -139,7 +139,7 @@ def evaluate_prompts(
 
 
 def evaluate(
-    loaded: LoadedModel,
+    model: LoadedModel,
     task: ICLTask,
     *,
     k: int = 4,
@@ -147,9 +147,9 @@ def evaluate(
     batch_size: int = 8,
     progress: bool | str = False,
 ) -> EvalResult:
-    """StaICC "Normal" evaluation of ``loaded`` on the first ``n_test`` fixed test prompts of ``task``."""
-    builder = prompt_builder(loaded, task)
+    """StaICC "Normal" evaluation of ``model`` on the first ``n_test`` fixed test prompts of ``task``."""
+    builder = prompt_builder(model, task)
     prompts = test_prompts(builder, k, n_test)
-    result = evaluate_prompts(loaded.model, builder, prompts, batch_size=batch_size, progress=progress)
-    result.info.update(model=loaded.name, protocol="Normal")
+    result = evaluate_prompts(model, builder, prompts, batch_size=batch_size, progress=progress)
+    result.info.update(model=model_info(model).name, protocol="Normal")
     return result

@@ -18,7 +18,7 @@ from typing import Sequence
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
 from abft_lens.io import read_json
-from abft_lens.backends.loading import LoadedModel
+from abft_lens.backends.provenance import LoadedModel
 from abft_lens.data.tasks import PAPER_DATASETS, load_task
 
 CALIBRATION_FILE = "calibration.json"
@@ -27,10 +27,10 @@ __all__ = ["evaluate_datasets", "generalization_summary", "generalization_record
 
 
 def evaluate_datasets(
-    loaded: LoadedModel, indices: Sequence[int] = PAPER_DATASETS, *, k: int = 4, n_test: int | None = None,
+    model: LoadedModel, indices: Sequence[int] = PAPER_DATASETS, *, k: int = 4, n_test: int | None = None,
     calibrated: bool = False, batch_size: int = 8, progress: bool | str = False,
 ) -> dict[str, EvalResult]:
-    """Evaluate ``loaded`` on each StaICC dataset of ``indices``: ``{task name: EvalResult}`` in that order.
+    """Evaluate ``model`` on each StaICC dataset of ``indices``: ``{task name: EvalResult}`` in that order.
 
     ``calibrated=True`` evaluates with contextual calibration (4x the forward passes), see
     :func:`abft_lens.evaluation.robustness.calibrated_evaluate`.
@@ -42,7 +42,7 @@ def evaluate_datasets(
         task = load_task(index)
         desc = f"{task.name}" if progress else False
         run = calibrated_evaluate if calibrated else evaluate
-        results[task.name] = run(loaded, task, k=k, n_test=n_test, batch_size=batch_size, progress=desc)
+        results[task.name] = run(model, task, k=k, n_test=n_test, batch_size=batch_size, progress=desc)
     return results
 
 
@@ -101,19 +101,19 @@ class RunExtras:
     progress: bool = True
     fore: dict = field(default_factory=dict)
 
-    def before(self, loaded: LoadedModel) -> None:
+    def before(self, model: LoadedModel) -> None:
         if (self.run_dir / "config.json").is_file() and not self.resume:
             raise AbftLensError(f"{self.run_dir} already holds a run; abft-lens never overwrites one.",
                                 "choose another --run-dir, or pass --resume to continue an interrupted run.")
         for name, compute in self._jobs():
             path = self.run_dir / name
             cached = read_json(path) if self.resume and path.is_file() else None
-            self.fore[name] = cached["fore"] if cached and "fore" in cached else compute(loaded)
+            self.fore[name] = cached["fore"] if cached and "fore" in cached else compute(model)
             from abft_lens.io import write_json
 
             write_json(path, {**self._meta(name), "fore": self.fore[name]})
 
-    def after(self, loaded: LoadedModel) -> list[tuple[str, str]]:
+    def after(self, model: LoadedModel) -> list[tuple[str, str]]:
         from abft_lens.io import write_json
 
         rows = []
@@ -127,7 +127,7 @@ class RunExtras:
                     average = sum(metrics["accuracy"] for metrics in fore.values()) / len(fore)
                     rows.append(("contextual calibration (base) average", f"{average:.4f}"))
                 continue
-            post = compute(loaded)
+            post = compute(model)
             record = {**self._meta(name), "fore": self.fore[name], "post": post}
             if name == "generalization.json":
                 record.update({f"{p}_summary": generalization_summary(
@@ -149,13 +149,13 @@ class RunExtras:
 
         jobs = []
         if self.test_type != "Normal":
-            jobs.append(("robustness.json", lambda loaded: robustness_report(
-                loaded, self.task, self.test_type, k=self.k, n_queries=self.robustness_queries,
+            jobs.append(("robustness.json", lambda model: robustness_report(
+                model, self.task, self.test_type, k=self.k, n_queries=self.robustness_queries,
                 n_test=self.robustness_n_test, batch_size=self.batch_size, progress=self.progress)))
         if self.generalization:
-            jobs.append(("generalization.json", lambda loaded: {
+            jobs.append(("generalization.json", lambda model: {
                 name: result.metrics for name, result in evaluate_datasets(
-                    loaded, self._indices(), k=self.k, n_test=self.generalization_n_test, batch_size=self.batch_size,
+                    model, self._indices(), k=self.k, n_test=self.generalization_n_test, batch_size=self.batch_size,
                     progress=self.progress).items()}))
         if self.calibration:
             jobs.append((CALIBRATION_FILE, self._calibrated))
@@ -167,14 +167,14 @@ class RunExtras:
             return tuple(PAPER_DATASETS)
         return tuple(PAPER_DATASETS) + (self.task.index,)
 
-    def _calibrated(self, loaded: LoadedModel) -> dict:
+    def _calibrated(self, model: LoadedModel) -> dict:
         from abft_lens.evaluation.robustness import calibrated_evaluate
 
         if self.generalization:
             return {name: result.metrics for name, result in evaluate_datasets(
-                loaded, self._indices(), k=self.k, n_test=self.generalization_n_test, calibrated=True,
+                model, self._indices(), k=self.k, n_test=self.generalization_n_test, calibrated=True,
                 batch_size=self.batch_size, progress=self.progress).items()}
-        result = calibrated_evaluate(loaded, self.task, k=self.k, n_test=self.robustness_n_test,
+        result = calibrated_evaluate(model, self.task, k=self.k, n_test=self.robustness_n_test,
                                      batch_size=self.batch_size, progress="calibrated eval" if self.progress else False)
         return {self.task.name: result.metrics}
 

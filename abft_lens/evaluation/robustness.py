@@ -49,7 +49,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate_prompts, label_probabilities
 from abft_lens.data.prompts import prompt_builder
 from abft_lens.evaluation.metrics import classification_metrics
-from abft_lens.backends.loading import LoadedModel
+from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.data.prompts import ICLPrompt, PromptBuilder, pad_token_id, test_prompts
 from abft_lens.data.tasks import Example, ICLTask, Template
 
@@ -146,7 +146,7 @@ def alternate_templates(task: ICLTask, alternates: dict | None = None) -> list[t
 
 
 def template_sensitivity_prompts(
-    loaded: LoadedModel, task: ICLTask, *, k: int = 4, n_queries: int = TEMPLATE_QUERIES,
+    model: LoadedModel, task: ICLTask, *, k: int = 4, n_queries: int = TEMPLATE_QUERIES,
     alternates: dict | None = None,
 ) -> tuple[list[PromptBuilder], list[list[ICLPrompt]], list[dict]]:
     """Builders, prompts ``[template][query]`` and template descriptions of the template-sensitivity test."""
@@ -154,7 +154,7 @@ def template_sensitivity_prompts(
     demos = task.test_demonstrations(k)
     builders, prompt_sets, described = [], [], []
     for row, template in alternate_templates(task, alternates):
-        builder = prompt_builder(loaded, replace(task, template=template))
+        builder = prompt_builder(model, replace(task, template=template))
         builders.append(builder)
         prompt_sets.append([builder.build([task.demonstration[i] for i in demos[q]], task.test[q])
                             for q in range(n_queries)])
@@ -163,13 +163,13 @@ def template_sensitivity_prompts(
 
 
 def template_sensitivity(
-    loaded: LoadedModel, task: ICLTask, *, k: int = 4, n_queries: int = TEMPLATE_QUERIES,
+    model: LoadedModel, task: ICLTask, *, k: int = 4, n_queries: int = TEMPLATE_QUERIES,
     alternates: dict | None = None, batch_size: int = 8, progress: bool | str = False,
 ) -> SensitivityResult:
     """StaICC ``Template_sens``: consistency of predictions over the 9 L9 templates (``9 * n_queries`` prompts)."""
-    builders, prompt_sets, described = template_sensitivity_prompts(loaded, task, k=k, n_queries=n_queries,
+    builders, prompt_sets, described = template_sensitivity_prompts(model, task, k=k, n_queries=n_queries,
                                                                     alternates=alternates)
-    predictions = _predict_variants(loaded.model, builders, prompt_sets, batch_size=batch_size,
+    predictions = _predict_variants(model, builders, prompt_sets, batch_size=batch_size,
                                     progress=_desc(progress, "template sensitivity"))
     return SensitivityResult("template", task.name, k, consistency(predictions), predictions.tolist(), described)
 
@@ -196,13 +196,13 @@ def demonstration_sensitivity_prompts(builder: PromptBuilder, *, k: int = 4, n_q
 
 
 def demonstration_sensitivity(
-    loaded: LoadedModel, task: ICLTask, *, k: int = 4, n_queries: int = DEMO_QUERIES, n_sets: int = DEMO_SETS,
+    model: LoadedModel, task: ICLTask, *, k: int = 4, n_queries: int = DEMO_QUERIES, n_sets: int = DEMO_SETS,
     batch_size: int = 8, progress: bool | str = False,
 ) -> SensitivityResult:
     """StaICC ``Demo_sens``: consistency of predictions over ``n_sets`` demonstration sets per query."""
-    builder = prompt_builder(loaded, task)
+    builder = prompt_builder(model, task)
     prompt_sets = demonstration_sensitivity_prompts(builder, k=k, n_queries=n_queries, n_sets=n_sets)
-    predictions = _predict_variants(loaded.model, [builder], prompt_sets, batch_size=batch_size,
+    predictions = _predict_variants(model, [builder], prompt_sets, batch_size=batch_size,
                                     progress=_desc(progress, "demonstration sensitivity"))
     return SensitivityResult("demonstration", task.name, k, consistency(predictions), predictions.tolist(),
                              [{"set": t} for t in range(n_sets)])
@@ -284,18 +284,18 @@ def zero_shot_prompts(builder: PromptBuilder, n: int) -> list[ICLPrompt]:
 
 
 def unseen_label_test(
-    loaded: LoadedModel, task: ICLTask, *, k: int = 4, n_test: int | None = 256, batch_size: int = 8,
+    model: LoadedModel, task: ICLTask, *, k: int = 4, n_test: int | None = 256, batch_size: int = 8,
     progress: bool | str = False,
 ) -> dict[str, EvalResult]:
     """Accuracy etc. on the same queries with unseen-label demonstrations, the fixed (random) demonstrations
     and no demonstrations: ``{"unseen_label": ..., "random": ..., "zero_shot": ...}``."""
-    builder = prompt_builder(loaded, task)
+    builder = prompt_builder(model, task)
     n = n_test or 2 * len(task.test)
     sets = {"unseen_label": unseen_label_prompts(builder, k, n), "random": test_prompts(builder, k, n),
             "zero_shot": zero_shot_prompts(builder, n)}
     results = {}
     for name, prompts in sets.items():
-        results[name] = evaluate_prompts(loaded.model, builder, prompts, batch_size=batch_size,
+        results[name] = evaluate_prompts(model, builder, prompts, batch_size=batch_size,
                                          progress=_desc(progress, name.replace("_", " ")))
         results[name].info.update(protocol=name)
     return results
@@ -317,7 +317,7 @@ def content_free_prompts(builder: PromptBuilder, demo_sets: Sequence[Sequence[in
 
 
 def contextual_bias(
-    loaded: LoadedModel, task: ICLTask, *, k: int = 4, n_prompts: int | None = None, batch_size: int = 8,
+    model: LoadedModel, task: ICLTask, *, k: int = 4, n_prompts: int | None = None, batch_size: int = 8,
     progress: bool | str = False,
 ) -> dict:
     """StaICC ``Contextual_bias``: the fixed test demonstrations with an empty query text.
@@ -325,10 +325,10 @@ def contextual_bias(
     Returns ``entropy`` (nats) of the mean label distribution, ``max_entropy`` = ln(n_labels), the ratio
     ``normalized_entropy`` (1 = no bias) and the ``mean_distribution`` itself.
     """
-    builder = prompt_builder(loaded, task)
+    builder = prompt_builder(model, task)
     demos = task.test_demonstrations(k)
     prompts = content_free_prompts(builder, demos[: n_prompts or len(demos)], "")
-    probs = label_probabilities(loaded.model, prompts, builder.label_token_ids, pad_id=pad_token_id(builder.tokenizer),
+    probs = label_probabilities(model, prompts, builder.label_token_ids, pad_id=pad_token_id(builder.tokenizer),
                                 batch_size=batch_size, progress=_desc(progress, "contextual bias"))
     mean = probs.double().mean(0)
     value = entropy(mean)
@@ -347,17 +347,17 @@ def calibrate(probs: Float[Tensor, "prompt label"], content_free: Float[Tensor, 
 
 
 def calibrated_evaluate(
-    loaded: LoadedModel, task: ICLTask, *, k: int = 4, n_test: int | None = None,
+    model: LoadedModel, task: ICLTask, *, k: int = 4, n_test: int | None = None,
     content_free: Sequence[str] = CONTENT_FREE, batch_size: int = 8, progress: bool | str = False,
 ) -> EvalResult:
     """StaICC "Normal" evaluation with contextual calibration: the fixed test prompts, each calibrated by the
     mean label distribution of ``content_free`` queries written with its own demonstrations
     (``(1 + len(content_free)) * n_test`` forward passes)."""
-    builder = prompt_builder(loaded, task)
+    builder = prompt_builder(model, task)
     prompts = test_prompts(builder, k, n_test)
     demos = task.test_demonstrations(k)[: len(prompts)]
     flat = prompts + [p for text in content_free for p in content_free_prompts(builder, demos, text)]
-    probs = label_probabilities(loaded.model, flat, builder.label_token_ids, pad_id=pad_token_id(builder.tokenizer),
+    probs = label_probabilities(model, flat, builder.label_token_ids, pad_id=pad_token_id(builder.tokenizer),
                                 batch_size=batch_size, progress=_desc(progress, "calibrated eval"))
     raw, cf = probs[: len(prompts)], probs[len(prompts):].view(len(content_free), len(prompts), -1).mean(0)
     calibrated = calibrate(raw, cf)
@@ -365,7 +365,7 @@ def calibrated_evaluate(
     return EvalResult(task=task.name, k=k, metrics=classification_metrics(gold, calibrated), gold=gold.tolist(),
                       predictions=calibrated.argmax(-1).tolist(), probs=calibrated.tolist(),
                       label_words=list(task.label_words),
-                      info={"model": loaded.name, "protocol": "Normal", "method": "contextual_calibration",
+                      info={"model": model_info(model).name, "protocol": "Normal", "method": "contextual_calibration",
                             "content_free": list(content_free)})
 
 
@@ -373,7 +373,7 @@ def calibrated_evaluate(
 
 
 def robustness_report(
-    loaded: LoadedModel, task: ICLTask, test_type: str, *, k: int = 4, n_queries: int | None = None,
+    model: LoadedModel, task: ICLTask, test_type: str, *, k: int = 4, n_queries: int | None = None,
     n_test: int | None = 256, batch_size: int = 8, progress: bool | str = False,
 ) -> dict:
     """JSON-able robustness numbers for ``test_type`` (TempSensitivity or DemoSensitivity): its consistency,
@@ -381,13 +381,13 @@ def robustness_report(
     if test_type not in TEST_TYPES[1:]:
         raise AbftLensError(f"unknown test type {test_type!r}.", f"use one of {', '.join(TEST_TYPES)}.")
     if test_type == "TempSensitivity":
-        sens = template_sensitivity(loaded, task, k=k, n_queries=n_queries or TEMPLATE_QUERIES,
+        sens = template_sensitivity(model, task, k=k, n_queries=n_queries or TEMPLATE_QUERIES,
                                     batch_size=batch_size, progress=progress)
     else:
-        sens = demonstration_sensitivity(loaded, task, k=k, n_queries=n_queries or DEMO_QUERIES,
+        sens = demonstration_sensitivity(model, task, k=k, n_queries=n_queries or DEMO_QUERIES,
                                          batch_size=batch_size, progress=progress)
-    unseen = unseen_label_test(loaded, task, k=k, n_test=n_test, batch_size=batch_size, progress=progress)
-    bias = contextual_bias(loaded, task, k=k, n_prompts=n_test, batch_size=batch_size, progress=progress)
+    unseen = unseen_label_test(model, task, k=k, n_test=n_test, batch_size=batch_size, progress=progress)
+    bias = contextual_bias(model, task, k=k, n_prompts=n_test, batch_size=batch_size, progress=progress)
     return {"test_type": test_type, "k": k, "consistency": sens.consistency, "sensitivity": sens.to_dict(),
             "unseen_label": {name: result.metrics for name, result in unseen.items()},
             "contextual_bias": bias}

@@ -33,6 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.backends.tl import HookedTransformer, HookPoint
 from abft_lens.interp.capture import capture_attention_rows, pattern_hook_name
 from abft_lens.backends.forward import forward_residual
@@ -372,7 +373,7 @@ def icl_label_attention(
 
 
 def head_scores(
-    loaded,
+    model: LoadedModel,
     task,
     *,
     k: int = 4,
@@ -384,20 +385,19 @@ def head_scores(
     prompts: Sequence[ICLPrompt] | None = None,
     progress: bool = False,
 ) -> dict[str, HeadScores]:
-    """Every score of this module for a :class:`~abft_lens.backends.loading.LoadedModel` on ``task``.
+    """Every score of this module for ``model`` (a ``HookedTransformer`` or a bridge) on ``task``.
 
     The ICL scores use the first ``n_prompts`` fixed test prompts of ``task`` with ``k`` demonstrations
     (or ``prompts`` when given); the classic scores prepend the tokenizer's BOS when the model's tokenizer
     adds one. Keys: ``induction``, ``previous_token``, ``duplicate_token``, ``copying`` and the five ICL
     scores (the names of :class:`~abft_lens.reporting.compare.Comparison`).
     """
-    model = loaded.model
     if prompts is None:
-        prompts = test_prompts(prompt_builder(loaded, task), k, n_prompts)
-    bos = loaded.tokenizer.bos_token_id if loaded.adds_bos else None
+        prompts = test_prompts(prompt_builder(model, task), k, n_prompts)
+    bos = model.tokenizer.bos_token_id if model_info(model).adds_bos else None
     scores = classic_scores(model, n_seqs=n_seqs, seq_len=seq_len, batch_size=batch_size, seed=seed,
                             bos_token_id=bos, progress="classic scores" if progress else False)
     scores["copying"] = copying_scores(model, seed=seed)
-    scores.update(icl_label_attention(model, prompts, batch_size=batch_size, pad_id=pad_token_id(loaded.tokenizer),
+    scores.update(icl_label_attention(model, prompts, batch_size=batch_size, pad_id=pad_token_id(model.tokenizer),
                                       progress="label attention" if progress else False))
     return scores

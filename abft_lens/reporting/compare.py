@@ -127,7 +127,7 @@ def example_patterns(model, prompt, heads: Sequence[tuple[int, int]]) -> list:
 def compare_run(
     run_dir: str | Path,
     *,
-    loaded=None,
+    model=None,
     task=None,
     n_prompts: int = 64,
     k: int | None = None,
@@ -142,9 +142,10 @@ def compare_run(
     Args:
         run_dir: a run folder written by :func:`~abft_lens.training.runs.run_training` (config.json, log.jsonl,
             fore_test.json / post_test.json when tested, trained.safetensors).
-        loaded: the run's base model; default ``load_model_like(config["model"])`` (4-bit when the run was).
-            **It is trained in place** (``load_run`` merges the run's tensors into it, or leaves a 4-bit
-            base's adapters attached): a caller passing ``loaded`` gets it back trained.
+        model: the run's base model (a ``HookedTransformer`` or a bridge, e.g. one built by hand); default
+            ``load_model_like(config["model"])`` (4-bit when the run was). **It is trained in place**
+            (``load_run`` merges the run's tensors into it, or leaves a 4-bit base's adapters attached): a
+            caller passing ``model`` gets it back trained.
         task: the run's task; default ``load_task(config["task"]["name"])`` (pass it for custom files whose
             name is not a loadable path).
         n_prompts, k: the first ``n_prompts`` fixed test prompts with ``k`` demonstrations (default: the
@@ -171,24 +172,24 @@ def compare_run(
     if not (run_dir / "config.json").is_file():
         raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at a run folder.")
     config = read_json(run_dir / "config.json")
-    loaded = loaded if loaded is not None else load_model_like(config["model"])
+    model = model if model is not None else load_model_like(config["model"])
     task = task if task is not None else load_task(config["task"]["name"])
     k = int(config["train"].get("k", 4)) if k is None else k
-    builder = prompt_builder(loaded, task)
+    builder = prompt_builder(model, task)
     prompts = test_prompts(builder, k, n_prompts)
     options = dict(prompts=prompts, batch_size=batch_size, n_seqs=n_seqs, seq_len=seq_len, progress=progress)
 
-    before = head_scores(loaded, task, **options)
+    before = head_scores(model, task, **options)
     if example_heads is None:
         example_heads = [(layer, head) for layer, head, _ in before["label_attention"].top(3)]
     example_heads = [(int(layer), int(head)) for layer, head in example_heads]
-    pattern_before = example_patterns(loaded.model, prompts[0], example_heads)
-    weights_before = _qk_snapshot(loaded.model)
+    pattern_before = example_patterns(model, prompts[0], example_heads)
+    weights_before = _qk_snapshot(model)
 
-    load_run(run_dir, loaded)
-    after = head_scores(loaded, task, **options)
-    pattern_after = example_patterns(loaded.model, prompts[0], example_heads)
-    weight_change = _weight_change(weights_before, _qk_snapshot(loaded.model))
+    load_run(run_dir, model)
+    after = head_scores(model, task, **options)
+    pattern_after = example_patterns(model, prompts[0], example_heads)
+    weight_change = _weight_change(weights_before, _qk_snapshot(model))
 
     accuracy = {}
     for key, name in (("fore", "fore_test.json"), ("post", "post_test.json")):
@@ -197,7 +198,7 @@ def compare_run(
     log_path = run_dir / "log.jsonl"
     lines = log_path.read_text().splitlines() if log_path.is_file() else []
     trace = [json.loads(line) for line in lines if line.strip()]
-    tokenizer = loaded.tokenizer
+    tokenizer = model.tokenizer
     example = {
         "tokens": [tokenizer.decode([token]) for token in prompts[0].token_ids],
         "heads": [list(pair) for pair in example_heads],

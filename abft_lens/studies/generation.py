@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from abft_lens.backends.bridge import is_bridge
 from abft_lens.backends.forward import forward_residual
 from abft_lens.errors import AbftLensError
-from abft_lens.backends.loading import LoadedModel
+from abft_lens.backends.provenance import LoadedModel
 from abft_lens.data.prompts import left_pad, pad_token_id
 
 __all__ = ["continuations", "generate_batch", "hidden_features", "perplexity", "Perplexity", "read_prefix_file",
@@ -86,16 +86,16 @@ def read_prefix_file(path: str | Path) -> tuple[list[str], list[str] | None]:
     return prefixes, ([r[1] for r in rows] if all(with_ref) else None)
 
 
-def _encode(loaded: LoadedModel, text: str) -> list[int]:
+def _encode(model: LoadedModel, text: str) -> list[int]:
     """Token ids as the model's own tokenizer makes them (BOS exactly when it adds one)."""
-    return list(loaded.tokenizer(text).input_ids)
+    return list(model.tokenizer(text).input_ids)
 
 
 # ----------------------------------------------------------------------------------------- generation
 
 
 def continuations(
-    loaded: LoadedModel,
+    model: LoadedModel,
     prefixes: Sequence[str],
     max_new_tokens: int = 32,
     seed: int | None = None,
@@ -119,14 +119,14 @@ def continuations(
     if seed is not None and temperature <= 0:
         raise AbftLensError(f"temperature={temperature} must be positive when sampling.",
                             "pass seed=None for greedy decoding.")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    tokenizer = model.tokenizer
     if is_bridge(model):
         raise AbftLensError("generation (the MAUVE test) needs a HookedTransformer's KV cache; this model is a "
                             "4-bit TransformerBridge base.", "run the MAUVE test on the full-precision model "
                             "(without --quantized): a 4-bit run's adapters load onto it.")
     encoded = []
     for i, prefix in enumerate(prefixes):
-        ids = _encode(loaded, prefix)
+        ids = _encode(model, prefix)
         if not ids:
             raise AbftLensError(f"prefix {i} ({prefix!r}) has no tokens.", "remove empty prefixes.")
         encoded.append(ids[-(model.cfg.n_ctx - max_new_tokens):] if len(ids) + max_new_tokens > model.cfg.n_ctx
@@ -205,7 +205,7 @@ def _choose(logits: Tensor, generators: Sequence[torch.Generator] | None, temper
 # ------------------------------------------------------------------------------------------- features
 
 
-def hidden_features(loaded: LoadedModel, texts: Sequence[str], *, pooling: str = "last", batch_size: int = 16,
+def hidden_features(model: LoadedModel, texts: Sequence[str], *, pooling: str = "last", batch_size: int = 16,
                     progress: bool | str = False) -> Tensor:
     """``[n_texts, d_model]`` float32: final-layer hidden state after the final norm, last token or mean.
 
@@ -214,9 +214,8 @@ def hidden_features(loaded: LoadedModel, texts: Sequence[str], *, pooling: str =
     """
     if pooling not in POOLINGS:
         raise AbftLensError(f"pooling {pooling!r} is unknown.", f"use one of {POOLINGS}.")
-    model = loaded.model
     rows: list[Tensor | None] = [None] * len(texts)
-    for indices, tokens, mask in _batches(loaded, texts, batch_size, progress, "features", min_tokens=1):
+    for indices, tokens, mask in _batches(model, texts, batch_size, progress, "features", min_tokens=1):
         with torch.inference_mode():
             final = model.ln_final(forward_residual(model, tokens, mask)).float()
         if pooling == "last":
@@ -229,7 +228,7 @@ def hidden_features(loaded: LoadedModel, texts: Sequence[str], *, pooling: str =
     return torch.stack(rows)
 
 
-def _batches(loaded: LoadedModel, texts: Sequence[str], batch_size: int, progress: bool | str, desc: str, *,
+def _batches(model: LoadedModel, texts: Sequence[str], batch_size: int, progress: bool | str, desc: str, *,
              min_tokens: int, max_tokens: int = 4096):
     """Yield (text indices, left-padded tokens, attention mask) over length-sorted batches of ``texts``.
 
@@ -239,16 +238,15 @@ def _batches(loaded: LoadedModel, texts: Sequence[str], batch_size: int, progres
     """
     if batch_size <= 0:
         raise AbftLensError(f"batch_size={batch_size} must be positive.", "pass e.g. 16.")
-    model = loaded.model
     encoded = []
     for i, text in enumerate(texts):
-        ids = _encode(loaded, text)[-model.cfg.n_ctx:]
+        ids = _encode(model, text)[-model.cfg.n_ctx:]
         if not ids and min_tokens == 1:
             raise AbftLensError(f"text {i} ({text!r}) has no tokens.", "remove empty texts.")
         encoded.append(ids)
     order = sorted((i for i in range(len(encoded)) if len(encoded[i]) >= min_tokens),
                    key=lambda i: (len(encoded[i]), i))
-    pad = pad_token_id(loaded.tokenizer)
+    pad = pad_token_id(model.tokenizer)
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else desc, disable=not progress,
                unit="text")
     groups: list[list[int]] = []
@@ -280,16 +278,15 @@ class Perplexity:
         return {"perplexity": self.value, "nll": self.nll, "n_tokens": self.n_tokens, "n_texts": self.n_texts}
 
 
-def perplexity(loaded: LoadedModel, texts: Sequence[str], *, batch_size: int = 8,
+def perplexity(model: LoadedModel, texts: Sequence[str], *, batch_size: int = 8,
                progress: bool | str = False) -> Perplexity:
     """exp(Σ NLL / Σ predicted tokens) over ``texts``, each tokenized alone as the model's tokenizer does.
 
     Every token after the first is predicted from its prefix (the first one too when a BOS is prepended).
     Texts run ``batch_size`` at a time (length-sorted, left-padded, masked; padding is never scored).
     """
-    model = loaded.model
     nll, count = 0.0, 0
-    for _, tokens, mask in _batches(loaded, texts, batch_size, progress, "perplexity", min_tokens=2,
+    for _, tokens, mask in _batches(model, texts, batch_size, progress, "perplexity", min_tokens=2,
                                     max_tokens=1024):  # full-vocabulary logits: ~200 MB at 49k tokens
         with torch.inference_mode():
             logits = model(tokens, attention_mask=mask)[:, :-1].float()

@@ -16,7 +16,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.studies.generation import (GENERATION_FILE, QK_NAMES, Perplexity, continuations, hidden_features,
                                          perplexity, read_prefix_file)
 from abft_lens.studies.mauve import auto_buckets, mauve_available, mauve_score
-from abft_lens.backends.loading import LoadedModel
+from abft_lens.backends.provenance import LoadedModel, model_info
 
 @dataclass
 class GenerationSide:
@@ -26,13 +26,13 @@ class GenerationSide:
     perplexity: Perplexity
 
 
-def generate_side(loaded: LoadedModel, prefixes: Sequence[str], held_out: Sequence[str], *,
+def generate_side(model: LoadedModel, prefixes: Sequence[str], held_out: Sequence[str], *,
                   max_new_tokens: int = 32, seed: int | None = None, progress: bool = False,
                   label: str = "") -> GenerationSide:
-    """Continuations of ``prefixes`` and perplexity of ``held_out`` under ``loaded`` (as it is now)."""
-    conts = continuations(loaded, prefixes, max_new_tokens, seed, progress=f"generating {label}".strip()
+    """Continuations of ``prefixes`` and perplexity of ``held_out`` under ``model`` (as it is now)."""
+    conts = continuations(model, prefixes, max_new_tokens, seed, progress=f"generating {label}".strip()
                           if progress else False)
-    return GenerationSide(conts, perplexity(loaded, held_out))
+    return GenerationSide(conts, perplexity(model, held_out))
 
 
 @dataclass
@@ -60,18 +60,18 @@ def held_out_texts(prefixes: Sequence[str], references: Sequence[str] | None) ->
     return list(prefixes) if references is None else [p + r for p, r in zip(prefixes, references)]
 
 
-def score_generations(feature_loaded: LoadedModel, prefixes: Sequence[str], base: GenerationSide,
+def score_generations(feature_model: LoadedModel, prefixes: Sequence[str], base: GenerationSide,
                       tuned: GenerationSide, references: Sequence[str] | None = None, *, pooling: str = "last",
                       backend: str = "auto", seed: int = 25, progress: bool = False, info: dict | None = None
                       ) -> GenerationReport:
-    """MAUVE between the sides (features of prefix + continuation by ``feature_loaded``, the base model)."""
+    """MAUVE between the sides (features of prefix + continuation by ``feature_model``, the base model)."""
     if references is not None and len(references) != len(prefixes):
         raise AbftLensError(f"{len(references)} references for {len(prefixes)} prefixes.", "give one per prefix.")
     if backend == "auto":
         backend = "mauve-text" if mauve_available() else "builtin"
 
     def features(texts, label):
-        return hidden_features(feature_loaded, texts, pooling=pooling, progress=f"features {label}" if progress else False)
+        return hidden_features(feature_model, texts, pooling=pooling, progress=f"features {label}" if progress else False)
 
     f_base = features([p + c for p, c in zip(prefixes, base.continuations)], "base")
     f_tuned = features([p + c for p, c in zip(prefixes, tuned.continuations)], "tuned")
@@ -83,7 +83,7 @@ def score_generations(feature_loaded: LoadedModel, prefixes: Sequence[str], base
     samples = [{"prefix": p, "base": b, "tuned": t, **({"reference": references[i]} if references else {})}
                for i, (p, b, t) in enumerate(zip(prefixes, base.continuations, tuned.continuations))]
     meta = {"n_prefixes": len(prefixes), "pooling": pooling, "mauve_backend": backend, "mauve_seed": seed,
-            "num_buckets": auto_buckets(len(prefixes)), "feature_model": feature_loaded.name,
+            "num_buckets": auto_buckets(len(prefixes)), "feature_model": model_info(feature_model).name,
             "perplexity_text": "prefix + true continuation" if references is not None else "the prefixes",
             "identical_continuations": sum(b == t for b, t in zip(base.continuations, tuned.continuations)),
             **(info or {})}
@@ -92,16 +92,16 @@ def score_generations(feature_loaded: LoadedModel, prefixes: Sequence[str], base
                             samples, meta, features)
 
 
-def generation_report(base_loaded: LoadedModel, tuned_loaded: LoadedModel, prefixes: Sequence[str], *,
+def generation_report(base_model: LoadedModel, tuned_model: LoadedModel, prefixes: Sequence[str], *,
                       references: Sequence[str] | None = None, max_new_tokens: int = 32, seed: int | None = None,
                       pooling: str = "last", backend: str = "auto", progress: bool = False) -> GenerationReport:
     """Generate with both models, then MAUVE (features from the base model) and perplexity before/after."""
     held_out = held_out_texts(prefixes, references)
-    base = generate_side(base_loaded, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
+    base = generate_side(base_model, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
                          progress=progress, label="base")
-    tuned = generate_side(tuned_loaded, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
+    tuned = generate_side(tuned_model, prefixes, held_out, max_new_tokens=max_new_tokens, seed=seed,
                           progress=progress, label="tuned")
-    return score_generations(base_loaded, prefixes, base, tuned, references, pooling=pooling, backend=backend,
+    return score_generations(base_model, prefixes, base, tuned, references, pooling=pooling, backend=backend,
                              progress=progress, info={"max_new_tokens": max_new_tokens, "sampling_seed": seed})
 
 
@@ -132,25 +132,25 @@ class MauveTest:
         self.base: GenerationSide | None = None
         self.base_weights: dict[str, Tensor] | None = None
 
-    def before(self, loaded: LoadedModel) -> GenerationSide:
+    def before(self, model: LoadedModel) -> GenerationSide:
         from abft_lens.studies.mixing import base_tensors
 
-        self.base_weights = base_tensors(loaded.model, qk_names(loaded.model))
-        self.base = generate_side(loaded, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
+        self.base_weights = base_tensors(model, qk_names(model))
+        self.base = generate_side(model, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
                                   seed=self.seed, progress=self.progress, label="base")
         return self.base
 
-    def after(self, loaded: LoadedModel, run_dir: str | Path | None = None) -> GenerationReport:
+    def after(self, model: LoadedModel, run_dir: str | Path | None = None) -> GenerationReport:
         from abft_lens.io import write_json
         from abft_lens.studies.mixing import restored, set_tensors
 
         if self.base is None:
             raise RuntimeError("MauveTest.after() needs before() on the base model first")
-        tuned = generate_side(loaded, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
+        tuned = generate_side(model, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
                               seed=self.seed, progress=self.progress, label="tuned")
-        with restored(loaded.model, list(self.base_weights)):
-            set_tensors(loaded.model, self.base_weights)
-            report = score_generations(loaded, self.prefixes, self.base, tuned, self.references,
+        with restored(model, list(self.base_weights)):
+            set_tensors(model, self.base_weights)
+            report = score_generations(model, self.prefixes, self.base, tuned, self.references,
                                        pooling=self.pooling, progress=self.progress,
                                        info={"max_new_tokens": self.max_new_tokens, "sampling_seed": self.seed,
                                              "prefix_file": str(self.prefix_file)})

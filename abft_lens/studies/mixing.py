@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from abft_lens.errors import AbftLensError
 from abft_lens.io import read_json
-from abft_lens.backends.loading import LoadedModel
+from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.training.runs import TRAINED_FILE
 
 METRIC = "accuracy"
@@ -47,10 +47,10 @@ def run_meta(run_dir: str | Path) -> dict:
     return read_json(run_dir / "config.json")
 
 
-def trained_tensors(run_dir: str | Path, loaded: LoadedModel) -> dict[str, Tensor]:
+def trained_tensors(run_dir: str | Path, model: LoadedModel) -> dict[str, Tensor]:
     """The effective trained tensors of a run (after merging LoRA) as CPU copies in the model's dtype.
 
-    ``loaded.model`` must hold the base weights; it is left bit-identical (full runs: the touched tensors are
+    ``model`` must hold the base weights; it is left bit-identical (full runs: the touched tensors are
     copied back; LoRA runs: the adapters are removed again).
     """
     from safetensors.torch import load_file
@@ -61,7 +61,6 @@ def trained_tensors(run_dir: str | Path, loaded: LoadedModel) -> dict[str, Tenso
     run_dir = Path(run_dir)
     meta = run_meta(run_dir)
     config = TrainConfig.from_dict(meta["train"])
-    model = loaded.model
     trainable = attach(model, config.trainable)
     names = [name.rsplit(".lora_", 1)[0] for name, _ in trainable.named_parameters()]
     full = config.trainable.kind == "full"
@@ -71,7 +70,7 @@ def trained_tensors(run_dir: str | Path, loaded: LoadedModel) -> dict[str, Tenso
         try:
             trainable.load_state_dict(load_file(run_dir / TRAINED_FILE))
         except ValueError as error:
-            raise AbftLensError(f"the tensors in {run_dir / TRAINED_FILE} do not fit model {loaded.name}: {error}",
+            raise AbftLensError(f"the tensors in {run_dir / TRAINED_FILE} do not fit model {model_info(model).name}: {error}",
                                 f"load the base model the run was trained on ({meta['model']['name']}).") from error
         return trainable.merged_state_dict()
     finally:
@@ -237,7 +236,7 @@ class MixResult:
 
 
 def mix_runs(
-    loaded: LoadedModel,
+    model: LoadedModel,
     run_e2e: str | Path,
     run_abft: str | Path,
     *,
@@ -251,7 +250,7 @@ def mix_runs(
 ) -> MixResult:
     """Accuracy of ``θ₀ + λ_E·Δ_E + λ_A·Δ_A`` on the first ``n_test`` fixed test prompts, over a λ grid.
 
-    ``loaded`` must hold the base model both runs were trained from (its name must match their config.json);
+    ``model`` must hold the base model both runs were trained from (its name must match their config.json);
     it is left bit-identical. ``task`` defaults to the runs' dataset (a StaICC name, loaded with
     :func:`~abft_lens.data.tasks.load_task`), ``k`` to the runs' k. Grids default to :func:`lambda_grid`.
     """
@@ -266,8 +265,9 @@ def mix_runs(
     if names["e2e"] != names["abft"]:
         raise AbftLensError(f"the runs come from different base models: {runs['e2e']} from {names['e2e']!r}, "
                             f"{runs['abft']} from {names['abft']!r}.", "mix two runs of the same base model.")
-    if loaded.name != names["e2e"]:
-        raise AbftLensError(f"the runs were trained on {names['e2e']!r}, but the loaded model is {loaded.name!r}.",
+    name = model_info(model).name
+    if name != names["e2e"]:
+        raise AbftLensError(f"the runs were trained on {names['e2e']!r}, but the loaded model is {name!r}.",
                             f"load the base model {names['e2e']!r} (--model {names['e2e']}).")
     if k is None:
         ks = {meta["train"]["k"] for meta in metas.values()}
@@ -285,13 +285,12 @@ def mix_runs(
     if not lambdas_e2e or not lambdas_abft:
         raise AbftLensError("the lambda grid is empty.", "give at least one value per axis.")
 
-    model = loaded.model
-    trained = {key: trained_tensors(path, loaded) for key, path in runs.items()}
+    trained = {key: trained_tensors(path, model) for key, path in runs.items()}
     if set(trained["e2e"]) != set(trained["abft"]):
         only_e, only_a = sorted(set(trained["e2e"]) - set(trained["abft"])), sorted(set(trained["abft"]) - set(trained["e2e"]))
         raise AbftLensError(f"the runs train different tensors: only in {runs['e2e']}: {only_e[:4]}, only in "
                             f"{runs['abft']}: {only_a[:4]}.", "mix runs with the same trainable set (targets, bias).")
-    builder = prompt_builder(loaded, task)
+    builder = prompt_builder(model, task)
     prompts = test_prompts(builder, k, n_test)
     names_mixed = sorted(trained["e2e"])
     points = [(e, a) for e in lambdas_e2e for a in lambdas_abft]
@@ -313,7 +312,7 @@ def mix_runs(
         runs_info[key] = {"run_dir": str(path), "method": metas[key]["train"]["method"],
                           "trainable": metas[key]["train"]["trainable"]["kind"], "post_test_accuracy": post,
                           "post_test_n": metas[key].get("n_test")}
-    info = {"model": loaded.name, "task": task.name, "k": k, "n_test": len(prompts), "tensors": len(names_mixed)}
+    info = {"model": name, "task": task.name, "k": k, "n_test": len(prompts), "tensors": len(names_mixed)}
     return MixResult(lambdas_e2e, lambdas_abft, torch.tensor(metrics[METRIC], dtype=torch.float64), metrics,
                      runs_info, info)
 

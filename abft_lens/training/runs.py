@@ -35,7 +35,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
 from abft_lens.data.prompts import prompt_builder
 from abft_lens.io import atomic_write_text, read_json, write_json
-from abft_lens.backends.loading import LoadedModel
+from abft_lens.backends.provenance import LoadedModel, describe_model, model_info
 from abft_lens.data.tasks import ICLTask
 from abft_lens.training.train import StepResult, TrainConfig, Trainer, validation_prompts
 from abft_lens.training.adapters import attach
@@ -67,7 +67,7 @@ class RunResult:
 
 
 def run_training(
-    loaded: LoadedModel,
+    model: LoadedModel,
     task: ICLTask,
     config: TrainConfig,
     *,
@@ -83,7 +83,7 @@ def run_training(
     callbacks=(),
     dist: distributed.DistributedContext | None = None,
 ) -> RunResult:
-    """Fore test, train ``loaded.model`` in place with ``config``, post test; write ``run_dir`` if given.
+    """Fore test, train ``model`` in place with ``config``, post test; write ``run_dir`` if given.
 
     ``dist``: data-parallel context; default: the initialized ``torch.distributed`` group, if any.
     ``callbacks`` run on every rank (a stop requested on any rank stops all of them).
@@ -94,8 +94,8 @@ def run_training(
     run_dir = Path(run_dir) if run_dir is not None else None
     if dist is not None:
         run_dir = dist.broadcast_object(run_dir)  # rank 0's folder (a default name may hold a timestamp)
-    builder = prompt_builder(loaded, task)
-    meta = {"train": config.to_dict(), "model": loaded.describe(), "task": task.describe(),
+    builder = prompt_builder(model, task)
+    meta = {"train": config.to_dict(), "model": describe_model(model), "task": task.describe(),
             "n_test": n_test, "abft_lens_version": __version__}
     checkpoint = run_dir / "checkpoint.pt" if run_dir else None
     resuming = on_main(lambda: _prepare_run_dir(run_dir, meta, resume))
@@ -103,12 +103,12 @@ def run_training(
     fore = None
     if fore_test and main:
         fore = _cached_eval(run_dir, "fore_test.json", resuming,
-                            lambda: evaluate(loaded, task, k=config.k, n_test=n_test, batch_size=batch_size,
+                            lambda: evaluate(model, task, k=config.k, n_test=n_test, batch_size=batch_size,
                                              progress="fore test" if progress else False))
 
     if dist is not None:
         dist.barrier()  # the fore test (rank 0) precedes training on every rank
-    trainer = Trainer(loaded.model, builder, config, dist=dist)
+    trainer = Trainer(model, builder, config, dist=dist)
     guard = None
     log_path = run_dir / "log.jsonl" if run_dir else None
     if config.validate_every and config.validation_examples and main:
@@ -164,7 +164,7 @@ def run_training(
 
     post = None
     if post_test and main:
-        post = evaluate(loaded, task, k=config.k, n_test=n_test, batch_size=batch_size,
+        post = evaluate(model, task, k=config.k, n_test=n_test, batch_size=batch_size,
                         progress="post test" if progress else False)
     result = RunResult(run_dir, config, fore, post, steps, guard.history if guard else [], best_step, train_seconds)
     if run_dir and main:
@@ -231,8 +231,8 @@ def _truncate_log(path: Path, completed_steps: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def load_run(run_dir: str | Path, loaded: LoadedModel) -> TrainConfig:
-    """Apply a run's trained tensors to ``loaded.model`` (the same base model) in place; return its config."""
+def load_run(run_dir: str | Path, model: LoadedModel) -> TrainConfig:
+    """Apply a run's trained tensors to ``model`` (the same base model) in place; return its config."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -244,12 +244,12 @@ def load_run(run_dir: str | Path, loaded: LoadedModel) -> TrainConfig:
                             "re-run training without --dont_save_model.")
     meta = read_json(config_path)
     config = TrainConfig.from_dict(meta["train"])
-    trainable = attach(loaded.model, config.trainable)
+    trainable = attach(model, config.trainable)
     try:
         trainable.load_state_dict(load_file(trained_path))
     except ValueError as error:
         trainable.remove() if config.trainable.kind == "lora" else trainable.merge()
-        raise AbftLensError(f"the tensors in {trained_path} do not fit model {loaded.name}: {error}",
+        raise AbftLensError(f"the tensors in {trained_path} do not fit model {model_info(model).name}: {error}",
                             f"load the base model the run was trained on ({meta['model']['name']}).") from error
     trainable.merge()
     return config
