@@ -88,7 +88,15 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
 
 def load_model_like(described: dict, **overrides) -> LoadedModel:
     """Load the model a run folder's ``config.json["model"]`` (:func:`describe_model`) names, quantized
-    when that run's base was; ``overrides`` go to :func:`load_model` (e.g. ``quantized=False``)."""
+    when that run's base was; ``overrides`` go to :func:`load_model` (e.g. ``quantized=False``).
+
+    A model the user built (source ``"user"``) cannot be rebuilt from its description: AbftLensError.
+    """
+    if described.get("source") == "user":
+        raise AbftLensError(f"the run's base model {described['name']!r} was built by hand (not by load_model), so "
+                            "abft-lens cannot load it again from the run folder.",
+                            "pass the untrained base model yourself, e.g. compare_run(run_dir, model=base) or "
+                            "report_from_run(run_dir, model=base).")
     kwargs = {"quantized": bool(described.get("quantized", False)), **overrides}
     return load_model(described["name"], **kwargs)
 
