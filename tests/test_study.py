@@ -212,11 +212,17 @@ def test_ctrl_c_marks_the_cell_interrupted_and_the_rerun_resumes(tmp_path, monke
 
     monkeypatch.setattr(study, "run_training", interrupted)
     args = ["study", "--out", str(out), "--models", "tiny", "--datasets", "sst2", "--methods", "ABFT",
-            "--train-samples", "4", "--pseudo-batch-size", "4", "--n-test", "4"]
+            "--train-samples", "4", "--pseudo-batch-size", "2", "--n-test", "4", "--validation-examples", "16",
+            "--validation-prompts", "4", "--validate-every", "1", "--keep-best", "--select-metric", "macro_f1"]
     assert main(args) == 130
     assert read_json(out / "study.json")["cells"]["tiny/sst2/ABFT/seed-0"]["state"] == "interrupted"
     assert main(args) == 0
-    assert read_json(out / "study.json")["cells"]["tiny/sst2/ABFT/seed-0"]["state"] == "done"
+    record = read_json(out / "study.json")["cells"]["tiny/sst2/ABFT/seed-0"]
+    assert record["state"] == "done" and record["attempts"] == 2
+    # the study records which validation metric chose the kept step
+    assert record["metrics"]["select_metric"] == "macro_f1" and record["metrics"]["best_validation_step"] in (0, 1, 2)
+    assert "validation guard selects on: macro_f1" in (out / "table1.md").read_text()
+    assert "**Validation guard**" in (out / "table1.md").read_text()
 
 
 def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
@@ -294,11 +300,12 @@ def test_variants_and_spec_file(tmp_path):
 
     args = build_parser().parse_args(["study", "--out", str(tmp_path / "s"), "--lr", "5e-4", "--restricted-gradient",
                                       "--train-samples", "16"])
-    base, fast, e2e = parse_methods("ABFT,fast=ABFT:--lr 1e-3 --no-restricted-gradient --penalty-mode None,"
-                                    "slow=E2E:--epochs 3")
+    base, fast, e2e = parse_methods("ABFT,fast=ABFT:--lr 1e-3 --no-restricted-gradient --penalty-mode None "
+                                    "--select-metric macro_f1,slow=E2E:--epochs 3")
     assert (recipe_for(args, base).config.lr, recipe_for(args, base).config.restricted_gradient) == (5e-4, True)
     config = recipe_for(args, fast).config
     assert (config.lr, config.restricted_gradient, config.penalty_mode, config.train_samples) == (1e-3, False, "None", 16)
+    assert (config.select_metric, recipe_for(args, base).config.select_metric) == ("macro_f1", "accuracy")
     assert (recipe_for(args, e2e).config.method, recipe_for(args, e2e).config.epochs) == ("E2E", 3)
 
     spec = tmp_path / "spec.toml"
