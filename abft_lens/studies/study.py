@@ -117,7 +117,8 @@ def _run_cell(state: StudyState, cell: Cell, loaded: LoadedModel, base: dict, re
         raise
     except Exception as error:
         log.debug("cell %s failed", cell.key, exc_info=True)
-        state.update(cell, state="failed", error=_message(error), seconds=round(previous + time.perf_counter() - start, 2))
+        state.update(cell, state="failed", error=_message(error),
+                     seconds=round(previous + time.perf_counter() - start, 2))
     else:
         state.update(cell, state="done", metrics=metrics, seconds=round(previous + time.perf_counter() - start, 2))
     finally:
@@ -186,9 +187,9 @@ def run_trained_cell(loaded: LoadedModel, cell: Cell, out: Path, recipe: TrainRe
     extras = _extras(task, run_dir, config.k, recipe)
     if extras is not None and recipe.generalization and not (run_dir / "generalization.json").is_file():
         n_test = recipe.generalization_n_test or recipe.n_test
-        indices = PAPER_DATASETS + ((task.index,) if task.index is not None and task.index not in PAPER_DATASETS else ())
-        fore = {other.name: shared_evaluation(loaded, other, out, cell.model, "vanilla", n_test=n_test, **shared).metrics
-                for other in map(load_task, indices)}
+        extra = (task.index,) if task.index is not None and task.index not in PAPER_DATASETS else ()
+        fore = {other.name: shared_evaluation(loaded, other, out, cell.model, "vanilla", n_test=n_test,
+                                              **shared).metrics for other in map(load_task, PAPER_DATASETS + extra)}
         write_json(run_dir / "generalization.json", {"fore": fore})  # RunExtras(resume=True) reads it back
     mauve = MauveTest(recipe.mauve_prefix, max_new_tokens=recipe.mauve_max_new_tokens, progress=progress) \
         if recipe.mauve_prefix else None

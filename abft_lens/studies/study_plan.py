@@ -56,7 +56,7 @@ class MethodSpec:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """``vanilla`` / ``cc`` / ``ABFT`` / ``E2E`` (any case), or a variant ``NAME=ABFT:OPTIONS`` / ``NAME=E2E:OPTIONS``."""
+    """``vanilla`` / ``cc`` / ``ABFT`` / ``E2E`` (any case), or a variant ``NAME=ABFT:OPTIONS`` (``NAME=E2E:...``)."""
     text = text.strip()
     if "=" not in text:
         kind = KINDS.get(text.lower())
@@ -67,7 +67,8 @@ def parse_method(text: str) -> MethodSpec:
     name, _, rest = text.partition("=")
     kind_text, _, options = rest.partition(":")
     name, kind = name.strip(), KINDS.get(kind_text.strip().lower())
-    fix = "write a variant as NAME=ABFT:OPTIONS or NAME=E2E:OPTIONS, e.g. 'fast=ABFT:--lr 1e-3 --no-restricted-gradient'."
+    fix = ("write a variant as NAME=ABFT:OPTIONS or NAME=E2E:OPTIONS, "
+           "e.g. 'fast=ABFT:--lr 1e-3 --no-restricted-gradient'.")
     if not VARIANT_NAME.fullmatch(name):
         raise AbftLensError(f"variant name {name!r} in {text!r} is not a plain name.",
                             "use letters, digits and . _ + - (it names the table row and the run folders).")
