@@ -82,6 +82,16 @@ def test_done_when_command_finishes_with_tables(done_study):
                 assert not (run / "checkpoint.pt").exists()
 
 
+def test_a_cell_is_an_ordinary_run_folder(done_study, tmp_path):
+    """``eval --run`` on a cell's folder reproduces its post test on a fresh base model."""
+    out, _, _ = done_study
+    run = out / "tiny" / "fp" / "E2E" / "seed-1"
+    assert main(["eval", "--model", "tiny", "--dataset", "fp", "--k", "4", "--n-test", "8", "--run", str(run),
+                 "--output", str(tmp_path / "again.json")]) == 0
+    again, post = read_json(tmp_path / "again.json"), read_json(run / "post_test.json")
+    assert again["metrics"] == post["metrics"] and again["per_prompt"] == post["per_prompt"]
+
+
 def test_base_weights_restored_between_cells(done_study):
     """Every trained cell starts from the bit-identical base; E2E really moved the weights, so restoring mattered."""
     _, _, seen = done_study
