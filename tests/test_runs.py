@@ -268,6 +268,26 @@ def test_keep_best_with_scripted_validation(task, tmp_path, recorded, monkeypatc
     assert [v["step"] for v in read_log(tmp_path / "run") if v["event"] == "validation"] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("metric, expected", [("accuracy", 1), ("macro_f1", 3)])
+def test_select_metric_chooses_the_kept_step(task, tmp_path, recorded, monkeypatch, metric, expected):
+    """Step 1 has the best accuracy (a collapse onto the majority label), step 3 the best macro-F1."""
+    calls = iter([(0.5, 0.40), (0.7, 0.30), (0.6, 0.45), (0.6, 0.55), (0.4, 0.35)])  # (accuracy, macro-F1)
+
+    def fake_evaluate_prompts(model, builder, prompts, **kwargs):
+        accuracy, f1 = next(calls)
+        return types.SimpleNamespace(metrics={"accuracy": accuracy, "mean_true_label_probability": 0.5,
+                                              "macro_f1": f1, "ece": 0.0})
+
+    monkeypatch.setattr(callbacks, "evaluate_prompts", fake_evaluate_prompts)
+    cfg = config(validation_examples=32, validation_prompts=8, validate_every=1, keep_best=True, select_metric=metric)
+    result, _ = train(task, tmp_path / "run", cfg, callbacks=[recorded.callback])
+    assert result.best_step == expected
+    assert_same_tensors(trained(tmp_path / "run"), recorded.states[expected])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["select_metric"] == metric
+    with pytest.raises(AbftLensError, match="select_metric"):
+        config(select_metric="ece")
+
+
 def test_validation_without_keep_best_keeps_the_last_weights(task, tmp_path, recorded):
     cfg = config(validation_examples=32, validation_prompts=8, validate_every=2)
     result, _ = train(task, tmp_path / "run", cfg, callbacks=[recorded.callback])

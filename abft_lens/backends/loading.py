@@ -20,8 +20,8 @@ import torch
 
 from abft_lens.backends.provenance import (LoadedModel, ModelInfo, attach_info, model_info, tokenizer_adds_bos,
                                            use_own_tokenizer)
-from abft_lens.backends.hf_cache import (EMBEDDED_NAME, GEMMA_NAME, embedded_hf_dir, gemma_hf_dir,
-                                        gguf_hf_dir)
+from abft_lens.backends.hf_cache import (EMBEDDED_NAME, GEMMA_NAME, QWEN_NAME, embedded_hf_dir, gemma_hf_dir,
+                                        gguf_hf_dir, qwen_hf_dir)
 from abft_lens.backends.relayout import relayout_for_forward
 from abft_lens.backends.tiny import tiny_model, tiny_tokenizer
 from abft_lens.backends.tl import HookedTransformer, HookedTransformerConfig, quiet_deprecation
@@ -43,7 +43,8 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
                quantized: bool = False) -> LoadedModel:
     """Load a hooked model from any supported source.
 
-    ``spec`` is one of: ``"smollm2-135m"`` (the embedded default); ``"gemma3-270m"``; ``"tiny"`` or
+    ``spec`` is one of: ``"smollm2-135m"`` (the embedded default); ``"gemma3-270m"``; ``"qwen2.5-coder-0.5b"``
+    (Qwen2.5-Coder-0.5B-Instruct, the ``qwen`` extra); ``"tiny"`` or
     ``"tiny-mha"`` (random tiny models with a small byte-level BPE tokenizer); a path to a Hugging Face model
     folder; a path to a ``.gguf`` file; or a TransformerLens official name such as ``"gpt2"`` (needs the hub).
 
@@ -61,9 +62,9 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
         hf_dir, converted = embedded_hf_dir()
         model = _from_hf_dir(hf_dir, name=EMBEDDED_NAME, source="embedded", dtype=dtype, device=device)
         model_info(model).converted = converted
-    elif spec == GEMMA_NAME:
-        hf_dir, converted = gemma_hf_dir()
-        model = _from_hf_dir(hf_dir, name=GEMMA_NAME, source="embedded", dtype=dtype, device=device)
+    elif spec in (GEMMA_NAME, QWEN_NAME):
+        hf_dir, converted = gemma_hf_dir() if spec == GEMMA_NAME else qwen_hf_dir()
+        model = _from_hf_dir(hf_dir, name=spec, source="embedded", dtype=dtype, device=device)
         model_info(model).converted = converted
     elif spec.split(":")[0] in ("tiny", "tiny-mha"):
         model = _tiny_from_spec(spec, dtype=dtype)
@@ -110,15 +111,15 @@ def _quantized(spec: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
     path = Path(spec).expanduser()
     if spec == EMBEDDED_NAME:
         hf_dir, source = embedded_hf_dir()[0], "embedded"
-    elif spec == GEMMA_NAME:
-        hf_dir, source = gemma_hf_dir()[0], "embedded"
+    elif spec in (GEMMA_NAME, QWEN_NAME):
+        hf_dir, source = (gemma_hf_dir() if spec == GEMMA_NAME else qwen_hf_dir())[0], "embedded"
     elif path.is_file() and path.suffix == ".gguf":
         hf_dir, source = gguf_hf_dir(path)[0], "gguf"
     elif path.is_dir() and (path / "config.json").is_file():
         hf_dir, source = path, "hf-folder"
     else:
         raise AbftLensError(f"--quantized needs a Hugging Face model behind the model spec, and {spec!r} has none.",
-                            f"use {EMBEDDED_NAME}, {GEMMA_NAME}, a Hugging Face folder or a .gguf file "
+                            f"use {EMBEDDED_NAME}, {GEMMA_NAME}, {QWEN_NAME}, a Hugging Face folder or a .gguf file "
                             "(a tiny model can be exported to a folder first: abft-lens export).")
     return load_bridge(hf_dir, name=spec, source=source, device=device)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from abft_lens.cli import eval_command, heads_command, run_commands, train_command
+from abft_lens.cli import eval_command, heads_command, run_commands, study_command, train_command
 from abft_lens.errors import AbftLensError
 
-COMMAND_MODULES = (eval_command, train_command, heads_command, run_commands)
+COMMAND_MODULES = (eval_command, train_command, heads_command, run_commands, study_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,8 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
-                        help="smollm2-135m (embedded default), tiny, a HF folder, a .gguf file or a TransformerLens name")
+                        help="smollm2-135m (embedded default), gemma3-270m, qwen2.5-coder-0.5b, tiny, a HF folder, "
+                             "a .gguf file or a TransformerLens name")
     parser.add_argument("--dataset", default="sst2", help="StaICC index 0-9 or name (sst2, mr, ...), or a .csv/.jsonl file")
     parser.add_argument("--k", type=positive_int, default=4, help="demonstrations per prompt")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

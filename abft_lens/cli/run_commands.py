@@ -56,8 +56,17 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    from abft_lens.io import atomic_write_text
+    from abft_lens.reporting.study_folder import is_study_dir
     from abft_lens.reporting.tables import table_from_runs
 
+    if len(args.run_dirs) == 1 and is_study_dir(args.run_dirs[0]):  # a study folder: its Table 1
+        from abft_lens.reporting.study_render import render_table1
+        from abft_lens.reporting.study_tables import study_tables
+
+        text = render_table1(study_tables(args.run_dirs[0]), args.format)
+        print(f"wrote {atomic_write_text(args.output, text)}" if args.output else text, end="\n" if args.output else "")
+        return 0
     table = table_from_runs(args.run_dirs, metric=args.metric)
     text = table.render(args.format)
     if args.output:
@@ -99,7 +108,9 @@ def add_parsers(commands) -> None:
     export.set_defaults(func=cmd_export)
 
     table = commands.add_parser("table", help="aggregate run folders into a table: mean ± std over seeds")
-    table.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders (from train or demo)")
+    table.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                       help="run folders (from train or demo), or one study folder (its Table 1: accuracy with "
+                            "p-values, macro-F1, label balance; --metric does not apply)")
     table.add_argument("--format", choices=["markdown", "csv", "html"], default="markdown")
     table.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1", "mean_true_label_probability", "ece"])
     table.add_argument("--output", type=Path, default=None, help="file to write (atomically) instead of stdout")

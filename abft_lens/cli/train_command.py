@@ -38,6 +38,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--validation-prompts", dest="validation_prompts", type=positive_int, default=64)
     a("--validate-every", dest="validate_every", type=int, default=0, help="steps between validations")
     a("--keep-best", dest="keep_best", action="store_true", help="end with the best validation step's weights")
+    a("--select-metric", dest="select_metric", choices=["accuracy", "macro_f1"], default="accuracy",
+      help="validation metric that picks the best step (macro_f1 resists collapse onto a majority label)")
     a("--n-test", dest="n_test", type=positive_int, default=256, help="first N fixed test prompts for fore/post tests")
     a("--no-fore-test", "--no_fore_test", dest="no_fore_test", action="store_true")
     a("--no-post-test", "--no_post_test", dest="no_post_test", action="store_true")
@@ -97,7 +99,7 @@ def train_config_from_args(args: argparse.Namespace):
         p_gain=args.p_gain, pid_kp=args.pid_kp, pid_ki=args.pid_ki, pid_kd=args.pid_kd, threshold=args.threshold,
         restricted_gradient=args.restricted_gradient, trainable=trainable,
         validation_examples=args.validation_examples, validation_prompts=args.validation_prompts,
-        validate_every=args.validate_every, keep_best=args.keep_best,
+        validate_every=args.validate_every, keep_best=args.keep_best, select_metric=args.select_metric,
     )
 
 

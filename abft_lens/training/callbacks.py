@@ -28,8 +28,9 @@ class JsonlLogger:
 class ValidationGuard:
     """Evaluates held-out validation prompts every ``every`` steps and remembers the best trainable state.
 
-    Best = highest validation accuracy, ties broken by mean true-label probability, then by the earlier step
-    (step 0 is the untrained model: if nothing beats it, keeping the best keeps the base weights).
+    Best = highest validation ``trainer.config.select_metric`` (accuracy or macro-F1), ties broken by mean
+    true-label probability, then by the earlier step (step 0 is the untrained model: if nothing beats it, keeping
+    the best keeps the base weights).
     """
 
     def __init__(self, prompts: Sequence[ICLPrompt], every: int, *, batch_size: int = 8, log_path: Path | None = None):
@@ -47,8 +48,9 @@ class ValidationGuard:
         self.history.append(record)
         if self.log_path is not None:
             append_jsonl(self.log_path, record)
-        key = (record["accuracy"], record["mean_true_label_probability"])
-        if self.best is None or key > (self.best["accuracy"], self.best["mean_true_label_probability"]):
+        metric = trainer.config.select_metric
+        key = (record[metric], record["mean_true_label_probability"])
+        if self.best is None or key > (self.best[metric], self.best["mean_true_label_probability"]):
             self.best = record
             self.best_state = trainer.trainable.state_dict()
         return record

@@ -82,10 +82,13 @@ def run_training(
     progress: bool = True,
     callbacks=(),
     dist: distributed.DistributedContext | None = None,
+    fore_result: EvalResult | None = None,
 ) -> RunResult:
     """Fore test, train ``model`` in place with ``config``, post test; write ``run_dir`` if given.
 
     ``dist``: data-parallel context; default: the initialized ``torch.distributed`` group, if any.
+    ``fore_result``: the fore test already evaluated elsewhere (a study's shared baseline of the same model, task,
+    k and ``n_test``); it is written to ``fore_test.json`` and used instead of evaluating again.
     ``callbacks`` run on every rank (a stop requested on any rank stops all of them).
     """
     dist = dist if dist is not None else distributed.current()
@@ -103,8 +106,9 @@ def run_training(
     fore = None
     if fore_test and main:
         fore = _cached_eval(run_dir, "fore_test.json", resuming,
-                            lambda: evaluate(model, task, k=config.k, n_test=n_test, batch_size=batch_size,
-                                             progress="fore test" if progress else False))
+                            lambda: fore_result if fore_result is not None else
+                            evaluate(model, task, k=config.k, n_test=n_test, batch_size=batch_size,
+                                     progress="fore test" if progress else False))
 
     if dist is not None:
         dist.barrier()  # the fore test (rank 0) precedes training on every rank

@@ -39,7 +39,8 @@ class TrainConfig:
     Defaults are the paper's (k=4, 512 samples, pseudo-batch 32, 2 epochs, Adam lr 2e-5, B=1, A0=0.5, PID).
     ``threshold=None`` uses T = k / (k + ln n_tokens) per prompt. ``validation_examples`` calibration
     examples (the last ones of the split) are held out from training and build ``validation_prompts``
-    prompts for the validation guard, evaluated every ``validate_every`` steps (0: never).
+    prompts for the validation guard, evaluated every ``validate_every`` steps (0: never); the guard's best
+    step is the one with the highest ``select_metric`` (``accuracy`` or ``macro_f1``).
     """
 
     method: Method = "ABFT"
@@ -63,6 +64,7 @@ class TrainConfig:
     validation_prompts: int = 64
     validate_every: int = 0
     keep_best: bool = False
+    select_metric: Literal["accuracy", "macro_f1"] = "accuracy"
 
     def __post_init__(self) -> None:
         if self.method not in ("ABFT", "E2E"):
@@ -75,6 +77,8 @@ class TrainConfig:
         if self.award < 0 or self.penalty < 0:
             raise AbftLensError("the correct-label award and wrong-label penalty must be >= 0.",
                                 "pass non-negative --award/--penalty.")
+        if self.select_metric not in ("accuracy", "macro_f1"):
+            raise AbftLensError(f"select_metric {self.select_metric!r} is unknown.", "use accuracy or macro_f1.")
         if self.validate_every < 0:
             raise AbftLensError(f"validate_every={self.validate_every} must be >= 0.", "pass 0 (never) or a step count.")
         if self.keep_best and not (self.validate_every and self.validation_examples):

@@ -1,0 +1,98 @@
+"""``study.json``: a study's plan and the state of each of its cells, rewritten atomically after every change.
+
+A cell's record holds ``model``, ``dataset``, ``method``, ``kind``, ``seed`` (None for baselines), ``path``
+(relative to the study folder), ``state`` (pending, running, done, failed or interrupted), ``attempts``,
+``seconds`` (summed over attempts), ``metrics`` (done cells) and ``error`` (failed cells: the message).
+
+Opening a folder that already holds a study compares plans: the same plan resumes it; a different one is
+refused unless ``extend`` (then the plans' models, datasets, methods and seeds are united; the options must be
+equal). A folder that holds other files and no ``study.json``, or an ``--out`` that is a file, is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from abft_lens.errors import AbftLensError
+from abft_lens.io import write_json
+from abft_lens.reporting.study_folder import STUDY_FILE, is_study_dir, read_study
+from abft_lens.studies.study_plan import Cell, StudyPlan
+from abft_lens.version import __version__
+
+__all__ = ["StudyState", "STATES"]
+
+STATES = ("pending", "running", "done", "failed", "interrupted")
+
+
+class StudyState:
+    """The plan and the cell records of one study folder; :meth:`update` writes ``study.json`` at once."""
+
+    def __init__(self, out: Path, plan: StudyPlan, data: dict):
+        self.out, self.plan, self.data = Path(out), plan, data
+        self.path = self.out / STUDY_FILE
+
+    @classmethod
+    def open(cls, out: str | Path, plan: StudyPlan, *, extend: bool = False) -> "StudyState":
+        """Create ``out`` with a new study, or reopen the study in it (see the module docstring); nothing is
+        written when the plan is refused."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise AbftLensError(f"--out {out} is a file.", "pass a folder for the study (new, or holding a study).")
+        data: dict = {"cells": {}}
+        if is_study_dir(out):
+            data = read_study(out)
+            saved = StudyPlan.from_dict(data["plan"])
+            differences = plan.differences(saved)
+            if differences and not extend:
+                raise AbftLensError(f"{out} holds a study with another plan ({'; '.join(differences)}).",
+                                    "run the study's own command again to resume it, add --extend to add models, "
+                                    "datasets, methods or seeds to it, or choose another --out.")
+            plan = saved.extended_by(plan) if differences else saved
+        elif out.is_dir() and any(out.iterdir()):
+            raise AbftLensError(f"--out {out} holds files but no {STUDY_FILE}.",
+                                "choose a new or empty folder for the study.")
+        state = cls(out, plan, data)
+        state.sync()
+        return state
+
+    def sync(self) -> None:
+        """One record per cell of the plan, in the plan's order (records of earlier plans are kept); write."""
+        cells = self.data.get("cells", {})
+        ordered = {}
+        for cell in self.plan.cells():
+            ordered[cell.key] = cells.pop(cell.key, None) or {
+                "model": cell.model, "dataset": cell.dataset, "method": cell.method.name, "kind": cell.method.kind,
+                "seed": cell.seed, "path": str(cell.path(".", k=self.plan.k, n_test=self.plan.n_test)),
+                "state": "pending", "attempts": 0, "seconds": 0.0, "metrics": None, "error": None}
+        self.data["cells"] = {**ordered, **cells}
+        self.data.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.write()
+
+    def record(self, cell: Cell) -> dict:
+        return self.data["cells"][cell.key]
+
+    def update(self, cell: Cell, **fields) -> dict:
+        """Change a cell's record and rewrite ``study.json`` atomically."""
+        unknown = set(fields) - {"state", "attempts", "seconds", "metrics", "error"}
+        if unknown or fields.get("state", "pending") not in STATES:
+            raise ValueError(f"StudyState.update: bad fields {sorted(unknown)} / state {fields.get('state')!r}")
+        record = self.record(cell)
+        record.update(fields)
+        self.write()
+        return record
+
+    def counts(self) -> dict[str, int]:
+        """Cells of the current plan per state."""
+        keys = {cell.key for cell in self.plan.cells()}
+        counts = dict.fromkeys(STATES, 0)
+        for key, record in self.data["cells"].items():
+            if key in keys:
+                counts[record["state"]] += 1
+        return counts
+
+    def write(self) -> Path:
+        self.data.update(abft_lens_version=__version__, plan=self.plan.to_dict(),
+                         updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        ordered = {key: self.data[key] for key in ("abft_lens_version", "created", "updated", "plan")}
+        return write_json(self.path, {**ordered, **{k: v for k, v in self.data.items() if k not in ordered}})
