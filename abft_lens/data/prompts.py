@@ -182,6 +182,15 @@ class PromptBatch:
         return bool((self.padding > 0).any())
 
 
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices ``0..len(lengths)-1`` sorted by length (ties in index order), cut into batches of at most
+    ``batch_size``: each batch holds sequences of similar length, so left padding wastes little compute."""
+    if batch_size <= 0:
+        raise AbftLensError(f"batch_size={batch_size} must be positive.", "pass e.g. --batch-size 8.")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # a stable sort: equal lengths keep their order
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None
              ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """``(tokens, attention_mask)`` of token-id lists left-padded to the longest: int64 ``[batch, pos]``,
