@@ -133,10 +133,9 @@ class PromptBuilder:
 def test_prompts(builder: PromptBuilder, k: int, n: int | None = None) -> list[ICLPrompt]:
     """The first ``n`` of the task's fixed test prompts (StaICC "Normal": every query twice, 1024 in all)."""
     task = builder.task
+    task.check_test_prompts(k, n)
     demos = task.test_demonstrations(k)
     n = len(demos) if n is None else n
-    if not 0 < n <= len(demos):
-        raise AbftLensError(f"n_test={n} is out of range for {task.name}.", f"use 1-{len(demos)}.")
     return [
         builder.build([task.demonstration[i] for i in demos[j]], task.test[j % len(task.test)]) for j in range(n)
     ]
