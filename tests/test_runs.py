@@ -96,14 +96,13 @@ def test_run_folder_holds_config_log_tests_metrics_and_trained_tensors(task, tmp
     assert metrics["fore"] == result.fore.metrics and metrics["post"] == result.post.metrics
     assert metrics["steps"] == 4 and metrics["best_validation_step"] is None
     assert json.loads((run_dir / "post_test.json").read_text())["n"] == N_TEST
-    # the model was trained in place and merged; the file holds exactly the trained tensors
+    # the file (and result.trained) holds exactly the trained tensors; the model is given back as it came
     tensors = trained(run_dir)
-    model = loaded.model
     assert set(tensors) == {f"blocks.{l}.attn.{w}" for l in range(2) for w in ("W_Q", "_W_K")}
-    for name, value in tensors.items():
-        assert torch.equal(model.get_parameter(name).detach(), value)
+    assert_same_tensors(result.trained, tensors)
     base = load_model("tiny").model
     assert not torch.equal(base.blocks[1].attn.W_Q, tensors["blocks.1.attn.W_Q"])
+    assert_same_tensors(dict(loaded.model.named_parameters()), dict(base.named_parameters()))
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -237,8 +236,7 @@ def test_keep_best_restores_the_best_validation_step(task, tmp_path, recorded):
     assert metrics["best_validation_step"] == best["step"] and metrics["kept_best"] is True
     assert_same_tensors(trained(tmp_path / "run"), guard.best_state)
     assert_same_tensors(guard.best_state, recorded.states[best["step"]])
-    for name, value in guard.best_state.items():  # the post test ran on the kept weights
-        assert torch.equal(loaded.model.get_parameter(name).detach(), value)
+    assert_same_tensors(result.trained, guard.best_state)  # the post test ran on the kept weights
 
 
 SCRIPTS = {  # (accuracy, mean true-label probability) at validation steps 0, 1, 2, 3, 4 -> kept step
@@ -264,8 +262,7 @@ def test_keep_best_with_scripted_validation(task, tmp_path, recorded, monkeypatc
     assert_same_tensors(trained(tmp_path / "run"), recorded.states[expected])
     if expected == 0:
         assert_same_tensors(trained(tmp_path / "run"), recorded.base)
-        for name, value in recorded.base.items():
-            assert torch.equal(loaded.model.get_parameter(name).detach(), value)
+        assert_same_tensors(result.trained, recorded.base)
     assert [v["step"] for v in read_log(tmp_path / "run") if v["event"] == "validation"] == [0, 1, 2, 3, 4]
 
 

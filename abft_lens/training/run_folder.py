@@ -13,15 +13,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
 
 from abft_lens.errors import AbftLensError
-from abft_lens.io import read_json
+from abft_lens.io import atomic_write_text, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,45 @@ def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
                                 "never writes into a folder of other files.", "choose a new or empty --run-dir.")
 
 
+def start_or_resume(run_dir: Path, meta: dict, *, resume: bool) -> bool:
+    """Under the lock: check the folder again and write config.json (``meta``), or check that a resumed run
+    has the same settings; True when an interrupted run is being resumed."""
+    check_run_dir(run_dir, resume=resume)
+    if not (run_dir / CONFIG_FILE).is_file():
+        write_json(run_dir / CONFIG_FILE, meta)
+        return False
+    saved = read_run_config(run_dir)
+    # n_test: the cached fore test must cover the same prompts as the post test; dtype: bit-identical weights
+    if saved["train"] != meta["train"] or saved["model"]["name"] != meta["model"]["name"] \
+            or saved["model"].get("dtype") != meta["model"]["dtype"] \
+            or saved["model"].get("quantized", False) != meta["model"].get("quantized", False) \
+            or saved["task"]["name"] != meta["task"]["name"] or saved.get("n_test") != meta["n_test"]:
+        raise AbftLensError(f"{run_dir} holds a run with different settings; a resumed run must match.",
+                            "resume with the settings in its config.json, or start a new --run-dir.")
+    return True
+
+
+def truncate_log(path: Path, completed_steps: int) -> None:
+    """Drop log lines written after the checkpoint being resumed from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= completed_steps]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def clear_folder(run_dir: Path) -> None:
+    """Remove everything in ``run_dir`` but the lock: a fresh run refused before its first step."""
+    for path in run_dir.iterdir():
+        if path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def remove_empty_folder(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
 class RunLock:
     """An exclusive lock on ``RUN_DIR/run.lock`` (which holds the owner's pid) while one process trains there.
 
@@ -221,4 +263,4 @@ def _alive(pid_text: str) -> bool:
 
 __all__ = ["CONFIG_FILE", "TRAINED_FILE", "METRICS_FILE", "LOCK_FILE", "is_run_folder", "read_run_json",
            "read_run_config", "read_trained", "non_finite", "check_finite", "check_same_base", "check_run_dir",
-           "RunLock"]
+           "start_or_resume", "truncate_log", "clear_folder", "remove_empty_folder", "RunLock"]

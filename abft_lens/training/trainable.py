@@ -301,6 +301,11 @@ class Trainable:
             raise ValueError("this Trainable was merged or removed; call attach(model, config) again to train")
         return self._slots
 
+    @property
+    def is_open(self) -> bool:
+        """True until :meth:`merge` or :meth:`remove` ends this Trainable."""
+        return self._open
+
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(stable name, parameter) of every trained tensor; names are model names (+ ``.lora_A``/``.lora_B``)."""
         return ((s.name, s.param) for s in self._live_slots())
