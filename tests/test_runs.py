@@ -242,6 +242,7 @@ def test_keep_best_restores_the_best_validation_step(task, tmp_path, recorded):
 SCRIPTS = {  # (accuracy, mean true-label probability) at validation steps 0, 1, 2, 3, 4 -> kept step
     "base-is-best": ([(0.9, 0.6), (0.5, 0.9), (0.9, 0.5), (0.6, 0.6), (0.1, 0.1)], 0),
     "tie-goes-to-earlier": ([(0.5, 0.5), (0.6, 0.5), (0.6, 0.7), (0.6, 0.7), (0.5, 0.9)], 2),
+    "nan-is-never-best": ([(0.5, 0.5), (0.9, float("nan")), (0.6, 0.6), (0.5, 0.5), (0.5, 0.9)], 2),
 }
 
 
@@ -321,3 +322,62 @@ def test_load_run_errors(task, tmp_path):
         if trainable.kind == "lora":  # LoRA adapters are removed, the base is untouched
             assert all(torch.equal(before[n], after[n]) for n in before)
         attach(other.model).merge()  # and nothing stays attached
+
+
+# ------------------------------------------------------------------ the model given back, one process per folder
+
+
+@pytest.mark.parametrize("trainable", [TrainableConfig(), TrainableConfig(kind="lora", lora_r=4)],
+                         ids=["full", "lora"])
+def test_two_runs_on_one_model_both_start_from_the_base(task, tmp_path, trainable):
+    """run_training gives the model back as it came, so the second run trains the base its folder names:
+    load_run on a fresh base reproduces its post test exactly."""
+    loaded = load_model("tiny")
+    base = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    kwargs = dict(n_test=N_TEST, progress=False)
+    first = run_training(loaded, task, config(epochs=1, trainable=trainable), run_dir=tmp_path / "first", **kwargs)
+    assert_same_tensors(dict(loaded.model.named_parameters()), base)
+    second = run_training(loaded, task, config(epochs=1, seed=1, trainable=trainable),
+                          run_dir=tmp_path / "second", **kwargs)
+    assert second.fore.probs == first.fore.probs  # the second run started from the base, not from the first run
+    assert_same_tensors(dict(loaded.model.named_parameters()), base)
+    fresh = load_model("tiny")
+    load_run(tmp_path / "second", fresh)
+    assert evaluate(fresh, task, k=4, n_test=N_TEST).probs == second.post.probs
+    again = load_model("tiny")
+    second.apply_to(again)  # the same tensors, from the result instead of the folder
+    assert_same_tensors(dict(again.model.named_parameters()), dict(fresh.model.named_parameters()))
+
+
+def test_the_lock_holds_the_pid_while_training_and_refuses_a_second_owner(task, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from abft_lens.training.run_folder import LOCK_FILE, RunLock
+
+    run_dir = tmp_path / "run"
+    seen = []
+    train(task, run_dir, config(epochs=1), callbacks=[lambda *_: seen.append((run_dir / LOCK_FILE).read_text())])
+    assert seen == [f"{os.getpid()}\n"] * 2 and not (run_dir / LOCK_FILE).exists()
+    with RunLock(run_dir):
+        with pytest.raises(AbftLensError, match=f"in use by another abft-lens process \\(pid {os.getpid()}"):
+            RunLock(run_dir).__enter__()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / LOCK_FILE).write_text(dead.stdout)  # left by a process that has ended: taken over
+    with RunLock(run_dir):
+        assert (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_run_options_are_checked_and_interchangeable_with_keywords(task, tmp_path):
+    from abft_lens.training.runs import RunOptions
+
+    for bad in (dict(n_test=0), dict(batch_size=0), dict(checkpoint_every=-1), dict(resume=True)):
+        with pytest.raises(AbftLensError):
+            RunOptions(**bad)
+    options = RunOptions(run_dir=tmp_path / "run", n_test=N_TEST, progress=False)
+    result = run_training(load_model("tiny"), task, config(epochs=1), options)
+    assert result.run_dir == tmp_path / "run" and (tmp_path / "run" / "metrics.json").is_file()
+    with pytest.raises(TypeError):
+        run_training(load_model("tiny"), task, config(epochs=1), options, n_test=4)

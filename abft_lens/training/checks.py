@@ -106,10 +106,10 @@ def check_run_fits_task(config, task, n_test: int | None, *, tests: bool = True)
     if tests:
         task.check_test_prompts(config.k, n_test)
     calibration = len(task.calibration)
-    if config.validation_examples > calibration - (config.k + 1):
-        raise AbftLensError(f"validation_examples={config.validation_examples} leaves fewer than k+1="
-                            f"{config.k + 1} of {task.name}'s {calibration} calibration examples for training.",
-                            f"hold out at most {max(calibration - config.k - 1, 0)} examples.")
     if calibration < config.k + 1:
         raise AbftLensError(f"{task.name}'s calibration split holds {calibration} examples, fewer than k+1="
                             f"{config.k + 1} for one training prompt.", "use a smaller k or a larger dataset.")
+    if config.validation_examples > calibration - (config.k + 1):
+        raise AbftLensError(f"validation_examples={config.validation_examples} leaves fewer than k+1="
+                            f"{config.k + 1} of {task.name}'s {calibration} calibration examples for training.",
+                            f"hold out at most {calibration - config.k - 1} examples.")

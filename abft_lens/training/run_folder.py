@@ -6,6 +6,8 @@
   file, never a ``JSONDecodeError`` or ``SafetensorError`` traceback.
 - :func:`check_run_dir`: whether a ``--run-dir`` can take a new (or resumed) run, checked before any model
   loads; a folder holding anything but a run is refused, so nothing of the user's is overwritten.
+  :func:`start_or_resume` writes config.json (or checks a resumed run's settings) under the lock;
+  :func:`clear_folder` takes back a fresh run refused before its first step.
 - :class:`RunLock`: ``run.lock`` holds the pid of the process training in the folder, under an exclusive
   ``flock``. A second process is refused with one message; the kernel drops the lock when its owner exits
   or dies, so a lock file left behind by a killed process (a stale lock) is taken over by the next run.

@@ -41,6 +41,7 @@ class TrainConfig:
     ``threshold=None`` uses T = k / (k + ln n_tokens) per prompt. ``validation_examples`` calibration
     examples (the last ones of the split) are held out from training and build ``validation_prompts``
     prompts for the validation guard, evaluated every ``validate_every`` steps (0: never).
+    Every value is checked when the config is made (:func:`abft_lens.training.checks.check_train_config`).
     """
 
     method: Method = "ABFT"
