@@ -229,9 +229,6 @@ def load_custom_task(
         raise AbftLensError(f"{path} holds no examples.", "add rows with a text and a label.")
     raw_labels = [label for _, label, _, _ in rows]
     words = [w.strip() for w in label_words] if label_words else sorted({str(l).strip() for l in raw_labels})
-    if len(words) < 2:
-        raise AbftLensError(f"{path} has a single label ({words[0] if words else ''!r}); in-context classification "
-                            "needs at least two.", "add examples of the other labels, or pass every label word.")
     examples: dict[str, list[Example]] = {"calibration": [], "demonstration": [], "test": [], "": []}
     for line, (text, label, split, _) in enumerate(rows, start=1):
         index = _label_index(label, words, path, rows[line - 1][3])
@@ -239,6 +236,9 @@ def load_custom_task(
             raise AbftLensError(f"{path}, line {rows[line - 1][3]}: unknown split {split!r}.",
                                 "use calibration, demonstration or test.")
         examples[split].append(Example(text, index))
+    if len(words) < 2:
+        raise AbftLensError(f"{path} has a single label ({words[0] if words else ''!r}); in-context classification "
+                            "needs at least two.", "add examples of the other labels, or pass every label word.")
     unplaced = examples.pop("")
     if unplaced:
         from StaICC.util.stable_random import stable_random
