@@ -196,8 +196,9 @@ def prepare_run(loaded: LoadedModel, task: ICLTask, config: TrainConfig, options
     dist = options.dist if options.dist is not None else distributed.current()
     if dist is not None:  # rank 0's folder (a default name may hold a timestamp)
         options.run_dir = dist.broadcast_object(options.run_dir)
-    if options.run_dir is not None and (dist is None or dist.is_main):
-        check_run_dir(options.run_dir, resume=options.resume)
+    if options.run_dir is not None:  # rank 0 looks; its refusal reaches every rank (none is left waiting)
+        check = lambda: check_run_dir(options.run_dir, resume=options.resume)  # noqa: E731
+        dist.on_main(check) if dist is not None else check()
     check_run_fits_task(config, task, options.n_test, tests=options.fore_test or options.post_test)
     meta = {"train": config.to_dict(), "model": loaded.describe(), "task": task.describe(),
             "n_test": options.n_test, "abft_lens_version": __version__}
