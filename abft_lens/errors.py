@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 
-class AbftLensError(Exception):
+class AbftLensError(ValueError):
     """Bad input or an unusable resource. ``str(error)`` is one message: what went wrong, then the fix.
 
-    The CLI prints it without a traceback and exits with status 2.
+    The CLI prints it without a traceback and exits with status 2. It is a ``ValueError``, so Python callers
+    that catch bad values the usual way (``except ValueError``) catch it too.
     """
 
     def __init__(self, problem: str, fix: str | None = None):

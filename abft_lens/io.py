@@ -1,4 +1,4 @@
-"""Atomic file writes: a result is either complete on disk or not there at all."""
+"""Atomic file writes: a result is either complete on disk or not there at all; output paths checked first."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+from abft_lens.errors import AbftLensError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -47,3 +49,18 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
         file.flush()
         os.fsync(file.fileno())
+
+
+def check_output_file(path: str | Path, option: str = "--output") -> Path:
+    """Refuse an output path that cannot become a file (an existing folder, or a path under a file) before
+    any computation runs, instead of failing at the end with ``IsADirectoryError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise AbftLensError(f"{option} {path} is a folder; it must name a file.",
+                            f"pass a file name, e.g. {option} {path / 'result.json'}.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AbftLensError(f"{option} {path} lies under {parent}, which is a file.", "choose another path.")
+            break
+    return path

@@ -203,8 +203,14 @@ def test_4bit_run_applies_to_the_full_precision_base(hf_llama_dir, sst2, tmp_pat
     quantized = load_model(str(hf_llama_dir), quantized=True)
     config = TrainConfig(train_samples=4, pseudo_batch_size=2, epochs=1, lr=1e-2, threshold=0.0,
                          trainable=TrainableConfig(kind="lora", lora_r=4))
+    fore = _prompts(quantized, sst2, n=4, k=config.k)
+    ids, pad = prompt_builder(quantized, sst2).label_token_ids, pad_token_id(quantized.tokenizer)
+    base_probs = label_probabilities(quantized, fore, ids, pad_id=pad)
     result = run_training(quantized, sst2, config, run_dir=tmp_path / "run", n_test=4, progress=False)
     assert result.post is not None and len(result.post.predictions) == 4
+    # the adapters were taken out again: the base answers as before, and a new run can attach its own
+    torch.testing.assert_close(label_probabilities(quantized, fore, ids, pad_id=pad), base_probs, rtol=0, atol=0)
+    attach(quantized, config.trainable).remove()
     reloaded = load_model(str(hf_llama_dir), quantized=True)
     load_run(tmp_path / "run", reloaded)  # the adapters stay attached (frozen): the 4-bit weights are not rewritten
     prompts = _prompts(reloaded, sst2, n=4, k=config.k)

@@ -137,7 +137,7 @@ def test_quantized_train_and_eval_through_the_cli(hf_llama_dir, tmp_path, capsys
     (["--epoch", "0"], "must be a positive integer"),
     (["--train_sample_num", "0"], "must be a positive integer"),
     (["--keep-best"], "keep_best needs a validation set"),
-    (["--wrong_label_penalty", "-1"], "non-negative"),
+    (["--wrong_label_penalty", "-1"], "penalty=-1.0 must be a finite number >= 0"),
     (["--method", "SFT"], "invalid choice"),
     (["--lora_r", "-1"], "--lora_r -1 must be >= 0"),
     (["--validation-examples", "32", "--validate-every", "-1"], "validate_every=-1"),

@@ -24,7 +24,8 @@ TOL = 1e-4
 def _train(folder, run_dir, trainable=TrainableConfig()):
     model = load_model(str(folder))
     config = TrainConfig(train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0, trainable=trainable)
-    run_training(model, load_task("sst2"), config, run_dir=run_dir, n_test=8, progress=False)
+    run = run_training(model, load_task("sst2"), config, run_dir=run_dir, n_test=8, progress=False)
+    run.apply_to(model)  # run_training gives the model back untouched
     return model
 
 
@@ -169,8 +170,9 @@ def test_cli_export(hf_llama_dir, tmp_path, capsys):
 def test_embedded_export_round_trip(tmp_path, no_network):
     """SmolLM2-135M, a one-step run (lr 1e-3 so the weights move), exported and reloaded with transformers."""
     config = TrainConfig(train_samples=2, pseudo_batch_size=2, epochs=1, lr=1e-3, threshold=0.0)
-    loaded = load_model("smollm2-135m")  # a fresh copy: the run tunes it in place
-    run_training(loaded, load_task("sst2"), config, run_dir=tmp_path / "run", n_test=2, progress=False)
+    loaded = load_model("smollm2-135m")  # a fresh copy: the run's tensors are applied to it below
+    run = run_training(loaded, load_task("sst2"), config, run_dir=tmp_path / "run", n_test=2, progress=False)
+    run.apply_to(loaded)
     export_run(tmp_path / "run", tmp_path / "out")
     exported = _hf(tmp_path / "out")
     diff = _max_logit_diff(loaded, exported)

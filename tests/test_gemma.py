@@ -180,6 +180,8 @@ def test_gemma_one_abft_step_changes_only_wq_wk(gemma, no_network):
                              restricted_gradient=True)
         result = run_training(gemma, load_task("sst2"), config, fore_test=False, post_test=False, progress=False)
         assert len(result.steps) == 1
+        assert all(_digest(p) == before[name] for name, p in model.named_parameters())  # given back as it came
+        result.apply_to(gemma)
         changed = {name for name, p in model.named_parameters() if _digest(p) != before[name]}
         assert changed, "one ABFT step changed nothing"
         assert all(name.endswith((".attn.W_Q", ".attn._W_K")) for name in changed), changed

@@ -252,7 +252,8 @@ def test_mauve_test_leaves_the_trained_weights(tmp_path):
     test = MauveTest(prefix_file, max_new_tokens=3, progress=False)
     test.before(model)
     config = TrainConfig(train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-2, threshold=0.0)
-    run_training(model, load_task("sst2"), config, n_test=4, fore_test=False, post_test=False, progress=False)
+    run = run_training(model, load_task("sst2"), config, n_test=4, fore_test=False, post_test=False, progress=False)
+    run.apply_to(model)  # run_training gives the model back as it came
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     report = test.after(model, tmp_path)
     assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())

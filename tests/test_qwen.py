@@ -92,6 +92,7 @@ def test_qwen_restricted_step_changes_only_open_heads_and_their_kv_groups(qwen, 
     try:
         config = TrainConfig(train_samples=2, pseudo_batch_size=2, epochs=1, lr=1e-3, restricted_gradient=True)
         result = run_training(qwen, load_task("sst2"), config, fore_test=False, post_test=False, progress=False)
+        result.apply_to(model)  # run_training gives the base back; the trained tensors are in the result
         (step,) = result.steps
         counts = torch.tensor(step["head_counts"])  # [layer, head]: samples in which the head passed the filter
         changed = {name for name, p in model.named_parameters() if _digest(p) != before[name]}

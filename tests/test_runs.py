@@ -96,13 +96,13 @@ def test_run_folder_holds_config_log_tests_metrics_and_trained_tensors(task, tmp
     assert metrics["fore"] == result.fore.metrics and metrics["post"] == result.post.metrics
     assert metrics["steps"] == 4 and metrics["best_validation_step"] is None
     assert json.loads((run_dir / "post_test.json").read_text())["n"] == N_TEST
-    # the model was trained in place and merged; the file holds exactly the trained tensors
+    # the file (and result.trained) holds exactly the trained tensors; the model is given back as it came
     tensors = trained(run_dir)
     assert set(tensors) == {f"blocks.{l}.attn.{w}" for l in range(2) for w in ("W_Q", "_W_K")}
-    for name, value in tensors.items():
-        assert torch.equal(model.get_parameter(name).detach(), value)
+    assert_same_tensors(result.trained, tensors)
     base = load_model("tiny")
     assert not torch.equal(base.blocks[1].attn.W_Q, tensors["blocks.1.attn.W_Q"])
+    assert_same_tensors(dict(model.named_parameters()), dict(base.named_parameters()))
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -236,13 +236,13 @@ def test_keep_best_restores_the_best_validation_step(task, tmp_path, recorded):
     assert metrics["best_validation_step"] == best["step"] and metrics["kept_best"] is True
     assert_same_tensors(trained(tmp_path / "run"), guard.best_state)
     assert_same_tensors(guard.best_state, recorded.states[best["step"]])
-    for name, value in guard.best_state.items():  # the post test ran on the kept weights
-        assert torch.equal(model.get_parameter(name).detach(), value)
+    assert_same_tensors(result.trained, guard.best_state)  # the post test ran on the kept weights
 
 
 SCRIPTS = {  # (accuracy, mean true-label probability) at validation steps 0, 1, 2, 3, 4 -> kept step
     "base-is-best": ([(0.9, 0.6), (0.5, 0.9), (0.9, 0.5), (0.6, 0.6), (0.1, 0.1)], 0),
     "tie-goes-to-earlier": ([(0.5, 0.5), (0.6, 0.5), (0.6, 0.7), (0.6, 0.7), (0.5, 0.9)], 2),
+    "nan-is-never-best": ([(0.5, 0.5), (0.9, float("nan")), (0.6, 0.6), (0.5, 0.5), (0.5, 0.9)], 2),
 }
 
 
@@ -263,8 +263,7 @@ def test_keep_best_with_scripted_validation(task, tmp_path, recorded, monkeypatc
     assert_same_tensors(trained(tmp_path / "run"), recorded.states[expected])
     if expected == 0:
         assert_same_tensors(trained(tmp_path / "run"), recorded.base)
-        for name, value in recorded.base.items():
-            assert torch.equal(model.get_parameter(name).detach(), value)
+        assert_same_tensors(result.trained, recorded.base)
     assert [v["step"] for v in read_log(tmp_path / "run") if v["event"] == "validation"] == [0, 1, 2, 3, 4]
 
 
@@ -343,3 +342,62 @@ def test_load_run_errors(task, tmp_path):
         if trainable.kind == "lora":  # LoRA adapters are removed, the base is untouched
             assert all(torch.equal(before[n], after[n]) for n in before)
         attach(other).merge()  # and nothing stays attached
+
+
+# ------------------------------------------------------------------ the model given back, one process per folder
+
+
+@pytest.mark.parametrize("trainable", [TrainableConfig(), TrainableConfig(kind="lora", lora_r=4)],
+                         ids=["full", "lora"])
+def test_two_runs_on_one_model_both_start_from_the_base(task, tmp_path, trainable):
+    """run_training gives the model back as it came, so the second run trains the base its folder names:
+    load_run on a fresh base reproduces its post test exactly."""
+    loaded = load_model("tiny")
+    base = {name: p.detach().clone() for name, p in loaded.named_parameters()}
+    kwargs = dict(n_test=N_TEST, progress=False)
+    first = run_training(loaded, task, config(epochs=1, trainable=trainable), run_dir=tmp_path / "first", **kwargs)
+    assert_same_tensors(dict(loaded.named_parameters()), base)
+    second = run_training(loaded, task, config(epochs=1, seed=1, trainable=trainable),
+                          run_dir=tmp_path / "second", **kwargs)
+    assert second.fore.probs == first.fore.probs  # the second run started from the base, not from the first run
+    assert_same_tensors(dict(loaded.named_parameters()), base)
+    fresh = load_model("tiny")
+    load_run(tmp_path / "second", fresh)
+    assert evaluate(fresh, task, k=4, n_test=N_TEST).probs == second.post.probs
+    again = load_model("tiny")
+    second.apply_to(again)  # the same tensors, from the result instead of the folder
+    assert_same_tensors(dict(again.named_parameters()), dict(fresh.named_parameters()))
+
+
+def test_the_lock_holds_the_pid_while_training_and_refuses_a_second_owner(task, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from abft_lens.training.run_folder import LOCK_FILE, RunLock
+
+    run_dir = tmp_path / "run"
+    seen = []
+    train(task, run_dir, config(epochs=1), callbacks=[lambda *_: seen.append((run_dir / LOCK_FILE).read_text())])
+    assert seen == [f"{os.getpid()}\n"] * 2 and not (run_dir / LOCK_FILE).exists()
+    with RunLock(run_dir):
+        with pytest.raises(AbftLensError, match=f"in use by another abft-lens process \\(pid {os.getpid()}"):
+            RunLock(run_dir).__enter__()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / LOCK_FILE).write_text(dead.stdout)  # left by a process that has ended: taken over
+    with RunLock(run_dir):
+        assert (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_run_options_are_checked_and_interchangeable_with_keywords(task, tmp_path):
+    from abft_lens.training.runs import RunOptions
+
+    for bad in (dict(n_test=0), dict(batch_size=0), dict(checkpoint_every=-1), dict(resume=True)):
+        with pytest.raises(AbftLensError):
+            RunOptions(**bad)
+    options = RunOptions(run_dir=tmp_path / "run", n_test=N_TEST, progress=False)
+    result = run_training(load_model("tiny"), task, config(epochs=1), options)
+    assert result.run_dir == tmp_path / "run" and (tmp_path / "run" / "metrics.json").is_file()
+    with pytest.raises(TypeError):
+        run_training(load_model("tiny"), task, config(epochs=1), options, n_test=4)

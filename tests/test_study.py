@@ -4,6 +4,7 @@ cells, bad input before any cell runs, variants and spec files, and the tables a
 
 from __future__ import annotations
 
+import copy as copy_module
 import hashlib
 import json
 import os
@@ -52,7 +53,13 @@ def done_study(tmp_path_factory):
     def recording(loaded, task, config, **kwargs):
         before = _digest(loaded)
         result = real(loaded, task, config, **kwargs)
-        seen.append((task.name, config.method, config.seed, before, _digest(loaded), kwargs))
+        given_back = _digest(loaded)
+        trained = None
+        if result.trained is not None:  # the weights this run trained, applied to a copy of the base
+            copy = copy_module.deepcopy(loaded)
+            result.apply_to(copy)
+            trained = _digest(copy)
+        seen.append((task.name, config.method, config.seed, before, (given_back, trained), kwargs))
         return result
 
     with pytest.MonkeyPatch.context() as patch:
@@ -93,11 +100,12 @@ def test_a_cell_is_an_ordinary_run_folder(done_study, tmp_path):
 
 
 def test_base_weights_restored_between_cells(done_study):
-    """Every trained cell starts from the bit-identical base; E2E really moved the weights, so restoring mattered."""
+    """Every trained cell starts from the bit-identical base and gives it back; E2E really moved the weights."""
     _, _, seen = done_study
     starts = {before for *_, before, _, _ in seen}
     assert len(starts) == 1
-    assert any(after != before for _, method, _, before, after, _ in seen if method == "E2E")
+    assert all(given_back == before for *_, before, (given_back, _), _ in seen)
+    assert any(trained not in (None, before) for _, method, _, before, (_, trained), _ in seen if method == "E2E")
 
 
 def test_baselines_once_and_reused_as_fore_test(done_study):
@@ -311,7 +319,7 @@ def test_variants_and_spec_file(tmp_path):
     from abft_lens.studies.study_plan import parse_methods, read_spec
 
     args = build_parser().parse_args(["study", "--out", str(tmp_path / "s"), "--lr", "5e-4", "--restricted-gradient",
-                                      "--train-samples", "16"])
+                                      "--train-samples", "16", "--pseudo-batch-size", "8"])
     base, fast, e2e = parse_methods("ABFT,fast=ABFT:--lr 1e-3 --no-restricted-gradient --penalty-mode None "
                                     "--select-metric macro_f1,slow=E2E:--epochs 3")
     assert (recipe_for(args, base).config.lr, recipe_for(args, base).config.restricted_gradient) == (5e-4, True)

@@ -354,4 +354,4 @@ def test_config_round_trips_through_dict():
 def test_training_pool_too_small_is_an_error(task):
     small = dataclasses.replace(task, calibration=task.calibration[:10])
     with pytest.raises(AbftLensError):
-        training_pool(small, TrainConfig(validation_examples=6))
+        training_pool(small, TrainConfig(validation_examples=6, validate_every=1))

@@ -100,7 +100,9 @@ def test_train_compare_and_report_end_to_end(task, tmp_path):
     assert meta["model"]["name"] == "hand-built" and meta["model"]["source"] == "user"
     assert len((run_dir / "log.jsonl").read_text().splitlines()) == config.total_steps == 2
     assert 0.0 <= run.fore.accuracy <= 1.0 and 0.0 <= run.post.accuracy <= 1.0
-    assert any(not torch.equal(model.blocks[layer].attn.W_Q, base_q[layer]) for layer in range(2))
+    # the model is given back as it came; the run's trained W_Q moved away from the base
+    assert all(torch.equal(model.blocks[layer].attn.W_Q, base_q[layer]) for layer in range(2))
+    assert any(not torch.equal(run.trained[f"blocks.{layer}.attn.W_Q"], base_q[layer]) for layer in range(2))
 
     # the run applies to a fresh copy of the hand-built base and reproduces its post test
     fresh = hand_built()
@@ -117,7 +119,8 @@ def test_train_compare_and_report_end_to_end(task, tmp_path):
     comparison = json.loads(result.comparison_path.read_text())
     assert comparison["run"]["model"]["name"] == "hand-built"
     assert any(value > 0 for row in comparison["weight_change"] for value in row)
-    assert all(torch.equal(base.blocks[layer].attn.W_Q, model.blocks[layer].attn.W_Q) for layer in range(2))
+    # the comparison leaves the base it was given holding the run's trained weights
+    assert all(torch.equal(base.blocks[layer].attn.W_Q, run.trained[f"blocks.{layer}.attn.W_Q"]) for layer in range(2))
     page = result.html_path.read_text(encoding="utf-8")
     heads = [f"L{layer}H{head}" for layer, head in comparison["prompt_example"]["heads"]]
     assert "hand-built" in page and heads and all(name in page for name in heads)

@@ -57,34 +57,52 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     if quantized:
         return _quantized(spec, dtype=dtype, device=device)
     start = time.perf_counter()
-    path = Path(spec).expanduser()
-    if spec == EMBEDDED_NAME:
-        hf_dir, converted = embedded_hf_dir()
-        model = _from_hf_dir(hf_dir, name=EMBEDDED_NAME, source="embedded", dtype=dtype, device=device)
-        model_info(model).converted = converted
-    elif spec in (GEMMA_NAME, QWEN_NAME):
-        hf_dir, converted = gemma_hf_dir() if spec == GEMMA_NAME else qwen_hf_dir()
-        model = _from_hf_dir(hf_dir, name=spec, source="embedded", dtype=dtype, device=device)
-        model_info(model).converted = converted
-    elif spec.split(":")[0] in ("tiny", "tiny-mha"):
+    if spec.split(":")[0] in ("tiny", "tiny-mha"):
         model = _tiny_from_spec(spec, dtype=dtype)
-    elif path.is_file() and path.suffix == ".gguf":
-        hf_dir, converted = gguf_hf_dir(path)
-        model = _from_hf_dir(hf_dir, name=str(path), source="gguf", dtype=dtype, device=device)
+    elif (route := _hf_route(spec)) is not None:
+        hf_dir, source, converted = route
+        name = spec if source == "embedded" else str(Path(spec).expanduser())
+        model = _from_hf_dir(hf_dir, name=name, source=source, dtype=dtype, device=device)
         model_info(model).converted = converted
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise AbftLensError(
-                f"{path} is a folder but holds no config.json, so it is not a Hugging Face model folder.",
-                "point --model at a folder written by save_pretrained (config.json, weights, tokenizer files).",
-            )
-        model = _from_hf_dir(path, name=str(path), source="hf-folder", dtype=dtype, device=device)
-    elif path.suffix == ".gguf" or "/" in spec and spec.startswith((".", "/", "~")):
-        raise AbftLensError(f"model path {spec} does not exist.", "check the path.")
     else:
         model = _from_official_name(spec, dtype=dtype, device=device)
     model_info(model).load_seconds = time.perf_counter() - start
     return model
+
+
+def _hf_route(spec: str) -> tuple[Path, str, bool] | None:
+    """``(hf_dir, source, converted_now)`` when a Hugging Face folder lies behind ``spec`` (the embedded models,
+    a ``.gguf`` file converted once into the cache, a local folder); None for other names (official names)."""
+    path = Path(spec).expanduser()
+    embedded = {EMBEDDED_NAME: embedded_hf_dir, GEMMA_NAME: gemma_hf_dir, QWEN_NAME: qwen_hf_dir}
+    if spec in embedded:
+        hf_dir, converted = embedded[spec]()
+        return hf_dir, "embedded", converted
+    if path.is_file() and path.suffix == ".gguf":
+        hf_dir, converted = gguf_hf_dir(path)
+        return hf_dir, "gguf", converted
+    if path.is_dir():
+        _check_hf_folder(path)
+        return path, "hf-folder", False
+    if path.exists():
+        raise AbftLensError(f"{path} exists but is not a model: neither a .gguf file nor a Hugging Face folder.",
+                            "point --model at a .gguf file or a folder written by save_pretrained.")
+    if path.suffix == ".gguf" or "/" in spec and spec.startswith((".", "/", "~")):
+        raise AbftLensError(f"model path {spec} does not exist.", "check the path.")
+    return None
+
+
+def _check_hf_folder(path: Path) -> None:
+    """A local model folder holds config.json, weights and tokenizer files (what save_pretrained writes)."""
+    fix = "point --model at a folder written by save_pretrained (config.json, weights, tokenizer files)."
+    if not (path / "config.json").is_file():
+        raise AbftLensError(f"{path} is a folder but holds no config.json, so it is not a Hugging Face model folder.", fix)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise AbftLensError(f"could not read the Hugging Face model folder {path}: it holds no weights "
+                            "(*.safetensors or pytorch_model*.bin).", fix)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+        raise AbftLensError(f"could not read the Hugging Face model folder {path}: it holds no tokenizer files "
+                            "(tokenizer.json, tokenizer.model or vocab.json).", fix)
 
 
 def load_model_like(described: dict, **overrides) -> LoadedModel:
@@ -108,19 +126,12 @@ def _quantized(spec: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
     if dtype != torch.float32:
         raise AbftLensError(f"a 4-bit base was asked for with dtype {dtype}.",
                             "drop --dtype with --quantized: the compute dtype is float32 on CPU and bfloat16 on CUDA.")
-    path = Path(spec).expanduser()
-    if spec == EMBEDDED_NAME:
-        hf_dir, source = embedded_hf_dir()[0], "embedded"
-    elif spec in (GEMMA_NAME, QWEN_NAME):
-        hf_dir, source = (gemma_hf_dir() if spec == GEMMA_NAME else qwen_hf_dir())[0], "embedded"
-    elif path.is_file() and path.suffix == ".gguf":
-        hf_dir, source = gguf_hf_dir(path)[0], "gguf"
-    elif path.is_dir() and (path / "config.json").is_file():
-        hf_dir, source = path, "hf-folder"
-    else:
+    route = None if spec.split(":")[0] in ("tiny", "tiny-mha") else _hf_route(spec)
+    if route is None:
         raise AbftLensError(f"--quantized needs a Hugging Face model behind the model spec, and {spec!r} has none.",
                             f"use {EMBEDDED_NAME}, {GEMMA_NAME}, {QWEN_NAME}, a Hugging Face folder or a .gguf file "
                             "(a tiny model can be exported to a folder first: abft-lens export).")
+    hf_dir, source, _ = route
     return load_bridge(hf_dir, name=spec, source=source, device=device)
 
 
@@ -251,6 +262,9 @@ def _tiny_from_spec(spec: str, *, dtype: torch.dtype) -> HookedTransformer:
         except ValueError:
             raise AbftLensError(f"tiny-model option {key!r} in {spec!r} needs an integer value, not {value!r}.",
                                 f"write it as {key}=<integer>.") from None
+        if kwargs[key] < (0 if key == "seed" else 1):
+            raise AbftLensError(f"tiny-model option {key}={kwargs[key]} in {spec!r} is out of range.",
+                                f"use {key} >= {0 if key == 'seed' else 1}.")
     n_heads, n_kv_heads = kwargs.get("n_heads", 4), kwargs.get("n_kv_heads", 2)
     if n_kv_heads is not None and (n_kv_heads <= 0 or n_heads % n_kv_heads):
         raise AbftLensError(f"{spec!r}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}.",

@@ -10,14 +10,41 @@ from abft_lens.cli.common import DTYPES, add_model_arguments, positive_int, prin
 from abft_lens.errors import AbftLensError
 
 
+def check_eval_args(args: argparse.Namespace):
+    """Every check that needs no model (options, output path, the task's sizes, the --run folder); the task."""
+    from abft_lens.data.tasks import load_task
+    from abft_lens.evaluation.robustness import check_robustness_options
+    from abft_lens.io import check_output_file
+
+    if args.output is not None:
+        check_output_file(args.output)
+    if args.test_type != "Normal" and args.calibrated:
+        raise AbftLensError("--calibrated applies to the Normal evaluation, not to --test-type "
+                            f"{args.test_type}.", "drop --calibrated, or drop --test-type.")
+    if args.test_type == "Normal" and args.robustness_queries is not None:
+        raise AbftLensError("--robustness-queries is used only with --test-type TempSensitivity or "
+                            "DemoSensitivity; here it would be ignored.", "drop it, or add --test-type.")
+    task = load_task(args.dataset)
+    if args.test_type != "Normal":
+        check_robustness_options(task, args.test_type, k=args.k, n_queries=args.robustness_queries,
+                                 n_test=args.n_test or 256)
+    else:
+        task.check_test_prompts(args.k, args.n_test)
+    if args.run is not None:
+        from abft_lens.training.run_folder import read_run_config, read_trained
+
+        read_run_config(args.run, trained=True)
+        read_trained(args.run)  # readable and finite
+    return task
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from abft_lens.evaluation.evaluator import evaluate
     from abft_lens.io import write_json
     from abft_lens.backends.loading import load_model
     from abft_lens.backends.provenance import describe_model, model_info
-    from abft_lens.data.tasks import load_task
 
-    task = load_task(args.dataset)
+    task = check_eval_args(args)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
                        quantized=args.quantized)
     if args.run is not None:
@@ -25,9 +52,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         load_run(args.run, model)
     if args.test_type != "Normal":
-        if args.calibrated:
-            raise AbftLensError("--calibrated applies to the Normal evaluation, not to --test-type "
-                                f"{args.test_type}.", "drop --calibrated, or drop --test-type.")
         report = cmd_eval_robustness(args, model, task)
         if args.output:
             print(f"wrote {write_json(args.output, report)}")

@@ -14,8 +14,12 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from abft_lens.backends.loading import load_model
     from abft_lens.backends.provenance import describe_model, model_info
     from abft_lens.data.tasks import load_task
+    from abft_lens.io import check_output_file
 
+    if args.output is not None:
+        check_output_file(args.output)
     task = load_task(args.dataset)
+    task.check_test_prompts(args.k, args.n_prompts)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     scores = head_scores(model, task, k=args.k, n_prompts=args.n_prompts, batch_size=args.batch_size,
                          progress=True)

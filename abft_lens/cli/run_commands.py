@@ -30,17 +30,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
-    from abft_lens.io import read_json, write_json
+    from abft_lens.io import check_output_file, write_json
     from abft_lens.studies.mixing import lambda_grid, mix_runs, run_meta
+    from abft_lens.training.run_folder import read_trained
     from abft_lens.backends.loading import load_model
     from abft_lens.data.tasks import load_task
 
+    for path, option in ((args.output, "--output"), (args.html, "--html")):
+        if path is not None:
+            check_output_file(path, option)
     grid = lambda_grid(args.grid_min, args.grid_max, args.grid_step)
-    spec = args.model or run_meta(args.run_e2e)["model"]["name"]
-    run_meta(args.run_abft)
-    dtype = args.dtype or read_json(args.run_e2e / "config.json")["model"].get("dtype") or "float32"
-    model = load_model(spec, dtype=DTYPES[dtype])
+    metas = [run_meta(args.run_e2e), run_meta(args.run_abft)]
+    for run_dir in (args.run_e2e, args.run_abft):
+        read_trained(run_dir)  # readable and finite, before the model loads
     task = load_task(args.dataset) if args.dataset is not None else None
+    if task is not None or len({meta["task"]["name"] for meta in metas}) == 1:
+        checked = task if task is not None else load_task(metas[0]["task"]["name"])
+        checked.check_test_prompts(args.k or metas[0]["train"]["k"], args.n_test)
+    spec = args.model or metas[0]["model"]["name"]
+    dtype = args.dtype or metas[0]["model"].get("dtype") or "float32"
+    model = load_model(spec, dtype=DTYPES[dtype])
     result = mix_runs(model, args.run_e2e, args.run_abft, task=task, k=args.k, n_test=args.n_test,
                       lambdas_e2e=grid, lambdas_abft=grid, batch_size=args.batch_size)
     best = result.best
@@ -56,10 +65,12 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from abft_lens.io import atomic_write_text
+    from abft_lens.io import atomic_write_text, check_output_file
     from abft_lens.reporting.study_folder import is_study_dir
     from abft_lens.reporting.tables import table_from_runs
 
+    if args.output is not None:
+        check_output_file(args.output)
     if len(args.run_dirs) == 1 and is_study_dir(args.run_dirs[0]):  # a study folder: its Table 1
         from abft_lens.reporting.study_render import render_table1
         from abft_lens.reporting.study_tables import study_tables

@@ -9,12 +9,15 @@ from pathlib import Path
 from abft_lens.cli.common import DTYPES, add_model_arguments, positive_int, print_table, resolve_device
 from abft_lens.errors import AbftLensError
 
-NOT_YET: dict[str, str] = {}  # option -> message, for options that are accepted but not built yet
 QUANTIZED_LORA_R = 16  # the paper's LoRA rank on 4-bit bases
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Training options under this project's names, with the original prototype.py spellings as aliases."""
+    """Training options under this project's names, with the original prototype.py spellings as aliases.
+
+    Options that only some settings use default to None, so "was it given" is known (an option the other
+    settings would ignore is refused, never silently dropped); the TrainConfig default applies otherwise.
+    """
     a = parser.add_argument
     a("--method", choices=["ABFT", "E2E"], default="ABFT")
     a("--train-samples", "--train_sample_num", dest="train_samples", type=positive_int, default=512)
@@ -22,21 +25,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--pseudo-batch-size", "--pseudo_batch_size", dest="pseudo_batch_size", type=positive_int, default=32)
     a("--lr", type=float, default=None, help="Adam learning rate (default 2e-5, or 1e-4 with LoRA)")
     a("--seed", "--random_seed", dest="seed", type=int, default=0)
-    a("--award", "--correct_label_award", dest="award", type=float, default=1.0, help="B")
-    a("--penalty", "--wrong_label_penalty", dest="penalty", type=float, default=0.5, help="A (initial)")
+    a("--award", "--correct_label_award", dest="award", type=float, default=None, help="B (default 1.0; ABFT only)")
+    a("--penalty", "--wrong_label_penalty", dest="penalty", type=float, default=None,
+      help="A, initial (default 0.5; ABFT only)")
     a("--penalty-mode", "--self_adaption_loss", dest="penalty_mode", choices=["None", "P", "PID"], default="PID")
-    a("--p-gain", "--loss_adaption_factor_for_P", dest="p_gain", type=float, default=0.03)
-    a("--pid-kp", "--PID_param_P", dest="pid_kp", type=float, default=0.03)
-    a("--pid-ki", "--PID_param_I", dest="pid_ki", type=float, default=0.005)
-    a("--pid-kd", "--PID_param_D", dest="pid_kd", type=float, default=0.005)
+    a("--p-gain", "--loss_adaption_factor_for_P", dest="p_gain", type=float, default=None,
+      help="gain of --penalty-mode P (default 0.03)")
+    a("--pid-kp", "--PID_param_P", dest="pid_kp", type=float, default=None, help="PID gain (default 0.03)")
+    a("--pid-ki", "--PID_param_I", dest="pid_ki", type=float, default=None, help="PID gain (default 0.005)")
+    a("--pid-kd", "--PID_param_D", dest="pid_kd", type=float, default=None, help="PID gain (default 0.005)")
     a("--threshold", type=float, default=None, help="induction filter T (default k / (k + ln n_tokens))")
     a("--restricted-gradient", "--restricted_gradient", dest="restricted_gradient", action="store_true")
-    a("--lora-r", "--lora_r", dest="lora_r", type=int, default=0, help="LoRA rank on W_Q/W_K (0: full matrices)")
+    a("--lora-r", "--lora_r", dest="lora_r", type=int, default=None,
+      help="LoRA rank on W_Q/W_K (0, the default: full matrices; 16 with --quantized)")
     a("--train-bias", dest="train_bias", action="store_true", help="also train b_Q/b_K")
-    a("--validation-examples", dest="validation_examples", type=int, default=0,
-      help="calibration examples held out for the validation guard (0: none)")
-    a("--validation-prompts", dest="validation_prompts", type=positive_int, default=64)
-    a("--validate-every", dest="validate_every", type=int, default=0, help="steps between validations")
+    a("--validation-examples", dest="validation_examples", type=int, default=None,
+      help="calibration examples held out for the validation guard (default 0: none)")
+    a("--validation-prompts", dest="validation_prompts", type=positive_int, default=None,
+      help="validation prompts built from them (default 64)")
+    a("--validate-every", dest="validate_every", type=int, default=None, help="steps between validations")
     a("--keep-best", dest="keep_best", action="store_true", help="end with the best validation step's weights")
     a("--select-metric", dest="select_metric", choices=["accuracy", "macro_f1"], default="accuracy",
       help="validation metric that picks the best step (macro_f1 resists collapse onto a majority label)")
@@ -66,18 +73,39 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
       help="generation quality before/after (MAUVE, perplexity) -> RUN_DIR/generation.json; needs --MAUVE_prefix")
     a("--MAUVE-prefix", "--MAUVE_prefix", dest="MAUVE_prefix", type=Path, default=None,
       help="text file, one prefix per line (optionally prefix<TAB>true continuation)")
-    a("--MAUVE-max-new-tokens", dest="MAUVE_max_new_tokens", type=positive_int, default=32,
-      help="tokens generated per prefix (greedy)")
+    a("--MAUVE-max-new-tokens", dest="MAUVE_max_new_tokens", type=positive_int, default=None,
+      help="tokens generated per prefix (greedy; default 32)")
+
+
+# option given -> (what it needs, the command-line spelling): refused rather than silently ignored
+IGNORED_UNLESS = (
+    ("award", lambda a: a.method == "ABFT", "--award", "--method ABFT (E2E trains cross-entropy)"),
+    ("penalty", lambda a: a.method == "ABFT", "--penalty", "--method ABFT (E2E trains cross-entropy)"),
+    ("p_gain", lambda a: a.penalty_mode == "P", "--p-gain", "--penalty-mode P"),
+    ("pid_kp", lambda a: a.penalty_mode == "PID", "--pid-kp", "--penalty-mode PID"),
+    ("pid_ki", lambda a: a.penalty_mode == "PID", "--pid-ki", "--penalty-mode PID"),
+    ("pid_kd", lambda a: a.penalty_mode == "PID", "--pid-kd", "--penalty-mode PID"),
+    ("validation_prompts", lambda a: a.validation_examples, "--validation-prompts", "--validation-examples"),
+    ("generalization_n_test", lambda a: a.generalization_test, "--generalization-n-test", "--generalization-test"),
+    ("robustness_queries", lambda a: a.test_type != "Normal", "--robustness-queries",
+     "--test-type TempSensitivity or DemoSensitivity"),
+    ("MAUVE_max_new_tokens", lambda a: a.MAUVE_test, "--MAUVE-max-new-tokens", "--MAUVE-test"),
+)
+CONFIG_OPTIONS = ("method", "k", "train_samples", "epochs", "pseudo_batch_size", "seed", "award", "penalty",
+                  "penalty_mode", "p_gain", "pid_kp", "pid_ki", "pid_kd", "threshold", "restricted_gradient",
+                  "validation_examples", "validation_prompts", "validate_every", "keep_best", "select_metric")
 
 
 def train_config_from_args(args: argparse.Namespace):
+    """The run's TrainConfig, after refusing options that the other options would leave unused."""
     from abft_lens.training.train import TrainConfig
     from abft_lens.training.trainable import TrainableConfig
 
-    for name, message in NOT_YET.items():
-        if getattr(args, name):
-            raise AbftLensError(message + ".", "drop the option; see the README for what works today.")
-    if args.lora_r < 0:
+    for name, needed, option, needs in IGNORED_UNLESS:
+        if getattr(args, name) is not None and not needed(args):
+            raise AbftLensError(f"{option} is used only with {needs}; here it would be ignored.",
+                                f"drop {option}, or add {needs}.")
+    if args.lora_r is not None and args.lora_r < 0:
         raise AbftLensError(f"--lora_r {args.lora_r} must be >= 0.", "pass a LoRA rank (e.g. 16), or 0 for full W_Q/W_K.")
     if args.resume and args.run_dir is None:
         raise AbftLensError("--resume needs the --run-dir of the interrupted run.", "pass --run-dir RUN_DIR.")
@@ -85,22 +113,13 @@ def train_config_from_args(args: argparse.Namespace):
         raise AbftLensError("--train-bias cannot be combined with --quantized (the 4-bit base trains LoRA adapters only).",
                             "drop --train-bias, or drop --quantized.")
     if args.quantized and args.lora_r == 0:
-        args.lora_r = QUANTIZED_LORA_R
-    lora = args.lora_r > 0
-    try:
-        trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=args.lora_r if lora else 16,
-                                    bias=args.train_bias)
-    except ValueError as error:
-        raise AbftLensError(str(error), "check --lora-r.") from error
-    return TrainConfig(
-        method=args.method, k=args.k, train_samples=args.train_samples, epochs=args.epochs,
-        pseudo_batch_size=args.pseudo_batch_size, lr=args.lr if args.lr is not None else (1e-4 if lora else 2e-5),
-        seed=args.seed, award=args.award, penalty=args.penalty, penalty_mode=args.penalty_mode,
-        p_gain=args.p_gain, pid_kp=args.pid_kp, pid_ki=args.pid_ki, pid_kd=args.pid_kd, threshold=args.threshold,
-        restricted_gradient=args.restricted_gradient, trainable=trainable,
-        validation_examples=args.validation_examples, validation_prompts=args.validation_prompts,
-        validate_every=args.validate_every, keep_best=args.keep_best, select_metric=args.select_metric,
-    )
+        raise AbftLensError("--quantized trains LoRA adapters on the 4-bit base; --lora-r 0 (full W_Q/W_K) is "
+                            "not possible there.", f"drop --lora-r (rank {QUANTIZED_LORA_R}) or pass a rank >= 1.")
+    lora_r = args.lora_r if args.lora_r is not None else (QUANTIZED_LORA_R if args.quantized else 0)
+    lora = lora_r > 0
+    trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=lora_r if lora else 16, bias=args.train_bias)
+    given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
+    return TrainConfig(**given, trainable=trainable, lr=args.lr if args.lr is not None else (1e-4 if lora else 2e-5))
 
 
 def mauve_test_from_args(args: argparse.Namespace):
@@ -116,7 +135,7 @@ def mauve_test_from_args(args: argparse.Namespace):
         return None
     from abft_lens.studies.generation_report import MauveTest
 
-    return MauveTest(args.MAUVE_prefix, max_new_tokens=args.MAUVE_max_new_tokens)
+    return MauveTest(args.MAUVE_prefix, max_new_tokens=args.MAUVE_max_new_tokens or 32)
 
 
 def run_extras_from_args(args: argparse.Namespace, task, config, run_dir: Path):
@@ -134,36 +153,40 @@ def run_extras_from_args(args: argparse.Namespace, task, config, run_dir: Path):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from abft_lens.training.checks import check_run_fits_task
     from abft_lens.training.distributed import init_from_env, training_device
     from abft_lens.backends.loading import load_model
     from abft_lens.backends.provenance import model_info
+    from abft_lens.training.run_folder import check_run_dir
     from abft_lens.training.runs import run_training
     from abft_lens.data.tasks import load_task
 
+    # every check that needs no model runs first: nothing is loaded or written for a command that cannot run
     config = train_config_from_args(args)
-    dist = init_from_env()  # under torchrun (WORLD_SIZE > 1): data parallel, gloo on CPU, NCCL on CUDA
     task = load_task(args.dataset)
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    mauve_test = mauve_test_from_args(args)  # checks the prefix file before the model loads
-    device = training_device(dist, default=resolve_device(args.device))
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
-    if mauve_test is not None:
-        mauve_test.before(model)
+    check_run_dir(run_dir, resume=args.resume)
+    check_run_fits_task(config, task, args.n_test, tests=not (args.no_fore_test and args.no_post_test))
     extras = run_extras_from_args(args, task, config, run_dir)
     if extras is not None:
-        extras.before(model)
+        extras.check()
+    mauve_test = mauve_test_from_args(args)  # reads and checks the prefix file
+    dist = init_from_env()  # under torchrun (WORLD_SIZE > 1): data parallel, gloo on CPU, NCCL on CUDA
+    device = training_device(dist, default=resolve_device(args.device))
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
+    from abft_lens.studies.generation_report import MauveExtra
+
+    run_extras = [extra for extra in (extras, None if mauve_test is None else MauveExtra(mauve_test, run_dir))
+                  if extra is not None]
     result = run_training(
         model, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
         post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
         checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, dist=dist,
+        extras=run_extras,
     )
     if dist is not None and not dist.is_main:
         return 0
-    rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")]
-    if extras is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
-        rows += extras.after(model)
-    if mauve_test is not None and (run_dir / "metrics.json").is_file():  # not after an interrupted run
-        rows += mauve_test.after(model, run_dir).summary_rows()
+    rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")] + result.extra_rows
     if result.best_step is not None:
         rows.append(("best validation step", f"{result.best_step}" + (" (kept)" if config.keep_best else "")))
     print_table(rows, title=f"{config.method} on {model_info(model).name}, {task.name}, k={config.k}, "

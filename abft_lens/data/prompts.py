@@ -133,10 +133,9 @@ class PromptBuilder:
 def test_prompts(builder: PromptBuilder, k: int, n: int | None = None) -> list[ICLPrompt]:
     """The first ``n`` of the task's fixed test prompts (StaICC "Normal": every query twice, 1024 in all)."""
     task = builder.task
+    task.check_test_prompts(k, n)
     demos = task.test_demonstrations(k)
     n = len(demos) if n is None else n
-    if not 0 < n <= len(demos):
-        raise AbftLensError(f"n_test={n} is out of range for {task.name}.", f"use 1-{len(demos)}.")
     return [
         builder.build([task.demonstration[i] for i in demos[j]], task.test[j % len(task.test)]) for j in range(n)
     ]
@@ -180,6 +179,15 @@ class PromptBatch:
     @property
     def is_padded(self) -> Bool[Tensor, ""]:
         return bool((self.padding > 0).any())
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices ``0..len(lengths)-1`` sorted by length (ties in index order), cut into batches of at most
+    ``batch_size``: each batch holds sequences of similar length, so left padding wastes little compute."""
+    if batch_size <= 0:
+        raise AbftLensError(f"batch_size={batch_size} must be positive.", "pass e.g. --batch-size 8.")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # a stable sort: equal lengths keep their order
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None

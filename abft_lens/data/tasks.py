@@ -62,14 +62,30 @@ class ICLTask:
     def n_labels(self) -> int:
         return len(self.label_words)
 
-    def test_demonstrations(self, k: int, repeats: int = 2) -> list[list[int]]:
-        """StaICC's fixed demonstration indices: prompt ``j`` uses query ``j % len(test)`` and
-        ``demonstration[i]`` for i in the returned ``[j]`` list; ``repeats * len(test)`` prompts in all."""
+    @property
+    def n_test_prompts(self) -> int:
+        """How many fixed test prompts there are (StaICC "Normal": every test query twice)."""
+        return 2 * len(self.test)
+
+    def check_test_prompts(self, k: int, n: int | None = None) -> None:
+        """Raise :class:`AbftLensError` unless the first ``n`` fixed test prompts with ``k`` demonstrations exist
+        (``n=None``: all of them); needs no model, so commands check it before loading one."""
+        if not self.test:
+            raise AbftLensError(f"the test split of {self.name} is empty.",
+                                "add examples (a file without a split column puts 25% of its rows in the test split) "
+                                "or mark some rows with split=test.")
         if k > len(self.demonstration):
             raise AbftLensError(
                 f"k={k} is larger than the demonstration split of {self.name} ({len(self.demonstration)} examples).",
                 f"use k <= {len(self.demonstration)}.",
             )
+        if n is not None and not 0 < n <= self.n_test_prompts:
+            raise AbftLensError(f"n_test={n} is out of range for {self.name}.", f"use 1-{self.n_test_prompts}.")
+
+    def test_demonstrations(self, k: int, repeats: int = 2) -> list[list[int]]:
+        """StaICC's fixed demonstration indices: prompt ``j`` uses query ``j % len(test)`` and
+        ``demonstration[i]`` for i in the returned ``[j]`` list; ``repeats * len(test)`` prompts in all."""
+        self.check_test_prompts(k)
         if (k, repeats) not in self._test_demos:
             from StaICC.util.dataset_interface import demonstration_sampler
 
@@ -204,11 +220,15 @@ def load_custom_task(
     path = Path(path)
     if not path.is_file():
         raise AbftLensError(f"dataset file {path} does not exist.", "check the path.")
-    rows = list(_read_rows(path))
+    try:
+        rows = list(_read_rows(path))
+    except UnicodeDecodeError as error:
+        raise AbftLensError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}).",
+                            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8, or Excel's 'CSV UTF-8').") from None
     if not rows:
         raise AbftLensError(f"{path} holds no examples.", "add rows with a text and a label.")
     raw_labels = [label for _, label, _, _ in rows]
-    words = [w.strip() for w in label_words] if label_words else sorted({str(l) for l in raw_labels})
+    words = [w.strip() for w in label_words] if label_words else sorted({str(l).strip() for l in raw_labels})
     examples: dict[str, list[Example]] = {"calibration": [], "demonstration": [], "test": [], "": []}
     for line, (text, label, split, _) in enumerate(rows, start=1):
         index = _label_index(label, words, path, rows[line - 1][3])
@@ -216,6 +236,9 @@ def load_custom_task(
             raise AbftLensError(f"{path}, line {rows[line - 1][3]}: unknown split {split!r}.",
                                 "use calibration, demonstration or test.")
         examples[split].append(Example(text, index))
+    if len(words) < 2:
+        raise AbftLensError(f"{path} has a single label ({words[0] if words else ''!r}); in-context classification "
+                            "needs at least two.", "add examples of the other labels, or pass every label word.")
     unplaced = examples.pop("")
     if unplaced:
         from StaICC.util.stable_random import stable_random
@@ -239,7 +262,7 @@ def load_custom_task(
 def _read_rows(path: Path):
     """Yield (text, label, split, line_number) from a CSV or JSONL file, naming the line of a bad row."""
     if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:  # -sig: a leading byte-order mark is not part of the data
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -253,7 +276,7 @@ def _read_rows(path: Path):
                                         'write one JSON object per line: {"text": ..., "label": ...}.')
                 yield _fields(record, path, number)
     else:
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             for number, record in enumerate(reader, start=2):  # line 1 is the header
                 yield _fields(record, path, number)

@@ -20,7 +20,7 @@ from abft_lens.backends.tl import HookedTransformer
 from abft_lens.backends.forward import forward_residual
 from abft_lens.evaluation.metrics import classification_metrics
 from abft_lens.backends.provenance import LoadedModel, model_info
-from abft_lens.data.prompts import prompt_builder, ICLPrompt, PromptBatch, PromptBuilder, collate, pad_token_id, test_prompts
+from abft_lens.data.prompts import prompt_builder, ICLPrompt, PromptBatch, PromptBuilder, collate, length_sorted_batches, pad_token_id, test_prompts
 from abft_lens.data.tasks import ICLTask
 
 
@@ -53,13 +53,11 @@ def label_probabilities(
     Prompts are batched by length (left padding, attention mask) to waste little compute on padding.
     """
     ids = torch.tensor(list(label_token_ids), device=model.cfg.device)
-    order = sorted(range(len(prompts)), key=lambda i: prompts[i].n_tokens)
     probs = torch.empty(len(prompts), len(ids))
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "evaluating",
                disable=not progress, unit="prompt")
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in length_sorted_batches([p.n_tokens for p in prompts], batch_size):
             batch = collate([prompts[i] for i in chunk], pad_id)
             batch = PromptBatch(**{name: value.to(model.cfg.device) for name, value in batch.__dict__.items()})
             logits = label_logits(model, batch, ids).float()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
 from abft_lens.io import read_json
 from abft_lens.backends.provenance import LoadedModel
@@ -101,14 +100,23 @@ class RunExtras:
     progress: bool = True
     fore: dict = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Refuse options the datasets cannot serve, before any model loads or file is written."""
+        from abft_lens.evaluation.robustness import check_robustness_options
+
+        if self.test_type != "Normal":
+            check_robustness_options(self.task, self.test_type, k=self.k, n_queries=self.robustness_queries,
+                                     n_test=self.robustness_n_test)
+        for index in self._indices() if self.generalization else ():
+            load_task(index).check_test_prompts(self.k, self.generalization_n_test)
+
     def before(self, model: LoadedModel) -> None:
-        if (self.run_dir / "config.json").is_file() and not self.resume:
-            raise AbftLensError(f"{self.run_dir} already holds a run; abft-lens never overwrites one.",
-                                "choose another --run-dir, or pass --resume to continue an interrupted run.")
+        """The ``fore`` halves, on the base model, in the run folder ``run_training`` has prepared."""
         for name, compute in self._jobs():
             path = self.run_dir / name
             cached = read_json(path) if self.resume and path.is_file() else None
-            self.fore[name] = cached["fore"] if cached and "fore" in cached else compute(model)
+            if name not in self.fore:  # given by the caller (a study's shared baselines), or computed here
+                self.fore[name] = cached["fore"] if cached and "fore" in cached else compute(model)
             from abft_lens.io import write_json
 
             write_json(path, {**self._meta(name), "fore": self.fore[name]})

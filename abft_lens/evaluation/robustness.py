@@ -47,10 +47,9 @@ from torch import Tensor
 
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate_prompts, label_probabilities
-from abft_lens.data.prompts import prompt_builder
 from abft_lens.evaluation.metrics import classification_metrics
 from abft_lens.backends.provenance import LoadedModel, model_info
-from abft_lens.data.prompts import ICLPrompt, PromptBuilder, pad_token_id, test_prompts
+from abft_lens.data.prompts import ICLPrompt, PromptBuilder, pad_token_id, prompt_builder, test_prompts
 from abft_lens.data.tasks import Example, ICLTask, Template
 
 L9_TABLE: tuple[tuple[int, int, int, int], ...] = (
@@ -378,8 +377,7 @@ def robustness_report(
 ) -> dict:
     """JSON-able robustness numbers for ``test_type`` (TempSensitivity or DemoSensitivity): its consistency,
     plus the unseen-label test (``n_test`` prompts) and the contextual bias, each a small dict of metrics."""
-    if test_type not in TEST_TYPES[1:]:
-        raise AbftLensError(f"unknown test type {test_type!r}.", f"use one of {', '.join(TEST_TYPES)}.")
+    check_robustness_options(task, test_type, k=k, n_queries=n_queries, n_test=n_test)
     if test_type == "TempSensitivity":
         sens = template_sensitivity(model, task, k=k, n_queries=n_queries or TEMPLATE_QUERIES,
                                     batch_size=batch_size, progress=progress)
@@ -393,10 +391,21 @@ def robustness_report(
             "contextual_bias": bias}
 
 
+def check_robustness_options(task: ICLTask, test_type: str, *, k: int = 4, n_queries: int | None = None,
+                             n_test: int | None = 256) -> None:
+    """What :func:`robustness_report` refuses, checked without a model (commands call it before loading one)."""
+    if test_type not in TEST_TYPES[1:]:
+        raise AbftLensError(f"unknown test type {test_type!r}.", f"use one of {', '.join(TEST_TYPES)}.")
+    task.check_test_prompts(k, n_test)
+    if test_type == "TempSensitivity":
+        _check_queries(task, n_queries or TEMPLATE_QUERIES, TEMPLATE_QUERIES if task.index is not None else len(task.test))
+    else:
+        _check_queries(task, n_queries or DEMO_QUERIES, task.n_test_prompts // DEMO_SETS)
+
+
 def _check_queries(task: ICLTask, n_queries: int, limit: int) -> None:
-    if not 0 < n_queries <= min(limit, len(task.test)):
-        raise AbftLensError(f"n_queries={n_queries} is out of range for {task.name}.",
-                            f"use 1-{min(limit, len(task.test))}.")
+    if not 0 < n_queries <= (limit := min(limit, len(task.test))):
+        raise AbftLensError(f"n_queries={n_queries} is out of range for {task.name}.", f"use 1-{limit}.")
 
 
 def _desc(progress: bool | str, name: str) -> bool | str:
@@ -408,5 +417,4 @@ __all__ = [
     "demonstration_sets", "demonstration_sensitivity_prompts", "demonstration_sensitivity",
     "unseen_label_demonstrations", "unseen_label_prompts", "zero_shot_prompts", "unseen_label_test",
     "entropy", "content_free_prompts", "contextual_bias", "calibrate", "calibrated_evaluate", "robustness_report",
-    "L9_TABLE", "CONTENT_FREE", "TEST_TYPES",
-]
+    "L9_TABLE", "CONTENT_FREE", "TEST_TYPES", "check_robustness_options"]

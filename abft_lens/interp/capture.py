@@ -38,9 +38,8 @@ class AttentionRows:
     context per forward pass, or call :meth:`clear` in between).
     """
 
-    def __init__(self, layers: Sequence[int], *, detach: bool) -> None:
+    def __init__(self, layers: Sequence[int]) -> None:
         self.layers: tuple[int, ...] = tuple(layers)
-        self.detach = detach
         self._rows: dict[int, Tensor] = {}
 
     @property
@@ -158,7 +157,7 @@ def capture_attention_rows(
                 f"query_positions must be a 1-D integer tensor [batch], got dtype {query_positions.dtype} "
                 f"and shape {tuple(query_positions.shape)}"
             )
-    store = AttentionRows(chosen, detach=detach)
+    store = AttentionRows(chosen)
 
     def make_hook(layer: int):
         def hook_fn(pattern: Float[Tensor, "batch head query key"], *, hook: HookPoint) -> None:

@@ -39,7 +39,7 @@ from abft_lens.interp.capture import capture_attention_rows, pattern_hook_name
 from abft_lens.backends.forward import forward_residual
 from abft_lens.interp.induction_filter import induction_threshold
 from abft_lens.data.prompts import prompt_builder
-from abft_lens.data.prompts import ICLPrompt, collate, pad_token_id, test_prompts
+from abft_lens.data.prompts import ICLPrompt, collate, length_sorted_batches, pad_token_id, test_prompts
 
 __all__ = [
     "HeadScores", "HeadSet", "SCORE_DESCRIPTIONS", "repeated_tokens", "classic_scores", "induction_scores",
@@ -345,12 +345,11 @@ def icl_label_attention(
         pad_id = pad_token_id(model.tokenizer) if getattr(model, "tokenizer", None) is not None else 0
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in ICL}
-    order = sorted(range(len(prompts)), key=lambda i: prompts[i].n_tokens)
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "label attention",
                disable=not progress, unit="prompt")
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = [prompts[i] for i in order[start:start + batch_size]]
+        for indices in length_sorted_batches([p.n_tokens for p in prompts], batch_size):
+            chunk = [prompts[i] for i in indices]
             batch = collate(chunk, pad_id)
             with capture_attention_rows(model, detach=True) as store:
                 forward_residual(model, batch.tokens.to(model.cfg.device), batch.attention_mask.to(model.cfg.device))

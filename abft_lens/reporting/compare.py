@@ -159,19 +159,16 @@ def compare_run(
         GQA ΔW_K is taken over the stored kv heads), ``accuracy`` the fore/post test metrics (None when a
         test was skipped), ``trace`` the lines of log.jsonl.
     """
-    from abft_lens.errors import AbftLensError
-    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.data.prompts import prompt_builder, test_prompts
     from abft_lens.interp.heads import head_scores
-    from abft_lens.io import read_json
     from abft_lens.backends.loading import load_model_like
-    from abft_lens.data.prompts import test_prompts
+    from abft_lens.training.run_folder import read_run_config, read_run_json, read_trained
     from abft_lens.training.runs import load_run
     from abft_lens.data.tasks import load_task
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at a run folder.")
-    config = read_json(run_dir / "config.json")
+    config = read_run_config(run_dir, trained=True)
+    read_trained(run_dir)  # readable and finite, before a model loads
     model = model if model is not None else load_model_like(config["model"])
     task = task if task is not None else load_task(config["task"]["name"])
     k = int(config["train"].get("k", 4)) if k is None else k
@@ -193,8 +190,8 @@ def compare_run(
 
     accuracy = {}
     for key, name in (("fore", "fore_test.json"), ("post", "post_test.json")):
-        path = run_dir / name
-        accuracy[key] = read_json(path).get("metrics") if path.is_file() else None
+        saved = read_run_json(run_dir, name, keys=("metrics",))
+        accuracy[key] = saved["metrics"] if saved is not None else None
     log_path = run_dir / "log.jsonl"
     lines = log_path.read_text().splitlines() if log_path.is_file() else []
     trace = [json.loads(line) for line in lines if line.strip()]

@@ -40,7 +40,7 @@ from einops import rearrange
 
 from abft_lens.errors import AbftLensError
 from abft_lens.backends import hf_cache
-from abft_lens.io import read_json
+from abft_lens.training.run_folder import METRICS_FILE, read_run_config, read_run_json, read_trained
 from abft_lens.reporting.formatting import format_value
 
 ADAPTER_DIR = "adapter"
@@ -70,8 +70,6 @@ class ExportResult:
 
 def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -> ExportResult:
     """Write ``run_dir``'s tuned model as a Hugging Face folder ``output`` (see the module docstring)."""
-    from safetensors.torch import load_file
-
     run_dir, output = Path(run_dir), Path(output)
     _check_output(output)
     meta, metrics = _read_run(run_dir)
@@ -85,8 +83,8 @@ def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -
     if peft and trainable.bias:
         raise AbftLensError(f"the LoRA run {run_dir} also trained b_Q/b_K, which a PEFT LoRA adapter cannot carry "
                             "(the base model has no attention biases).", "drop --peft and use the merged model folder.")
+    trained = read_trained(run_dir)  # readable and finite
     base = _base_hf_dir(meta["model"], run_dir)
-    trained = load_file(run_dir / "trained.safetensors")
     parsed = _parse_trained(trained)
     needs_bias = any(role == "bias" and tensor.abs().max() > 0 for (_, _, role), tensor in parsed.items())
 
@@ -147,13 +145,8 @@ def _check_output(output: Path) -> None:
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict | None]:
-    if not (run_dir / "config.json").is_file():
-        raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at a run folder.")
-    if not (run_dir / "trained.safetensors").is_file():
-        raise AbftLensError(f"{run_dir} holds no trained.safetensors (trained with --dont_save_model, or unfinished).",
-                            "re-run training without --dont_save_model.")
-    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
-    return read_json(run_dir / "config.json"), metrics
+    meta = read_run_config(run_dir, trained=True)
+    return meta, read_run_json(run_dir, METRICS_FILE)
 
 
 def _base_hf_dir(model: dict, run_dir: Path) -> Path:

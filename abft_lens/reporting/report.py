@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from abft_lens.reporting import viz
 from abft_lens.errors import AbftLensError
-from abft_lens.io import read_json, write_json
+from abft_lens.io import check_output_file, read_json, write_json
 
 if TYPE_CHECKING:
     from abft_lens.reporting.compare import Comparison
@@ -205,22 +205,21 @@ def report_from_run(run_dir: str | Path, *, output: str | Path | None = None, n_
     :func:`abft_lens.reporting.compare.compare_run` (``n_prompts`` prompts; extra keyword arguments go to it) and saves
     it. With ``png=True`` also exports every figure into ``<output stem>_png/``.
     """
+    from abft_lens.training.run_folder import TRAINED_FILE, read_run_config, read_trained
+
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not (run_dir / "config.json").is_file():
-        raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).",
-                            "point at a folder written by `abft-lens train` or `abft-lens demo`.")
+    read_run_config(run_dir)
+    if output is not None:
+        check_output_file(output)
+    if (run_dir / TRAINED_FILE).is_file():
+        read_trained(run_dir)  # a diverged (NaN) run gets no report
     comparison_path = run_dir / COMPARISON_FILE
     reused = comparison_path.is_file()
     if reused:
         comparison = load_comparison(comparison_path)
     else:
-        from abft_lens.reporting import compare
+        from abft_lens.reporting.compare import compare_run
 
-        compare_run = getattr(compare, "compare_run", None)
-        if compare_run is None:
-            raise AbftLensError(f"{comparison_path} does not exist and this version cannot compute it "
-                                "(abft_lens.reporting.compare.compare_run is missing).",
-                                "update abft-lens, or provide comparison.json.")
         comparison = compare_run(run_dir, n_prompts=n_prompts, **compare_kwargs)
         write_json(comparison_path, comparison.to_dict())
     report = build_report(comparison, title=title)

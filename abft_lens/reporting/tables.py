@@ -27,7 +27,8 @@ from typing import Iterable, Sequence
 from abft_lens.data.tasks import STAICC_DATASETS
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.generalization import CALIBRATION_FILE, generalization_summary
-from abft_lens.io import atomic_write_text, read_json
+from abft_lens.io import atomic_write_text
+from abft_lens.training.run_folder import read_run_config, read_run_json
 
 __all__ = ["ResultTable", "table_from_runs", "mean_std", "BASE_METHOD", "CC_METHOD", "DISPLAY", "DATASET_ORDER"]
 
@@ -182,8 +183,7 @@ def table_from_runs(run_dirs: Iterable[str | Path], metric: str = "accuracy") ->
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict | None, dict | None, dict | None, dict | None]:
-    if not (run_dir / "config.json").is_file():
-        raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at run folders.")
-    parts = [read_json(run_dir / name) if (run_dir / name).is_file() else None
-             for name in ("fore_test.json", "post_test.json", "generalization.json", CALIBRATION_FILE)]
-    return (read_json(run_dir / "config.json"), *parts)
+    parts = [read_run_json(run_dir, name, keys=keys) for name, keys in (
+        ("fore_test.json", ("task", "metrics")), ("post_test.json", ("task", "metrics")), ("generalization.json", ()),
+        (CALIBRATION_FILE, ()))]
+    return (read_run_config(run_dir), *parts)

@@ -51,7 +51,7 @@ from abft_lens.backends.bridge import is_bridge
 from abft_lens.backends.forward import forward_residual
 from abft_lens.errors import AbftLensError
 from abft_lens.backends.provenance import LoadedModel
-from abft_lens.data.prompts import left_pad, pad_token_id
+from abft_lens.data.prompts import left_pad, length_sorted_batches, pad_token_id
 
 __all__ = ["continuations", "generate_batch", "hidden_features", "perplexity", "Perplexity", "read_prefix_file",
            "GENERATION_FILE", "QK_NAMES", "POOLINGS"]
@@ -131,12 +131,10 @@ def continuations(
             raise AbftLensError(f"prefix {i} ({prefix!r}) has no tokens.", "remove empty prefixes.")
         encoded.append(ids[-(model.cfg.n_ctx - max_new_tokens):] if len(ids) + max_new_tokens > model.cfg.n_ctx
                        else ids)
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     out: list[str] = [""] * len(encoded)
     bar = tqdm(total=len(encoded), desc=progress if isinstance(progress, str) else "generating",
                disable=not progress, unit="prefix")
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in length_sorted_batches([len(ids) for ids in encoded], batch_size):
         generators = None if seed is None else [
             torch.Generator(device=model.cfg.device).manual_seed(seed + i) for i in rows]
         new = generate_batch(model, [encoded[i] for i in rows], max_new_tokens, eos_token_id=tokenizer.eos_token_id,

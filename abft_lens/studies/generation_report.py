@@ -160,4 +160,18 @@ class MauveTest:
 
 
 __all__ = ["generation_report", "score_generations", "generate_side", "GenerationReport", "GenerationSide",
-           "MauveTest", "held_out_texts", "qk_names"]
+           "MauveTest", "MauveExtra", "held_out_texts", "qk_names"]
+
+
+class MauveExtra:
+    """``--MAUVE_test`` as a run extra (:class:`~abft_lens.training.runs.RunOptions`): generation on the base
+    model before training, ``generation.json`` after it."""
+
+    def __init__(self, test: MauveTest, run_dir: str | Path):
+        self.test, self.run_dir = test, Path(run_dir)
+
+    def before(self, model) -> None:
+        self.test.before(model)
+
+    def after(self, model) -> list[tuple[str, str]]:
+        return self.test.after(model, self.run_dir).summary_rows()

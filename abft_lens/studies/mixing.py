@@ -26,9 +26,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from abft_lens.errors import AbftLensError
-from abft_lens.io import read_json
 from abft_lens.backends.provenance import LoadedModel, model_info
-from abft_lens.training.runs import TRAINED_FILE
+from abft_lens.training.run_folder import TRAINED_FILE, read_run_config, read_run_json, read_trained
 
 METRIC = "accuracy"
 
@@ -37,14 +36,8 @@ METRIC = "accuracy"
 
 
 def run_meta(run_dir: str | Path) -> dict:
-    """config.json of a run folder (AbftLensError when the folder is not a finished run with saved tensors)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at a run folder.")
-    if not (run_dir / TRAINED_FILE).is_file():
-        raise AbftLensError(f"{run_dir} holds no {TRAINED_FILE} (trained with --dont_save_model, or unfinished).",
-                            "re-run training without --dont_save_model.")
-    return read_json(run_dir / "config.json")
+    """config.json of a run folder (AbftLensError when the folder is not a run with saved tensors, or damaged)."""
+    return read_run_config(run_dir, trained=True)
 
 
 def trained_tensors(run_dir: str | Path, model: LoadedModel) -> dict[str, Tensor]:
@@ -53,14 +46,13 @@ def trained_tensors(run_dir: str | Path, model: LoadedModel) -> dict[str, Tensor
     ``model`` must hold the base weights; it is left bit-identical (full runs: the touched tensors are
     copied back; LoRA runs: the adapters are removed again).
     """
-    from safetensors.torch import load_file
-
     from abft_lens.training.train import TrainConfig
     from abft_lens.training.adapters import attach
 
     run_dir = Path(run_dir)
     meta = run_meta(run_dir)
     config = TrainConfig.from_dict(meta["train"])
+    tensors = read_trained(run_dir)  # readable and finite, before the model is touched
     trainable = attach(model, config.trainable)
     names = [name.rsplit(".lora_", 1)[0] for name, _ in trainable.named_parameters()]
     full = config.trainable.kind == "full"
@@ -68,7 +60,7 @@ def trained_tensors(run_dir: str | Path, model: LoadedModel) -> dict[str, Tensor
         base = {name: model.get_parameter(name).detach().clone() for name in dict.fromkeys(names)}
     try:
         try:
-            trainable.load_state_dict(load_file(run_dir / TRAINED_FILE))
+            trainable.load_state_dict(tensors)
         except ValueError as error:
             raise AbftLensError(f"the tensors in {run_dir / TRAINED_FILE} do not fit model {model_info(model).name}: {error}",
                                 f"load the base model the run was trained on ({meta['model']['name']}).") from error
@@ -307,8 +299,8 @@ def mix_runs(
     bar.close()
     runs_info = {}
     for key, path in runs.items():
-        post_path = path / "post_test.json"
-        post = read_json(post_path)["metrics"].get(METRIC) if post_path.is_file() else None
+        post = read_run_json(path, "post_test.json", keys=("metrics",))
+        post = post["metrics"].get(METRIC) if post is not None else None
         runs_info[key] = {"run_dir": str(path), "method": metas[key]["train"]["method"],
                           "trainable": metas[key]["train"]["trainable"]["kind"], "post_test_accuracy": post,
                           "post_test_n": metas[key].get("n_test")}

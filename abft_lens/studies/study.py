@@ -40,7 +40,7 @@ from abft_lens.evaluation.robustness import calibrated_evaluate
 from abft_lens.io import read_json, write_json
 from abft_lens.reporting.study_folder import baseline_path
 from abft_lens.reporting.study_render import write_study_tables
-from abft_lens.studies.generation_report import MauveTest, qk_names
+from abft_lens.studies.generation_report import MauveExtra, MauveTest, qk_names
 from abft_lens.studies.mixing import base_tensors, set_tensors
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe
 from abft_lens.studies.study_state import StudyState
@@ -188,20 +188,19 @@ def run_trained_cell(model: LoadedModel, cell: Cell, out: Path, recipe: TrainRec
     if extras is not None and recipe.generalization and not (run_dir / "generalization.json").is_file():
         n_test = recipe.generalization_n_test or recipe.n_test
         extra = (task.index,) if task.index is not None and task.index not in PAPER_DATASETS else ()
-        fore = {other.name: shared_evaluation(model, other, out, cell.model, "vanilla", n_test=n_test,
-                                              **shared).metrics for other in map(load_task, PAPER_DATASETS + extra)}
-        write_json(run_dir / "generalization.json", {"fore": fore})  # RunExtras(resume=True) reads it back
+        extras.fore["generalization.json"] = {  # the shared vanilla results: RunExtras.before reuses them
+            other.name: shared_evaluation(model, other, out, cell.model, "vanilla", n_test=n_test, **shared).metrics
+            for other in map(load_task, PAPER_DATASETS + extra)}
     mauve = MauveTest(recipe.mauve_prefix, max_new_tokens=recipe.mauve_max_new_tokens, progress=progress) \
         if recipe.mauve_prefix else None
     if not (run_dir / "metrics.json").is_file():
-        for step in (mauve, extras):
-            if step is not None:
-                step.before(model)
+        run_extras = [step for step in (extras, None if mauve is None else MauveExtra(mauve, run_dir)) if step]
         run_training(model, task, config, run_dir=run_dir, n_test=recipe.n_test, fore_test=recipe.fore_test,
                      post_test=recipe.post_test, save_model=recipe.save_model,
                      resume=(run_dir / "config.json").is_file(), checkpoint_every=recipe.checkpoint_every,
-                     batch_size=recipe.batch_size, progress=progress, fore_result=vanilla)
-        _after(model, run_dir, extras, mauve)
+                     batch_size=recipe.batch_size, progress=progress, fore_result=vanilla, extras=run_extras)
+        if not (run_dir / "metrics.json").is_file():
+            raise AbftLensError(f"training of {run_dir} stopped before the end.", "run the study again to resume it.")
     elif _unfinished_extras(run_dir, extras, mauve):  # stopped after training, before its extra evaluations
         for step in (mauve, extras):
             if step is not None:

@@ -3,16 +3,37 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import evaluate_prompts
 from abft_lens.io import append_jsonl, atomic_write_bytes
 from abft_lens.data.prompts import ICLPrompt
 from abft_lens.training.train import StepResult, Trainer
+
+
+class FiniteCheck:
+    """Stops training with one message when a step's loss or a trained tensor is NaN or infinite.
+
+    Put it first among the callbacks, so no later one logs, validates or checkpoints the diverged step: the
+    last checkpoint and log line stay those of the last finite step, and no "success" is reported on NaNs.
+    """
+
+    def __call__(self, trainer: Trainer, result: StepResult) -> None:
+        if not math.isfinite(result.loss):
+            what = f"the loss is {result.loss}"
+        else:
+            bad = [name for name, p in trainer.trainable.named_parameters() if not bool(p.isfinite().all())]
+            if not bad:
+                return
+            what = f"{bad[0]} holds NaN or infinite values"
+        raise AbftLensError(f"training diverged at step {result.step}: {what} (lr={trainer.config.lr:g}).",
+                            "train again with a lower --lr (e.g. 10x lower) in a new --run-dir.")
 
 
 class JsonlLogger:
@@ -50,7 +71,8 @@ class ValidationGuard:
             append_jsonl(self.log_path, record)
         metric = trainer.config.select_metric
         key = (record[metric], record["mean_true_label_probability"])
-        if self.best is None or key > (self.best[metric], self.best["mean_true_label_probability"]):
+        finite = all(math.isfinite(value) for value in key)  # NaN probabilities never make a step the best
+        if finite and (self.best is None or key > (self.best[metric], self.best["mean_true_label_probability"])):
             self.best = record
             self.best_state = trainer.trainable.state_dict()
         return record

@@ -8,45 +8,100 @@
 - ``metrics.json``       before/after metrics, best validation step, timings
 - ``trained.safetensors`` the trained tensors only (W_Q/W_K or LoRA adapters), unless ``save_model=False``
 - ``checkpoint.pt``      trainer + optimizer + controller + guard state while the run is in progress
+- ``run.lock``           the pid of the process training there, while it trains (one process per folder)
+
+Stages, in order (each a function of a :class:`PreparedRun`): :func:`prepare_run` checks every input (the
+options, the folder, the task's sizes, the label words) before anything is written; :func:`open_run_folder`
+locks the folder and writes config.json; :func:`fore_test`; :func:`start_training` and :func:`train`;
+:func:`finish_training` (keep-best, the trained tensors); :func:`post_test`; :func:`save_run`. A fresh run
+refused before its first step (say, a prompt longer than the context) leaves no folder behind. Training stops
+with one message when the loss or a trained tensor becomes NaN or infinite.
+
+The model is given back as it came: the trained tensors live in the run folder and in
+:attr:`RunResult.trained` (:meth:`RunResult.apply_to` or :func:`load_run` put them into a model), so a second
+run on the same model starts from the same base that its folder names.
 
 Every file is written atomically. A run interrupted at any point resumes with ``resume=True`` and ends with
 the same weights as an uninterrupted run with the same seed.
 
 Data parallel (``dist``, or an initialized ``torch.distributed`` default group, see
 :mod:`abft_lens.training.distributed`): every rank trains its share of each pseudo-batch; rank 0 alone runs the
-fore/post tests and the validation guard, writes the run folder and shows progress; every rank reads the
-checkpoint on resume (the run folder must be on a file system all ranks see). Other ranks return a
+fore/post tests, the extras and the validation guard, writes the run folder and shows progress; every rank
+reads the checkpoint on resume (the run folder must be on a file system all ranks see). Other ranks return a
 :class:`RunResult` without ``fore``/``post``.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from abft_lens.version import __version__
+from abft_lens.backends.bridge import is_bridge
 from abft_lens.training import distributed
-from abft_lens.training.callbacks import Checkpointer, JsonlLogger, ProgressBar, ValidationGuard
+from abft_lens.training.callbacks import Checkpointer, FiniteCheck, JsonlLogger, ProgressBar, ValidationGuard
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
-from abft_lens.data.prompts import prompt_builder
-from abft_lens.io import atomic_write_text, read_json, write_json
+from abft_lens.data.prompts import PromptBuilder, prompt_builder
+from abft_lens.io import atomic_write_bytes, write_json
 from abft_lens.backends.provenance import LoadedModel, describe_model, model_info
 from abft_lens.data.tasks import ICLTask
+from abft_lens.training.checks import check_run_fits_task
+from abft_lens.training.run_folder import (TRAINED_FILE, RunLock, check_finite, check_same_base, check_run_dir,
+                                           clear_folder, read_run_config, read_run_json, read_trained,
+                                           remove_empty_folder, start_or_resume, truncate_log)
 from abft_lens.training.train import StepResult, TrainConfig, Trainer, validation_prompts
 from abft_lens.training.adapters import attach
-from abft_lens.training.trainable import TrainableConfig
+from abft_lens.training.trainable import Trainable, TrainableConfig, attached
 
-TRAINED_FILE = "trained.safetensors"
+QK_TENSORS = ("W_Q", "W_K", "_W_K", "b_Q", "b_K", "_b_K")  # what a hooked model's trainable set can change
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out (what it trains is its :class:`TrainConfig`); checked at construction.
+
+    ``extras``: objects with ``before(model)`` (run on the base model, rank 0, once the folder is ready) and
+    ``after(model) -> list of (name, value) rows`` (on the trained model, after the post test), e.g.
+    :class:`~abft_lens.evaluation.generalization.RunExtras`. ``fore_result``: the fore test already evaluated
+    elsewhere (a study's shared baseline of the same model, task, k and ``n_test``); it is written to
+    ``fore_test.json`` instead of evaluating again.
+    """
+
+    run_dir: str | Path | None = None
+    n_test: int | None = 256
+    fore_test: bool = True
+    post_test: bool = True
+    save_model: bool = True
+    resume: bool = False
+    checkpoint_every: int = 1
+    batch_size: int = 8
+    progress: bool = True
+    callbacks: Sequence = ()
+    dist: distributed.DistributedContext | None = None
+    extras: Sequence = ()
+    fore_result: EvalResult | None = None
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir) if self.run_dir is not None else None
+        for name in ("n_test", "checkpoint_every", "batch_size"):
+            value = getattr(self, name)
+            if (value is not None or name != "n_test") and (isinstance(value, bool) or not isinstance(value, int)
+                                                            or value < 1):
+                raise AbftLensError(f"{name}={value!r} must be a positive integer.", f"pass {name} >= 1.")
+        if self.resume and self.run_dir is None:
+            raise AbftLensError("resume needs the run_dir of the interrupted run.", "pass --run-dir RUN_DIR.")
 
 
 @dataclass
 class RunResult:
-    """What a run produced; ``fore``/``post`` are None when skipped."""
+    """What a run produced; ``fore``/``post`` are None when skipped. ``trained``: the trained tensors (as in
+    ``trained.safetensors``; None after an interrupted run), ``extra_rows``: the extras' summary rows."""
 
     run_dir: Path | None
     config: TrainConfig
@@ -56,6 +111,8 @@ class RunResult:
     validation: list[dict] = field(default_factory=list)
     best_step: int | None = None
     train_seconds: float = 0.0
+    trained: dict[str, torch.Tensor] | None = None
+    extra_rows: list[tuple[str, str]] = field(default_factory=list)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = []
@@ -65,198 +122,290 @@ class RunResult:
             rows.append((name, f"{before} -> {after}"))
         return rows
 
+    def apply_to(self, model: LoadedModel) -> None:
+        """Merge this run's trained tensors into ``model`` (its base model), as :func:`load_run` does."""
+        if self.trained is None:
+            raise AbftLensError("this run was interrupted and has no trained tensors.", "resume it first.")
+        apply_trained(model, self.config, self.trained, where="this run")
 
-def run_training(
-    model: LoadedModel,
-    task: ICLTask,
-    config: TrainConfig,
-    *,
-    run_dir: str | Path | None = None,
-    n_test: int | None = 256,
-    fore_test: bool = True,
-    post_test: bool = True,
-    save_model: bool = True,
-    resume: bool = False,
-    checkpoint_every: int = 1,
-    batch_size: int = 8,
-    progress: bool = True,
-    callbacks=(),
-    dist: distributed.DistributedContext | None = None,
-    fore_result: EvalResult | None = None,
-) -> RunResult:
-    """Fore test, train ``model`` in place with ``config``, post test; write ``run_dir`` if given.
 
-    ``dist``: data-parallel context; default: the initialized ``torch.distributed`` group, if any.
-    ``fore_result``: the fore test already evaluated elsewhere (a study's shared baseline of the same model, task,
-    k and ``n_test``); it is written to ``fore_test.json`` and used instead of evaluating again.
-    ``callbacks`` run on every rank (a stop requested on any rank stops all of them).
+@dataclass
+class PreparedRun:
+    """A run whose inputs passed every check: what the stages share. ``main``: this process writes the folder."""
+
+    model: LoadedModel
+    task: ICLTask
+    config: TrainConfig
+    options: RunOptions
+    builder: PromptBuilder
+    meta: dict
+    dist: distributed.DistributedContext | None
+    resuming: bool = False
+    started: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.options.run_dir
+
+    @property
+    def writes(self) -> bool:
+        return self.run_dir is not None and self.main
+
+    def on_main(self, fn):
+        return self.dist.on_main(fn) if self.dist is not None else fn()
+
+
+def run_training(model: LoadedModel, task: ICLTask, config: TrainConfig, options: RunOptions | None = None,
+                 **kwargs) -> RunResult:
+    """Fore test, train ``model`` with ``config``, post test; write the run folder if ``run_dir`` is given.
+
+    ``options`` (or the same names as keyword arguments: ``run_dir``, ``n_test``, ``fore_test``, ``post_test``,
+    ``save_model``, ``resume``, ``checkpoint_every``, ``batch_size``, ``progress``, ``callbacks``, ``dist``,
+    ``extras``): see :class:`RunOptions`. ``callbacks`` run on every rank (a stop requested on any rank stops
+    all of them). The model ends as it began; the result holds the trained tensors (:meth:`RunResult.apply_to`).
     """
-    dist = dist if dist is not None else distributed.current()
-    main = dist is None or dist.is_main
-    on_main = dist.on_main if dist is not None else (lambda fn: fn())
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if dist is not None:
-        run_dir = dist.broadcast_object(run_dir)  # rank 0's folder (a default name may hold a timestamp)
-    builder = prompt_builder(model, task)
+    if options is not None and kwargs:
+        raise TypeError("run_training: pass either options or keyword arguments, not both")
+    run = prepare_run(model, task, config, options if options is not None else RunOptions(**kwargs))
+    with open_run_folder(run):
+        for extra in run.options.extras if run.main else ():
+            extra.before(model)
+        fore = fore_test(run)
+        base, previous = base_tensors(model), attached(model)
+        try:
+            trainer, guard = start_training(run)
+            steps, seconds = train(run, trainer, guard)
+            validation = guard.history if guard else []
+            if trainer.stop_requested:
+                return RunResult(run.run_dir, config, fore, None, steps, validation, None, seconds)
+            trained, best_step = finish_training(run, trainer, guard)
+            post = post_test(run)
+            result = RunResult(run.run_dir, config, fore, post, steps, validation, best_step, seconds, trained)
+            for extra in run.options.extras if run.main else ():
+                result.extra_rows += extra.after(model)
+            save_run(run, result)
+            return result
+        finally:
+            give_back(model, base, previous)
+
+
+def prepare_run(model: LoadedModel, task: ICLTask, config: TrainConfig, options: RunOptions) -> PreparedRun:
+    """Check everything that can be checked before a file is written: the folder, the task's sizes, the
+    label words (through the prompt builder, which needs the tokenizer)."""
+    dist = options.dist if options.dist is not None else distributed.current()
+    if dist is not None:  # rank 0's folder (a default name may hold a timestamp)
+        options.run_dir = dist.broadcast_object(options.run_dir)
+    if options.run_dir is not None:  # rank 0 looks; its refusal reaches every rank (none is left waiting)
+        check = lambda: check_run_dir(options.run_dir, resume=options.resume)  # noqa: E731
+        dist.on_main(check) if dist is not None else check()
+    check_run_fits_task(config, task, options.n_test, tests=options.fore_test or options.post_test)
     meta = {"train": config.to_dict(), "model": describe_model(model), "task": task.describe(),
-            "n_test": n_test, "abft_lens_version": __version__}
-    checkpoint = run_dir / "checkpoint.pt" if run_dir else None
-    resuming = on_main(lambda: _prepare_run_dir(run_dir, meta, resume))
+            "n_test": options.n_test, "abft_lens_version": __version__}
+    return PreparedRun(model, task, config, options, prompt_builder(model, task), meta, dist)
 
-    fore = None
-    if fore_test and main:
-        fore = _cached_eval(run_dir, "fore_test.json", resuming,
-                            lambda: fore_result if fore_result is not None else
-                            evaluate(model, task, k=config.k, n_test=n_test, batch_size=batch_size,
-                                     progress="fore test" if progress else False))
 
-    if dist is not None:
-        dist.barrier()  # the fore test (rank 0) precedes training on every rank
-    trainer = Trainer(model, builder, config, dist=dist)
+@contextlib.contextmanager
+def open_run_folder(run: PreparedRun):
+    """Hold the folder's lock for the whole run and write config.json (or check the resumed run's). A fresh
+    folder refused before the first training step (an :class:`AbftLensError`) is removed again."""
+    if run.run_dir is None:
+        yield
+        return
+    run_dir, existed, lock = run.run_dir, run.run_dir.exists(), RunLock(run.run_dir)
+
+    def open_() -> bool:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as undo:
+            undo.callback(lambda: None if existed else remove_empty_folder(run_dir))
+            undo.callback(lock.__exit__)
+            lock.__enter__()
+            resuming = start_or_resume(run_dir, run.meta, resume=run.options.resume)
+            undo.pop_all()
+        return resuming
+
+    run.resuming = run.on_main(open_)
+    refused = False
+    try:
+        yield
+    except AbftLensError:
+        refused = run.main and not run.resuming and not run.started
+        raise
+    finally:
+        if run.main:
+            if refused:
+                clear_folder(run_dir)
+            lock.__exit__()
+            if refused and not existed:
+                remove_empty_folder(run_dir)
+
+
+def fore_test(run: PreparedRun) -> EvalResult | None:
+    """The evaluation before training (rank 0); a resumed run reuses its fore_test.json."""
+    if not (run.options.fore_test and run.main):
+        return None
+    if run.resuming and run.run_dir is not None:
+        saved = read_run_json(run.run_dir, "fore_test.json", keys=("metrics",))
+        if saved is not None:
+            return EvalResult.from_dict(saved)
+    result = run.options.fore_result if run.options.fore_result is not None else _evaluate(run, "fore test")
+    if run.run_dir is not None:
+        write_json(run.run_dir / "fore_test.json", result.to_dict())
+    return result
+
+
+def start_training(run: PreparedRun) -> tuple[Trainer, ValidationGuard | None]:
+    """The trainer (the trainable set attached to the model) and the validation guard, both restored from the
+    checkpoint of a resumed run; the guard has evaluated step 0 (the base)."""
+    if run.dist is not None:
+        run.dist.barrier()  # the fore test (rank 0) precedes training on every rank
+    trainer = Trainer(run.model, run.builder, run.config, dist=run.dist)
+    config, log_path = run.config, _path(run, "log.jsonl")
     guard = None
-    log_path = run_dir / "log.jsonl" if run_dir else None
-    if config.validate_every and config.validation_examples and main:
-        guard = ValidationGuard(validation_prompts(builder, config), config.validate_every,
-                                batch_size=batch_size, log_path=log_path)
-    if resuming and on_main(checkpoint.is_file):
+    if config.validate_every and config.validation_examples and run.main:
+        guard = ValidationGuard(validation_prompts(run.builder, config), config.validate_every,
+                                batch_size=run.options.batch_size, log_path=log_path)
+    checkpoint = _path(run, "checkpoint.pt")
+    if run.resuming and run.on_main(checkpoint.is_file):
         state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         trainer.load_state_dict(state["trainer"])
         if guard is not None and state["guard"] is not None:
             guard.load_state_dict(state["guard"])
-        if main:
-            _truncate_log(log_path, trainer.completed_steps)
-    elif run_dir and main:
+        if run.main:
+            truncate_log(log_path, trainer.completed_steps)
+    elif run.writes:
         log_path.unlink(missing_ok=True)
     if guard is not None and not guard.history:
         with torch.no_grad():
             guard.evaluate(trainer, step=0)
+    return trainer, guard
 
+
+def train(run: PreparedRun, trainer: Trainer, guard: ValidationGuard | None) -> tuple[list[dict], float]:
+    """Every remaining step: ``(step records, seconds)``. The finite check runs first after each step, so a
+    diverged step is never logged, validated or checkpointed."""
     steps: list[dict] = []
-    chain = [lambda _, result: steps.append(result.to_dict())]
-    if run_dir and main:
-        chain += [JsonlLogger(log_path)]
+    chain = [FiniteCheck(), lambda _, result: steps.append(result.to_dict())]
+    if run.writes:
+        chain.append(JsonlLogger(_path(run, "log.jsonl")))
     if guard is not None:
         chain.append(guard)
-    if run_dir and main:
-        chain.append(Checkpointer(checkpoint, checkpoint_every, guard))
-    chain += list(callbacks)
-    bar = ProgressBar(config.total_steps, trainer.completed_steps, desc=config.method) \
-        if progress and main else None
+    if run.writes:
+        chain.append(Checkpointer(_path(run, "checkpoint.pt"), run.options.checkpoint_every, guard))
+    chain += list(run.options.callbacks)
+    bar = ProgressBar(run.config.total_steps, trainer.completed_steps, desc=run.config.method) \
+        if run.options.progress and run.main else None
     if bar:
         chain.append(bar)
-    start = time.perf_counter()
+    run.started, start = True, time.perf_counter()
     try:
         trainer.run(chain)
     finally:
         if bar:
             bar.close()
-    train_seconds = time.perf_counter() - start
-    if trainer.stop_requested:
-        return RunResult(run_dir, config, fore, None, steps, guard.history if guard else [], None, train_seconds)
+    return steps, time.perf_counter() - start
 
-    best_step = None
-    if guard is not None:
-        best_step = guard.best["step"]
-        if config.keep_best:
-            trainer.trainable.load_state_dict(guard.best_state)
-    if dist is not None:
-        best_step = dist.broadcast_object(best_step)
-        if config.keep_best:
-            dist.broadcast_parameters(trainer.trainable.parameters())  # rank 0 kept the best step
+
+def finish_training(run: PreparedRun, trainer: Trainer, guard: ValidationGuard | None
+                    ) -> tuple[dict[str, torch.Tensor], int | None]:
+    """Keep the best validation step if asked; ``(trained tensors, best step)``. A hooked model's trainable set
+    is merged (a bridge keeps its adapters attached: its 4-bit weights are never rewritten)."""
+    best_step = guard.best["step"] if guard is not None and guard.best is not None else None
+    if run.config.keep_best and guard is not None and guard.best_state is not None:
+        trainer.trainable.load_state_dict(guard.best_state)
+    if run.dist is not None:
+        best_step = run.dist.broadcast_object(best_step)
+        if run.config.keep_best:
+            run.dist.broadcast_parameters(trainer.trainable.parameters())  # rank 0 kept the best step
     trained = trainer.trainable.state_dict()
-    trainer.trainable.merge()
+    check_finite(trained, "the trained tensors")
+    if not is_bridge(run.model):
+        trainer.trainable.merge()
+    return trained, best_step
 
-    post = None
-    if post_test and main:
-        post = evaluate(model, task, k=config.k, n_test=n_test, batch_size=batch_size,
-                        progress="post test" if progress else False)
-    result = RunResult(run_dir, config, fore, post, steps, guard.history if guard else [], best_step, train_seconds)
-    if run_dir and main:
-        if save_model:
+
+def post_test(run: PreparedRun) -> EvalResult | None:
+    """The evaluation of the trained model (rank 0), on the fore test's prompts."""
+    return _evaluate(run, "post test") if run.options.post_test and run.main else None
+
+
+def save_run(run: PreparedRun, result: RunResult) -> None:
+    """trained.safetensors, post_test.json and metrics.json (rank 0); the checkpoint goes: the run is complete."""
+    if run.writes:
+        if run.options.save_model:
             from safetensors.torch import save
 
-            from abft_lens.io import atomic_write_bytes
-
-            atomic_write_bytes(run_dir / TRAINED_FILE, save(trained, metadata={"format": "pt"}))
-        if post is not None:
-            write_json(run_dir / "post_test.json", post.to_dict())
-        write_json(run_dir / "metrics.json", {
-            "fore": fore.metrics if fore else None, "post": post.metrics if post else None,
-            "best_validation_step": best_step, "kept_best": config.keep_best,
-            "train_seconds": round(train_seconds, 2), "steps": config.total_steps,
+            atomic_write_bytes(run.run_dir / TRAINED_FILE, save(result.trained, metadata={"format": "pt"}))
+        if result.post is not None:
+            write_json(run.run_dir / "post_test.json", result.post.to_dict())
+        write_json(run.run_dir / "metrics.json", {
+            "fore": result.fore.metrics if result.fore else None, "post": result.post.metrics if result.post else None,
+            "best_validation_step": result.best_step, "kept_best": run.config.keep_best,
+            "train_seconds": round(result.train_seconds, 2), "steps": run.config.total_steps,
         })
-        checkpoint.unlink(missing_ok=True)
-    if dist is not None:
-        dist.barrier()  # the folder is complete when any rank returns
-    return result
+        _path(run, "checkpoint.pt").unlink(missing_ok=True)
+    if run.dist is not None:
+        run.dist.barrier()  # the folder is complete when any rank returns
 
 
-def _prepare_run_dir(run_dir: Path | None, meta: dict, resume: bool) -> bool:
-    """Create ``run_dir`` and write config.json; return True when an interrupted run is being resumed."""
-    if run_dir is None:
-        return False
-    config_path = run_dir / "config.json"
-    if config_path.is_file():
-        if not resume:
-            raise AbftLensError(f"{run_dir} already holds a run; abft-lens never overwrites one.",
-                                "choose another --run-dir, or pass --resume to continue an interrupted run.")
-        saved = read_json(config_path)
-        # n_test: the cached fore test must cover the same prompts as the post test; dtype: bit-identical weights
-        if saved["train"] != meta["train"] or saved["model"]["name"] != meta["model"]["name"] \
-                or saved["model"].get("dtype") != meta["model"]["dtype"] \
-                or saved["model"].get("quantized", False) != meta["model"].get("quantized", False) \
-                or saved["task"]["name"] != meta["task"]["name"] or saved.get("n_test") != meta["n_test"]:
-            raise AbftLensError(f"{run_dir} holds a run with different settings; a resumed run must match.",
-                                "resume with the settings in its config.json, or start a new --run-dir.")
-        if (run_dir / "metrics.json").is_file():
-            raise AbftLensError(f"the run in {run_dir} is already complete.", "start a new --run-dir.")
-        return True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(config_path, meta)
-    return False
+def base_tensors(model) -> dict[str, torch.Tensor] | None:
+    """Copies of the tensors a hooked model's trainable set can change (W_Q/W_K and their biases); None for a
+    bridge, whose 4-bit weights training never rewrites."""
+    if is_bridge(model):
+        return None
+    return {name: p.detach().clone() for name, p in model.named_parameters()
+            if ".attn." in name and name.rsplit(".", 1)[-1] in QK_TENSORS}
 
 
-def _cached_eval(run_dir: Path | None, name: str, resuming: bool, compute) -> EvalResult:
-    path = run_dir / name if run_dir else None
-    if resuming and path.is_file():
-        return EvalResult.from_dict(read_json(path))
-    result = compute()
-    if path is not None:
-        write_json(path, result.to_dict())
-    return result
+def give_back(model, base: dict[str, torch.Tensor] | None, previous: Trainable | None = None) -> None:
+    """End the trainable set a run attached (not ``previous``, the one attached before it) and put the base
+    tensors back: a bridge's adapters are removed; a hooked model gets ``base`` copied in."""
+    trainable = attached(model)
+    if trainable is not None and trainable is not previous and trainable.is_open:
+        trainable.remove() if is_bridge(model) else trainable.merge()
+    with torch.no_grad():
+        for name, value in (base or {}).items():
+            model.get_parameter(name).copy_(value)
 
 
-def _truncate_log(path: Path, completed_steps: int) -> None:
-    """Drop log lines written after the checkpoint being resumed from."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= completed_steps]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+def _evaluate(run: PreparedRun, desc: str) -> EvalResult:
+    return evaluate(run.model, run.task, k=run.config.k, n_test=run.options.n_test,
+                    batch_size=run.options.batch_size, progress=desc if run.options.progress else False)
+
+
+def _path(run: PreparedRun, name: str) -> Path | None:
+    return run.run_dir / name if run.run_dir is not None else None
+
+
+def apply_trained(model: LoadedModel, config: TrainConfig, tensors: dict[str, torch.Tensor], *,
+                  where: str) -> None:
+    """Merge trained tensors (a run's) into ``model`` in place; a bridge keeps them as frozen adapters."""
+    check_finite(tensors, where)
+    trainable = attach(model, config.trainable)
+    try:
+        trainable.load_state_dict(tensors)
+    except ValueError as error:
+        trainable.remove() if config.trainable.kind == "lora" else trainable.merge()
+        raise AbftLensError(f"the tensors of {where} do not fit model {model_info(model).name}: {error}",
+                            "load the base model the run was trained on.") from error
+    trainable.merge()
 
 
 def load_run(run_dir: str | Path, model: LoadedModel) -> TrainConfig:
-    """Apply a run's trained tensors to ``model`` (the same base model) in place; return its config."""
-    from safetensors.torch import load_file
-
+    """Apply a run's trained tensors to ``model`` (the run's base model, checked) in place; return its
+    config. A damaged folder or NaN/inf tensors are refused with one message."""
     run_dir = Path(run_dir)
-    config_path, trained_path = run_dir / "config.json", run_dir / TRAINED_FILE
-    if not config_path.is_file():
-        raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no config.json).", "point at a run folder.")
-    if not trained_path.is_file():
-        raise AbftLensError(f"{run_dir} holds no {TRAINED_FILE} (trained with --dont_save_model, or unfinished).",
-                            "re-run training without --dont_save_model.")
-    meta = read_json(config_path)
+    meta = read_run_config(run_dir, trained=True)
+    check_same_base(meta["model"], describe_model(model), run_dir)
     config = TrainConfig.from_dict(meta["train"])
-    trainable = attach(model, config.trainable)
-    try:
-        trainable.load_state_dict(load_file(trained_path))
-    except ValueError as error:
-        trainable.remove() if config.trainable.kind == "lora" else trainable.merge()
-        raise AbftLensError(f"the tensors in {trained_path} do not fit model {model_info(model).name}: {error}",
-                            f"load the base model the run was trained on ({meta['model']['name']}).") from error
-    trainable.merge()
+    apply_trained(model, config, read_trained(run_dir), where=str(run_dir / TRAINED_FILE))
     return config
 
 
-__all__ = ["RunResult", "run_training", "load_run", "TrainableConfig", "StepResult"]
+__all__ = ["RunOptions", "RunResult", "PreparedRun", "run_training", "prepare_run", "open_run_folder", "fore_test",
+           "start_training", "train", "finish_training", "post_test", "save_run", "base_tensors", "give_back",
+           "apply_trained",
+           "load_run", "TRAINED_FILE", "TrainableConfig", "StepResult"]

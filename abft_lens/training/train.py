@@ -27,6 +27,7 @@ from abft_lens.training.objectives import PenaltyController, abft_loss, e2e_loss
 from abft_lens.data.prompts import ICLPrompt, PromptBuilder, sample_prompts
 from abft_lens.data.tasks import ICLTask
 from abft_lens.training.adapters import attach, masked_step
+from abft_lens.training.checks import check_train_config
 from abft_lens.training.trainable import Trainable, TrainableConfig
 
 Method = Literal["ABFT", "E2E"]
@@ -41,6 +42,7 @@ class TrainConfig:
     examples (the last ones of the split) are held out from training and build ``validation_prompts``
     prompts for the validation guard, evaluated every ``validate_every`` steps (0: never); the guard's best
     step is the one with the highest ``select_metric`` (``accuracy`` or ``macro_f1``).
+    Every value is checked when the config is made (:func:`abft_lens.training.checks.check_train_config`).
     """
 
     method: Method = "ABFT"
@@ -67,26 +69,7 @@ class TrainConfig:
     select_metric: Literal["accuracy", "macro_f1"] = "accuracy"
 
     def __post_init__(self) -> None:
-        if self.method not in ("ABFT", "E2E"):
-            raise AbftLensError(f"method {self.method!r} is unknown.", "use ABFT or E2E.")
-        for name in ("k", "train_samples", "epochs", "pseudo_batch_size"):
-            if getattr(self, name) <= 0:
-                raise AbftLensError(f"{name}={getattr(self, name)} must be positive.", f"pass {name} >= 1.")
-        if not self.lr > 0:
-            raise AbftLensError(f"lr={self.lr} must be positive.", "pass e.g. --lr 2e-5.")
-        if self.award < 0 or self.penalty < 0:
-            raise AbftLensError("the correct-label award and wrong-label penalty must be >= 0.",
-                                "pass non-negative --award/--penalty.")
-        if self.select_metric not in ("accuracy", "macro_f1"):
-            raise AbftLensError(f"select_metric {self.select_metric!r} is unknown.", "use accuracy or macro_f1.")
-        if self.validate_every < 0:
-            raise AbftLensError(f"validate_every={self.validate_every} must be >= 0.", "pass 0 (never) or a step count.")
-        if self.keep_best and not (self.validate_every and self.validation_examples):
-            raise AbftLensError("keep_best needs a validation set.",
-                                "set validation_examples > k and validate_every >= 1.")
-        if self.validation_examples and self.validation_examples <= self.k:
-            raise AbftLensError(f"validation_examples={self.validation_examples} cannot fill a k={self.k} prompt.",
-                                "hold out more than k+1 examples (e.g. 128) or 0 for no validation.")
+        check_train_config(self)  # ranges, finiteness and combinations: abft_lens.training.checks
 
     @property
     def steps_per_epoch(self) -> int:

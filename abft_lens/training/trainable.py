@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from abft_lens.backends.tl import HookedTransformer
+from abft_lens.errors import AbftLensError
 
 KINDS = ("full", "lora")
 TARGETS = ("q", "k")
@@ -55,23 +56,34 @@ class TrainableConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"TrainableConfig.kind={self.kind!r} is unknown; use one of {KINDS}")
+            raise AbftLensError(f"TrainableConfig.kind={self.kind!r} is unknown.", f"use one of {KINDS}.")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if t not in TARGETS]
         if bad or not targets:
-            raise ValueError(f"TrainableConfig.targets={self.targets!r}: each must be one of {TARGETS}, at least one")
+            raise AbftLensError(f"TrainableConfig.targets={self.targets!r}: each must be one of {TARGETS}.",
+                                "give at least one of 'q' and 'k'.")
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
-            raise ValueError(f"TrainableConfig.lora_r={self.lora_r!r} must be a positive integer (e.g. 16)")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"TrainableConfig.lora_alpha={self.lora_alpha!r} must be > 0, or None for alpha = r")
+            raise AbftLensError(f"TrainableConfig.lora_r={self.lora_r!r} must be a positive integer.",
+                                "pass a LoRA rank such as 16 (--lora-r 16).")
+        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float))
+                                                and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise AbftLensError(f"TrainableConfig.lora_alpha={self.lora_alpha!r} must be a finite number > 0.",
+                                "pass None for alpha = r.")
+        if isinstance(self.lora_init_seed, bool) or not isinstance(self.lora_init_seed, int) or self.lora_init_seed < 0:
+            raise AbftLensError(f"TrainableConfig.lora_init_seed={self.lora_init_seed!r} must be an integer >= 0.",
+                                "pass e.g. 0.")
+        if not isinstance(self.bias, bool):
+            raise AbftLensError(f"TrainableConfig.bias={self.bias!r} must be True or False.", "pass a bool.")
         if self.heads is not None:
             try:
                 heads = frozenset((operator.index(l), operator.index(h)) for l, h in self.heads)
             except (TypeError, ValueError):
-                raise ValueError(f"TrainableConfig.heads={self.heads!r}: give (layer, head) integer pairs") from None
+                raise AbftLensError(f"TrainableConfig.heads={self.heads!r} is not a set of (layer, head) pairs.",
+                                    "give (layer, head) integer pairs, e.g. HeadSet.as_trainable_heads().") from None
             if not heads or any(l < 0 or h < 0 for l, h in heads):
-                raise ValueError(f"TrainableConfig.heads={self.heads!r}: give a non-empty set of (layer, head) >= 0")
+                raise AbftLensError(f"TrainableConfig.heads={self.heads!r}: the set is empty or has a negative index.",
+                                    "give a non-empty set of (layer, head) pairs >= 0.")
             object.__setattr__(self, "heads", heads)
 
     @property
@@ -92,7 +104,8 @@ class TrainableConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (they usually mean a version mismatch)."""
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"TrainableConfig.from_dict: unknown keys {unknown}; known: {list(cls.__dataclass_fields__)}")
+            raise AbftLensError(f"TrainableConfig.from_dict: unknown keys {unknown}.",
+                                f"use only {list(cls.__dataclass_fields__)} (a run from another version?).")
         kw = dict(d)
         if "targets" in kw:
             kw["targets"] = tuple(kw["targets"])
@@ -287,6 +300,11 @@ class Trainable:
         if not self._open:
             raise ValueError("this Trainable was merged or removed; call attach(model, config) again to train")
         return self._slots
+
+    @property
+    def is_open(self) -> bool:
+        """True until :meth:`merge` or :meth:`remove` ends this Trainable."""
+        return self._open
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(stable name, parameter) of every trained tensor; names are model names (+ ``.lora_A``/``.lora_B``)."""

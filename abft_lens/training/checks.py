@@ -1,0 +1,117 @@
+"""What a run's options must satisfy, checked when they are made, before any model loads or file is written.
+
+:func:`check_train_config` is :class:`~abft_lens.training.train.TrainConfig`'s own check (so the Python API and
+the CLI refuse the same values); :func:`check_run_fits_task` checks that a task's splits can hold the prompts
+a run asks for. Both raise :class:`~abft_lens.errors.AbftLensError` naming the option and the fix.
+
+Bounds that are not the paper's own:
+
+- ``train_samples`` and ``validation_prompts`` are at most :data:`MAX_PROMPTS` (100,000): every prompt is
+  built (tokenized) before the first step, and 100,000 prompts already take days of training on a CPU (the
+  paper uses 512). A larger value would fill memory before any step runs.
+- ``threshold`` (the induction filter T) lies in [0, 1): a head passes when its attention mass on the k
+  label positions, a number in [0, 1], exceeds T, so with T >= 1 no head can ever pass and ABFT's loss is 0.
+- ``seed`` lies in [0, 2**32).
+"""
+
+from __future__ import annotations
+
+import math
+
+from abft_lens.errors import AbftLensError
+from abft_lens.training.trainable import TrainableConfig
+
+MAX_PROMPTS = 100_000
+MAX_SEED = 2**32
+
+_INTS = {  # name -> (smallest, largest or None, the command-line option)
+    "k": (1, None, "--k"),
+    "train_samples": (1, MAX_PROMPTS, "--train-samples"),
+    "epochs": (1, None, "--epochs"),
+    "pseudo_batch_size": (1, None, "--pseudo-batch-size"),
+    "seed": (0, MAX_SEED - 1, "--seed"),
+    "validation_examples": (0, None, "--validation-examples"),
+    "validation_prompts": (1, MAX_PROMPTS, "--validation-prompts"),
+    "validate_every": (0, None, "--validate-every"),
+}
+_NON_NEGATIVE = {"award": "--award", "penalty": "--penalty", "p_gain": "--p-gain", "pid_kp": "--pid-kp",
+                 "pid_ki": "--pid-ki", "pid_kd": "--pid-kd"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_train_config(config) -> None:
+    """Every value of a ``TrainConfig`` in range and finite, and no option that the others make meaningless."""
+    if config.method not in ("ABFT", "E2E"):
+        raise AbftLensError(f"method {config.method!r} is unknown.", "use ABFT or E2E.")
+    if config.penalty_mode not in ("None", "P", "PID"):
+        raise AbftLensError(f"penalty_mode {config.penalty_mode!r} is unknown.", "use None, P or PID.")
+    if config.select_metric not in ("accuracy", "macro_f1"):
+        raise AbftLensError(f"select_metric {config.select_metric!r} is unknown.", "use accuracy or macro_f1.")
+    for name, (low, high, option) in _INTS.items():
+        value = getattr(config, name)
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise AbftLensError(f"{name}={value!r} must be an integer {bound}.", f"pass {option} {bound}.")
+    if not _is_number(config.lr) or not math.isfinite(config.lr) or config.lr <= 0:
+        raise AbftLensError(f"lr={config.lr!r} must be a finite number > 0.", "pass e.g. --lr 2e-5.")
+    for name, option in _NON_NEGATIVE.items():
+        value = getattr(config, name)
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise AbftLensError(f"{name}={value!r} must be a finite number >= 0.", f"pass {option} >= 0.")
+    threshold = config.threshold
+    if threshold is not None and not (_is_number(threshold) and 0 <= threshold < 1):
+        raise AbftLensError(f"threshold={threshold!r} is outside [0, 1): a head passes the induction filter when "
+                            "its attention mass on the labels (at most 1) exceeds it.",
+                            "pass --threshold in [0, 1), or leave it out for T = k / (k + ln n_tokens).")
+    for name in ("restricted_gradient", "keep_best"):
+        if not isinstance(getattr(config, name), bool):
+            raise AbftLensError(f"{name}={getattr(config, name)!r} must be True or False.", f"pass a bool {name}.")
+    if not isinstance(config.trainable, TrainableConfig):
+        raise AbftLensError(f"trainable={config.trainable!r} is not a TrainableConfig.",
+                            "pass abft_lens.TrainableConfig(...).")
+    _check_combinations(config)
+
+
+def _check_combinations(config) -> None:
+    if config.pseudo_batch_size > config.train_samples:
+        raise AbftLensError(f"pseudo_batch_size={config.pseudo_batch_size} is larger than train_samples="
+                            f"{config.train_samples}: every step would see all samples.",
+                            f"pass --pseudo-batch-size <= {config.train_samples}, or more --train-samples.")
+    if config.method == "ABFT" and config.penalty_mode == "None" and config.award == 0 and config.penalty == 0:
+        raise AbftLensError("award and penalty are both 0 with a fixed penalty: the ABFT loss is 0 at every step "
+                            "and nothing trains.", "pass --award > 0 or --penalty > 0.")
+    if config.validate_every and not config.validation_examples:
+        raise AbftLensError(f"validate_every={config.validate_every} needs held-out validation examples.",
+                            "add --validation-examples (e.g. 256), or drop --validate-every.")
+    if config.validation_examples and not config.validate_every:
+        raise AbftLensError(f"validation_examples={config.validation_examples} would be held out of training "
+                            "but never used (validate_every=0).",
+                            "add --validate-every (e.g. 2), or drop --validation-examples.")
+    if config.keep_best and not (config.validate_every and config.validation_examples):
+        raise AbftLensError("keep_best needs a validation set.",
+                            "set validation_examples > k and validate_every >= 1.")
+    if config.validation_examples and config.validation_examples <= config.k:
+        raise AbftLensError(f"validation_examples={config.validation_examples} cannot fill a k={config.k} prompt.",
+                            "hold out more than k+1 examples (e.g. 128) or 0 for no validation.")
+
+
+def check_run_fits_task(config, task, n_test: int | None, *, tests: bool = True) -> None:
+    """The task's splits hold what the run needs: ``n_test`` test prompts with k demonstrations (when a fore or
+    post test runs, ``tests``), k+1 training examples left after the validation hold-out, and the hold-out."""
+    if tests:
+        task.check_test_prompts(config.k, n_test)
+    calibration = len(task.calibration)
+    if calibration < config.k + 1:
+        raise AbftLensError(f"{task.name}'s calibration split holds {calibration} examples, fewer than k+1="
+                            f"{config.k + 1} for one training prompt.", "use a smaller k or a larger dataset.")
+    if config.validation_examples > calibration - (config.k + 1):
+        raise AbftLensError(f"validation_examples={config.validation_examples} leaves fewer than k+1="
+                            f"{config.k + 1} of {task.name}'s {calibration} calibration examples for training.",
+                            f"hold out at most {calibration - config.k - 1} examples.")
