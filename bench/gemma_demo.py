@@ -20,7 +20,6 @@ spelled out, no ``--keep-best``): same seed, so the same trajectory, ending with
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -29,15 +28,9 @@ import time
 from pathlib import Path
 
 from abft_lens.io import read_json, write_json
+from abft_lens.reporting.study_tables import mcnemar_exact
 
 
-def mcnemar_exact(gained: int, lost: int) -> float:
-    """Two-sided exact McNemar test: discordant pairs ~ Binomial(gained + lost, 1/2)."""
-    n = gained + lost
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def paired(run_dir: Path) -> dict:
