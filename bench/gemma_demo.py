@@ -31,8 +31,6 @@ from abft_lens.io import read_json, write_json
 from abft_lens.reporting.study_tables import mcnemar_exact
 
 
-
-
 def paired(run_dir: Path) -> dict:
     fore = read_json(run_dir / "fore_test.json")["per_prompt"]
     post = read_json(run_dir / "post_test.json")["per_prompt"]
