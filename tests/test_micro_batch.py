@@ -257,3 +257,28 @@ def test_embedded_micro_batch_gradients_equal_the_per_sample_loop(task):
         denominator = ref[name].norm()
         assert float((got[name] - ref[name]).norm() / max(denominator, 1e-12)) < 1e-5, name
     assert any(ref[name].abs().sum() > 0 for name in ref)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_micro_batch_and_bfloat16_train_end_to_end(tmp_path, capsys):
+    import json
+
+    from abft_lens.cli import main
+
+    run_dir = tmp_path / "run"
+    code = main(["train", "--model", "tiny", "--dataset", "sst2", "--train-samples", "8", "--pseudo-batch-size", "4",
+                 "--epochs", "1", "--n-test", "4", "--micro-batch-size", "4", "--dtype", "bfloat16",
+                 "--restricted-gradient", "--run-dir", str(run_dir)])
+    assert code == 0 and (run_dir / TRAINED_FILE).is_file()
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["train"]["micro_batch_size"] == 4 and meta["train"]["compute_dtype"] == "bfloat16"
+    assert meta["model"]["dtype"] == "float32"  # float32 master weights; bfloat16 is the compute dtype
+
+
+def test_cli_refuses_bfloat16_with_a_4bit_base(capsys):
+    from abft_lens.cli import main
+
+    assert main(["train", "--model", "tiny", "--quantized", "--dtype", "bfloat16", "--n-test", "4"]) == 2
+    assert "--quantized" in capsys.readouterr().err

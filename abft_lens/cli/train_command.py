@@ -20,6 +20,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--train-samples", "--train_sample_num", dest="train_samples", type=positive_int, default=512)
     a("--epochs", "--epoch", dest="epochs", type=positive_int, default=2)
     a("--pseudo-batch-size", "--pseudo_batch_size", dest="pseudo_batch_size", type=positive_int, default=32)
+    a("--micro-batch-size", dest="micro_batch_size", type=positive_int, default=None,
+      help="prompts per forward pass in training (default 8 on CPU, the whole pseudo-batch on CUDA; 1: one at a "
+           "time). Results equal the per-sample loop's; --dtype bfloat16 trains with bfloat16 autocast and "
+           "float32 weights and Adam state")
     a("--lr", type=float, default=None, help="Adam learning rate (default 2e-5, or 1e-4 with LoRA)")
     a("--seed", "--random_seed", dest="seed", type=int, default=0)
     a("--award", "--correct_label_award", dest="award", type=float, default=1.0, help="B")
@@ -84,6 +88,9 @@ def train_config_from_args(args: argparse.Namespace):
                             "drop --train-bias, or drop --quantized.")
     if args.quantized and args.lora_r == 0:
         args.lora_r = QUANTIZED_LORA_R
+    if args.quantized and args.dtype == "bfloat16":
+        raise AbftLensError("--dtype bfloat16 cannot be combined with --quantized (the 4-bit base computes in "
+                            "float32 on CPU and bfloat16 on CUDA already).", "drop --dtype, or drop --quantized.")
     lora = args.lora_r > 0
     try:
         trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=args.lora_r if lora else 16,
@@ -97,7 +104,8 @@ def train_config_from_args(args: argparse.Namespace):
         p_gain=args.p_gain, pid_kp=args.pid_kp, pid_ki=args.pid_ki, pid_kd=args.pid_kd, threshold=args.threshold,
         restricted_gradient=args.restricted_gradient, trainable=trainable,
         validation_examples=args.validation_examples, validation_prompts=args.validation_prompts,
-        validate_every=args.validate_every, keep_best=args.keep_best,
+        validate_every=args.validate_every, keep_best=args.keep_best, micro_batch_size=args.micro_batch_size,
+        compute_dtype="bfloat16" if args.dtype == "bfloat16" else None,
     )
 
 
@@ -143,7 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     mauve_test = mauve_test_from_args(args)  # checks the prefix file before the model loads
     device = training_device(dist, default=resolve_device(args.device))
-    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
+    # bfloat16 trains by autocast over float32 weights (float32 master weights, gradients and Adam state)
+    dtype = DTYPES["float32"] if config.compute_dtype == "bfloat16" else DTYPES[args.dtype]
+    loaded = load_model(args.model, dtype=dtype, device=device, quantized=args.quantized)
     if mauve_test is not None:
         mauve_test.before(loaded)
     extras = run_extras_from_args(args, task, config, run_dir)
