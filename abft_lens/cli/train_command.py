@@ -179,9 +179,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Chosen by bench/demo_selection.py on validation prompts from held-out calibration examples (README).
+# Chosen by bench/demo_selection.py on validation prompts from held-out calibration examples (README);
+# micro-batches of 8 prompts per forward (bench/train_step.py; the per-sample loop's result, README).
 DEMO_DEFAULTS = dict(train_samples=128, pseudo_batch_size=16, epochs=1, lr=5e-4, restricted_gradient=True,
-                     validation_examples=256, validation_prompts=64, validate_every=2, keep_best=True, n_test=256)
+                     validation_examples=256, validation_prompts=64, validate_every=2, keep_best=True, n_test=256,
+                     micro_batch_size=8)
 
 
 def add_parsers(commands) -> None:
