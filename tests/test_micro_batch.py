@@ -83,6 +83,7 @@ CASES = {
     "mha-e2e-restricted-bias": ("tiny-mha", dict(method="E2E", lr=1e-3, restricted_gradient=True,
                                                  trainable=TrainableConfig(bias=True))),
     "gqa-lora-restricted": ("tiny", dict(restricted_gradient=True, trainable=LORA)),
+    "gqa-q-only-restricted": ("tiny", dict(restricted_gradient=True, trainable=TrainableConfig(targets=("q",)))),
     "mha-lora": ("tiny-mha", dict(trainable=LORA)),
 }
 

@@ -89,8 +89,9 @@ def train_config_from_args(args: argparse.Namespace):
     if args.quantized and args.lora_r == 0:
         args.lora_r = QUANTIZED_LORA_R
     if args.quantized and args.dtype == "bfloat16":
-        raise AbftLensError("--dtype bfloat16 cannot be combined with --quantized (the 4-bit base computes in "
-                            "float32 on CPU and bfloat16 on CUDA already).", "drop --dtype, or drop --quantized.")
+        raise AbftLensError("--dtype bfloat16 cannot be combined with --quantized.",
+                            "drop --dtype with --quantized: the 4-bit base computes in float32 on CPU and "
+                            "bfloat16 on CUDA already.")
     lora = args.lora_r > 0
     try:
         trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=args.lora_r if lora else 16,

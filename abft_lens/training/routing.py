@@ -81,7 +81,8 @@ def install_router(model, targets: tuple[str, ...], weight_names: list[dict[str,
 
         def keep_inputs(module, args, kwargs, inputs=inputs) -> None:
             if torch.is_grad_enabled():
-                inputs["q"], inputs["k"] = kwargs.get("query_input"), kwargs.get("key_input")
+                for target in targets:
+                    inputs[target] = kwargs.get("query_input" if target == "q" else "key_input")
 
         handles.append(attn.register_forward_pre_hook(keep_inputs, with_kwargs=True))
         for target in targets:
