@@ -15,7 +15,7 @@ step: ABFT with the restricted gradient, W_Q/W_K of every layer, Adam, PID, the 
 Before timing, the hf step's accumulated gradients (and head counts) are checked against abft-lens's (``mb8``
 and ``loop``) on the same prompts and weights. Variants are interleaved round by round (order reversed every
 round, round 0 an untimed warm-up); the median over ``--rounds`` is reported with ratios to ``hf``. Each
-variant then runs alone in a child process (``--child``) for its peak RSS (``ru_maxrss``, load included): the
+variant then runs alone in a child process (``--child``) for its peak RSS (``VmHWM``, load included): the
 hf child imports torch and transformers only. ``--profile`` adds where one unit's time goes (torch.profiler):
 attention and MLP per layer (forward ops inside the modules, backward ops by autograd sequence number), the
 routing of the restricted gradient, and the rest (embedding, norms, loss, filter, optimizer).
@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -226,12 +225,19 @@ def child(args) -> None:
         loaded, builder = load_abft()
         loaded_rss = _current_rss_mib()
         _, unit = abft_unit(args.child, loaded, builder, args.prompts, args.seed)
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_peak = _peak_rss_mib()
     for _ in range(2):
         unit()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib(),
                       "load_peak_rss_mib": load_peak, "rss_after_load_mib": loaded_rss,
                       "rss_after_steps_mib": _current_rss_mib()}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``), MiB. Not ``ru_maxrss``: that survives ``exec`` and would report
+    the parent's size for a child started from a big benchmark process."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _current_rss_mib() -> float:

@@ -20,6 +20,7 @@ for step.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Literal, Sequence
@@ -36,6 +37,7 @@ from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.trainable import Trainable, TrainableConfig
 
 Method = Literal["ABFT", "E2E"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -180,6 +182,10 @@ class Trainer:
         self.label_token_ids = torch.tensor(builder.label_token_ids)
         self.pad_id = pad_token_id(builder.tokenizer)
         self._device = torch.device(model.cfg.device)
+        if config.compute_dtype == "bfloat16" and self._device.type == "cpu" \
+                and torch.backends.cpu.get_cpu_capability() != "AVX512":
+            log.warning("bfloat16 training on a CPU without AVX-512 (%s): its bfloat16 matmuls are emulated, "
+                        "about 50x slower than float32 here; train in float32", torch.backends.cpu.get_cpu_capability())
         self.completed_steps = 0
         self.stop_requested = False
 

@@ -131,7 +131,7 @@ class LoraDelta(nn.Module):
         return rearrange(self.scale * (self.lora_B @ self.lora_A), "(n h) m -> n m h", n=self.n_out)
 
     def _mask_grad(self, grad: Tensor) -> Tensor | None:
-        return None if self.grad_mask is None else grad.masked_fill(~self.grad_mask, 0)
+        return None if self.grad_mask is None or grad is None else grad.masked_fill(~self.grad_mask, 0)
 
     def forward(self, weight: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n d_model d_head"]:
         delta = self.delta()
