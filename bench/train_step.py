@@ -1,113 +1,252 @@
-"""Per-sample training cost: ABFT step, E2E step and a bare forward+backward, side by side in one run.
+"""Training cost per prompt: abft-lens's ABFT step in its variants against a plain Hugging Face ABFT step.
 
-On the embedded SmolLM2-135M (float32, CPU threads as configured) and the same training prompts (k+1 seeded
-calibration examples of SST-2), with the same trainable set (W_Q/W_K of every layer, Adam):
+On the embedded SmolLM2-135M and the same ``--prompts`` SST-2 training prompts (k+1 seeded calibration
+examples), one optimizer step over all of them per timed unit, divided by the number of prompts. The demo's
+step: ABFT with the restricted gradient, W_Q/W_K of every layer, Adam, PID, the threshold k / (k + ln n_t).
 
-  bare   ``forward_residual`` to the last block (no unembedding) and ``backward`` of the last position's
-         residual sum, then an Adam step: the cost of the network itself, no abft-lens machinery.
-  ABFT   one ``Trainer.step`` on a pseudo-batch: hooks that keep the last attention row of every head,
-         the induction filter, the ABFT loss, backward, Adam step, the PID update.
-  E2E    the same ``Trainer.step`` with the E2E loss: the final norm and the full-vocabulary unembedding at
-         the last position, cross-entropy on the gold label token (ABFT terms measured without gradient).
-  ABFT-stock  the ABFT step on a second copy of the model with every weight made contiguous again, i.e.
-         TransformerLens's stock layout, which its forward copies into another layout on every call
-         (``abft_lens.backends.loading.relayout_for_forward`` stores the weights in that layout once, at load time).
+  loop       ``Trainer.step`` with ``micro_batch_size=1``: one forward+backward per prompt (before issue 11)
+  mb4/8/16   the same step in left-padded micro-batches of 4 / 8 / 16 prompts (routed restricted gradient)
+  bf16-mb8   micro-batches of 8 under bfloat16 autocast (float32 weights, gradients and Adam state)
+  bare       per prompt: ``forward_residual`` and ``backward`` of the last residual's sum, Adam: the network
+  hf         a plain Hugging Face implementation written here from the method sheet, importing nothing of
+             abft_lens: eager attention, ``output_attentions=True`` on the decoder (no LM head), one prompt
+             per forward+backward, per-prompt masks on q_proj/k_proj gradients (K: union over its group), Adam
 
-Each timed unit is one pseudo-batch of ``--batch`` samples (one forward+backward per sample, one optimizer
-step), divided by ``--batch``; the methods are interleaved round by round (order reversed every round) and
-the median over ``--rounds`` is reported with ratios against ``bare``. Peak memory: each method also runs
-alone in a child process (``--child``) whose peak RSS (``ru_maxrss``) is recorded.
+Before timing, the hf step's accumulated gradients (and head counts) are checked against abft-lens's (``mb8``
+and ``loop``) on the same prompts and weights. Variants are interleaved round by round (order reversed every
+round, round 0 an untimed warm-up); the median over ``--rounds`` is reported with ratios to ``hf``. Each
+variant then runs alone in a child process (``--child``) for its peak RSS (``VmHWM``, load included): the
+hf child imports torch and transformers only. ``--profile`` adds where one unit's time goes (torch.profiler):
+attention and MLP per layer (forward ops inside the modules, backward ops by autograd sequence number), the
+routing of the restricted gradient, and the rest (embedding, norms, loss, filter, optimizer).
 
-    .venv/bin/python bench/train_step.py --rounds 5 --batch 4 --output bench/results/train_step.json
+    .venv/bin/python bench/train_step.py --rounds 5 --prompts 32 --output bench/results/train_step.json
+    .venv/bin/python bench/train_step.py --rounds 1 --prompts 8 --profile  # a quick check that it all works
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from abft_lens.backends.forward import forward_residual
-from abft_lens.data.prompts import prompt_builder
-from abft_lens.io import write_json
-from abft_lens.backends.loading import load_model
-from abft_lens.data.tasks import load_task
-from abft_lens.training.train import TrainConfig, Trainer
-
-METHODS = ("bare", "ABFT", "E2E", "ABFT-stock")
+VARIANTS = ("loop", "mb4", "mb8", "mb16", "bf16-mb8", "bare", "hf")
+SETTINGS = dict(lr=1e-6, restricted_gradient=True, award=1.0, penalty=0.5)  # lr: keep weights ~fixed over rounds
 
 
-def stock_layout(model):
-    """The model with TransformerLens's stock (contiguous) weight layout, as before ``relayout_for_forward``."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.contiguous()
-    return model
+# ------------------------------------------------------------------------------------------ plain HF
 
 
-_STOCK: dict = {}  # "model": the stock-layout copy ABFT-stock trains, built once per process
+def load_hf(hf_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    projections = []
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            proj.weight.requires_grad_(True)
+            projections.append(proj.weight)
+    return model, torch.optim.Adam(projections, lr=SETTINGS["lr"])
 
 
-def make_unit(method: str, model, builder, batch: int, seed: int):
-    """A callable running one pseudo-batch of ``method``; fresh trainable state per method."""
-    config = TrainConfig(method="E2E" if method == "E2E" else "ABFT", train_samples=batch, pseudo_batch_size=batch,
-                         epochs=1, lr=1e-6, seed=seed)
-    if method == "ABFT-stock" and "model" not in _STOCK:
-        _STOCK["model"] = stock_layout(load_model("smollm2-135m"))
-    trainer = Trainer(_STOCK["model"] if method == "ABFT-stock" else model, builder, config)
-    prompts = trainer.prompts
-    if method != "bare":
-        return trainer, lambda: trainer.step(prompts)
+def hf_step(model, optimizer, prompts: list[dict]) -> list[list[int]]:
+    """One ABFT optimizer step (method sheet §1), one prompt per forward+backward; returns head counts."""
+    cfg = model.config
+    n_heads, n_kv, d_head = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    layers = model.model.layers
+    counts = torch.zeros(len(layers), n_heads, dtype=torch.long)
+    current: dict[str, torch.Tensor] = {}
+
+    def mask(grad, layer: int, target: str):  # restricted gradient: this prompt's open heads only
+        open_ = current["heads"][layer]
+        if target == "k":
+            open_ = open_.view(n_kv, n_heads // n_kv).any(1)
+        return grad * open_.repeat_interleave(d_head).to(grad.dtype)[:, None]
+
+    hooks = [getattr(layer.self_attn, f"{t}_proj").weight.register_hook(lambda g, l=i, t=t: mask(g, l, t))
+             for i, layer in enumerate(layers) for t in ("q", "k")]
+    optimizer.zero_grad(set_to_none=True)
+    for prompt in prompts:
+        out = model.model(input_ids=torch.tensor([prompt["tokens"]]), output_attentions=True)
+        rows = torch.stack([attention[0, :, -1, :] for attention in out.attentions])  # [layer, head, key]
+        alpha = rows[:, :, prompt["label_positions"]]
+        correct = (torch.tensor(prompt["demo_labels"]) == prompt["query_label"]).float()
+        threshold = prompt["k"] / (prompt["k"] + math.log(len(prompt["tokens"])))
+        heads = alpha.detach().sum(-1) > threshold
+        per_head = SETTINGS["penalty"] * (alpha * (1 - correct)).sum(-1) + SETTINGS["award"] * ((1 - alpha) * correct).sum(-1)
+        current["heads"] = heads
+        ((per_head * heads).sum() / len(prompts)).backward()
+        counts += heads.long()
+    for hook in hooks:
+        hook.remove()
+    optimizer.step()  # a fresh Adam moves no zero-gradient entry on its first step
+    return counts.tolist()
+
+
+# ------------------------------------------------------------------------------------------ abft-lens
+
+
+def abft_unit(variant: str, model, builder, n: int, seed: int):
+    """(trainer, callable running one optimizer step over the n prompts) for an abft-lens variant."""
+    from abft_lens.backends.forward import forward_residual
+    from abft_lens.training.train import TrainConfig, Trainer
+
+    micro = {"loop": 1, "mb4": 4, "mb8": 8, "mb16": 16, "bf16-mb8": 8, "bare": 1}[variant]
+    config = TrainConfig(train_samples=n, pseudo_batch_size=n, epochs=1, seed=seed, micro_batch_size=micro,
+                         compute_dtype="bfloat16" if variant.startswith("bf16") else None, **SETTINGS)
+    trainer = Trainer(model, builder, config)
+    if variant != "bare":
+        return trainer, lambda: trainer.step(trainer.prompts)
 
     def bare() -> None:
         trainer.optimizer.zero_grad(set_to_none=True)
-        for prompt in prompts:
-            tokens = torch.tensor([prompt.token_ids])
-            (forward_residual(model, tokens)[0, -1].sum() / len(prompts)).backward()
+        for prompt in trainer.prompts:
+            (forward_residual(model, torch.tensor([prompt.token_ids]))[0, -1].sum() / n).backward()
         trainer.optimizer.step()
 
     return trainer, bare
 
 
-def time_methods(model, builder, args) -> dict[str, list[float]]:
-    """Seconds per sample of each method and round; round 0 is an untimed warm-up."""
-    seconds: dict[str, list[float]] = {m: [] for m in METHODS}
-    for round_index in range(args.rounds + 1):
-        order = METHODS if round_index % 2 == 0 else METHODS[::-1]
-        for method in order:  # one Trainable per model at a time: attach, run, merge
-            trainer, unit = make_unit(method, model, builder, args.batch, args.seed)
-            start = time.perf_counter()
-            unit()
-            if round_index > 0:
-                seconds[method].append((time.perf_counter() - start) / args.batch)
-            trainer.trainable.merge()
-    return seconds
+def prompt_records(trainer) -> list[dict]:
+    return [dict(tokens=list(p.token_ids), label_positions=list(p.label_positions), demo_labels=list(p.demo_labels),
+                 query_label=p.query_label, k=p.k) for p in trainer.prompts]
+
+
+def check_hf_against_abft(model, builder, hf_model, args) -> tuple[dict, list[dict]]:
+    """The hf step's gradients and head counts against abft-lens's (``loop`` and ``mb8``), same weights;
+    returns the report and the prompts (as plain records for the hf step)."""
+    from einops import rearrange
+
+    report, records = {}, []
+    for variant in ("loop", "mb8"):
+        trainer, _ = abft_unit(variant, model, builder, args.prompts, args.seed)
+        captured = {}
+        trainer.optimizer.step = lambda: captured.update(
+            {name: p.grad.detach().clone() for name, p in trainer.trainable.named_parameters()})
+        result = trainer.step(trainer.prompts)
+        trainer.trainable.merge()
+        hf_optimizer = torch.optim.SGD([p for p in hf_model.parameters() if p.requires_grad], lr=0.0)
+        records = prompt_records(trainer)
+        counts = hf_step(hf_model, hf_optimizer, records)
+        worst = 0.0
+        d_head = model.cfg.d_head
+        for layer, block in enumerate(hf_model.model.layers):
+            for target, name in (("q", "W_Q"), ("k", "_W_K" if model.cfg.n_key_value_heads else "W_K")):
+                ours = captured[f"blocks.{layer}.attn.{name}"]
+                theirs = rearrange(getattr(block.self_attn, f"{target}_proj").weight.grad, "(n h) m -> n m h", h=d_head)
+                scale = float(theirs.norm())
+                worst = max(worst, float((ours - theirs).norm()) / scale if scale else float(ours.norm()))
+        report[variant] = {"max_relative_gradient_error": worst, "head_counts_equal": counts == result.head_counts}
+        if worst > 1e-4 or counts != result.head_counts:
+            raise SystemExit(f"hf step disagrees with abft-lens {variant}: {report[variant]}")
+    return report, records
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+def profile_unit(variant: str, model, builder, args) -> dict:
+    """Seconds of one unit by where they go: attention / MLP (forward + their backward ops), routing, rest."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    trainer, unit = abft_unit(variant, model, builder, args.prompts, args.seed)
+    handles, open_ranges = [], []
+    for block in model.blocks:
+        for kind, module in (("attention", block.attn), ("mlp", block.mlp)):
+            def enter(*_, kind=kind, **__):
+                open_ranges.append(record_function(f"bench::{kind}").__enter__())
+
+            def leave(*_, **__):
+                open_ranges.pop().__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(enter, with_kwargs=True),
+                        module.register_forward_hook(leave, always_call=True)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        unit()
+        total = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    trainer.trainable.merge()
+    kind_of_sequence, seconds = {}, defaultdict(float)
+    events = prof.events()
+    for event in events:  # forward ops: the range they run in
+        parent, kind = event, None
+        while parent is not None and kind is None:
+            kind = parent.name[len("bench::"):] if parent.name.startswith("bench::") else None
+            parent = parent.cpu_parent
+        if kind and getattr(event, "sequence_nr", -1) >= 0 and not event.name.startswith("autograd::"):
+            kind_of_sequence.setdefault(event.sequence_nr, kind)
+        if event.name.startswith("bench::"):
+            seconds[f"{kind} forward"] += event.cpu_time_total / 1e6
+    for event in events:  # backward nodes: the kind of the forward op with the same sequence number
+        if event.name.startswith("autograd::engine::evaluate_function"):
+            if "RouteToInput" in event.name:
+                seconds["routing (restricted gradient) backward"] += event.cpu_time_total / 1e6
+            elif event.sequence_nr in kind_of_sequence:
+                seconds[f"{kind_of_sequence[event.sequence_nr]} backward"] += event.cpu_time_total / 1e6
+    seconds["rest"] = total - sum(seconds.values())
+    return {"variant": variant, "seconds_per_prompt": {k: v / args.prompts for k, v in sorted(seconds.items())},
+            "total_seconds_per_prompt": total / args.prompts}
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def hf_dir_of(model):
+    from abft_lens.backends.provenance import model_info
+
+    return model_info(model).hf_dir
+
+
+def load_abft():
+    from abft_lens.backends.loading import load_model
+    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.data.tasks import load_task
+
+    model = load_model("smollm2-135m")
+    return model, prompt_builder(model, load_task("sst2"))
 
 
 def child(args) -> None:
-    """Run one method alone for a few pseudo-batches and print its peak RSS in MiB."""
-    model = load_model("smollm2-135m")
-    if args.child == "ABFT-stock":
-        _STOCK["model"] = stock_layout(model)  # one model in this process, as for the other methods
-    builder = prompt_builder(model, load_task(args.dataset))
-    _, unit = make_unit(args.child, model, builder, args.batch, args.seed)
-    loaded_rss = _current_rss_mib()
+    """Load, then run one variant alone for two units; print peak RSS (load included) and RSS, MiB."""
+    if args.child == "hf":
+        prompts = json.loads(Path(args.prompts_file).read_text())
+        model, optimizer = load_hf(args.hf_dir)
+        loaded_rss = _current_rss_mib()
+        unit = lambda: hf_step(model, optimizer, prompts)  # noqa: E731
+    else:
+        model, builder = load_abft()
+        loaded_rss = _current_rss_mib()
+        _, unit = abft_unit(args.child, model, builder, args.prompts, args.seed)
+    load_peak = _peak_rss_mib()
     for _ in range(2):
         unit()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_load_mib": loaded_rss, "rss_after_steps_mib": _current_rss_mib()}))
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib(),
+                      "load_peak_rss_mib": load_peak, "rss_after_load_mib": loaded_rss,
+                      "rss_after_steps_mib": _current_rss_mib()}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``), MiB. Not ``ru_maxrss``: that survives ``exec`` and would report
+    the parent's size for a child started from a big benchmark process."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _current_rss_mib() -> float:
-    """Resident set size now (``/proc/self/statm``), MiB: what the process holds after model loading's peak."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -115,36 +254,68 @@ def _current_rss_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--dataset", default="sst2")
+    parser.add_argument("--prompts", type=int, default=32, help="training prompts per timed unit (one step)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child", choices=METHODS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--profile", action="store_true", help="also profile one unit of loop and mb8")
+    parser.add_argument("--no-memory", action="store_true", help="skip the child processes (peak RSS)")
+    parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=Path("bench/results/train_step.json"))
     args = parser.parse_args()
     if args.child:
         return child(args)
 
-    model = load_model("smollm2-135m")
-    builder = prompt_builder(model, load_task(args.dataset))
-    seconds = time_methods(model, builder, args)
-    median = {m: statistics.median(v) for m, v in seconds.items()}
+    from abft_lens.io import write_json
+
+    model, builder = load_abft()
+    hf_model, hf_optimizer = load_hf(str(hf_dir_of(model)))
+    check, records = check_hf_against_abft(model, builder, hf_model, args)
+    print(f"hf step checked against abft-lens: {check}")
+    seconds: dict[str, list[float]] = {v: [] for v in args.variants}
+    for round_index in range(args.rounds + 1):
+        order = args.variants if round_index % 2 == 0 else args.variants[::-1]
+        for variant in order:
+            trainer = None
+            if variant == "hf":
+                unit = lambda: hf_step(hf_model, hf_optimizer, records)  # noqa: E731
+            else:
+                trainer, unit = abft_unit(variant, model, builder, args.prompts, args.seed)
+            start = time.perf_counter()
+            unit()
+            if round_index > 0:
+                seconds[variant].append((time.perf_counter() - start) / args.prompts)
+            if trainer is not None:
+                trainer.trainable.merge()
+    median = {v: statistics.median(s) for v, s in seconds.items()}
+    anchor = median.get("hf") or median[args.variants[0]]
+    profiles = [profile_unit(v, model, builder, args) for v in ("loop", "mb8")] if args.profile else []
     memory = {}
-    for method in METHODS:
-        out = subprocess.run([sys.executable, __file__, "--child", method, "--batch", str(args.batch),
-                              "--dataset", args.dataset], capture_output=True, text=True, check=True)
-        memory[method] = json.loads(out.stdout.strip().splitlines()[-1])
-    tokens = statistics.mean(len(p.token_ids) for p in make_unit("bare", model, builder, args.batch, args.seed)[0].prompts)
-    print(f"SmolLM2-135M, float32, {torch.get_num_threads()} threads, ~{tokens:.0f}-token prompts, "
+    if not args.no_memory:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+            json.dump(records, handle)
+        for variant in args.variants:
+            command = [sys.executable, __file__, "--child", variant, "--prompts", str(args.prompts), "--seed",
+                       str(args.seed), "--hf-dir", str(hf_dir_of(model)), "--prompts-file", handle.name]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        os.unlink(handle.name)
+    tokens = statistics.mean(len(r["tokens"]) for r in records)
+    print(f"SmolLM2-135M, {torch.get_num_threads()} threads, {args.prompts} prompts of ~{tokens:.0f} tokens, "
           f"median of {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'method':<10} {'s/sample':>9} {'x bare':>7} {'peak RSS':>9} {'RSS after 2 steps':>18} (MiB)")
-    for method in METHODS:
-        print(f"{method:<10} {median[method]:>9.3f} {median[method] / median['bare']:>7.2f} "
-              f"{memory[method]['peak_rss_mib']:>9.0f} {memory[method]['rss_after_steps_mib']:>18.0f}")
+    print(f"{'variant':<9} {'s/prompt':>9} {'x hf':>6} {'peak RSS':>9} {'load peak':>10} (MiB)")
+    for variant in args.variants:
+        mem = memory.get(variant, {})
+        print(f"{variant:<9} {median[variant]:>9.3f} {median[variant] / anchor:>6.2f} "
+              f"{mem.get('peak_rss_mib', float('nan')):>9.0f} {mem.get('load_peak_rss_mib', float('nan')):>10.0f}")
+    for entry in profiles:
+        print(f"profile {entry['variant']}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry["seconds_per_prompt"].items()))
     write_json(args.output, {
-        "model": "smollm2-135m", "dtype": "float32", "threads": torch.get_num_threads(), "batch": args.batch,
-        "rounds": args.rounds, "mean_prompt_tokens": tokens, "seconds_per_sample": seconds,
-        "median_seconds_per_sample": median, "ratio_to_bare": {m: median[m] / median["bare"] for m in METHODS},
-        "memory_mib": memory, "load_average": os.getloadavg(), "torch": torch.__version__,
+        "model": "smollm2-135m", "threads": torch.get_num_threads(), "prompts": args.prompts, "rounds": args.rounds,
+        "settings": SETTINGS, "mean_prompt_tokens": tokens, "hf_check": check, "seconds_per_prompt": seconds,
+        "median_seconds_per_prompt": median, "ratio_to_hf": {v: median[v] / anchor for v in median},
+        "memory_mib": memory, "profile": profiles, "load_average": os.getloadavg(), "torch": torch.__version__,
     })
 
 

@@ -159,9 +159,22 @@ def _from_hf_dir(hf_dir: Path, *, name: str, source: str, dtype: torch.dtype, de
         cfg = HookedTransformerConfig(**cfg_dict)
     state_dict = get_pretrained_state_dict(str(hf_dir), cfg, hf_model=hf_model, dtype=torch.float32)
     del hf_model
-    with quiet_deprecation():
+    with quiet_deprecation():  # init_weights=False: parameters are allocated but never written (not resident)
         model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="left", move_to_device=False)
-    model.load_and_process_state_dict(state_dict, **_NO_PROCESSING)
+    # Lean load: the converted tensors become the parameters themselves, one by one, instead of being copied
+    # into a second full model. Most are views of the Hugging Face weights (which transformers memory-maps
+    # from the safetensors file, copy-on-write), already in the layout relayout_for_forward asks for; the
+    # rest are converted or cast here one tensor at a time, so no two full models are ever alive together.
+    # No weight processing, as with load_and_process_state_dict(**_NO_PROCESSING): the values are the same.
+    state_dict = model.fill_missing_keys(state_dict)
+    parameters = dict(model.named_parameters())
+    for key in list(state_dict):
+        tensor, parameter = state_dict.pop(key), parameters.get(key)
+        if parameter is None or parameter.shape != tensor.shape:
+            model.load_state_dict({key: tensor}, strict=False)  # a buffer: copied as before
+        else:
+            parameter.data = tensor.detach().to(parameter.dtype)
+        del tensor
     if device != "cpu":
         model.to(device)
     relayout_for_forward(model)

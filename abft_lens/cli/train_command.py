@@ -23,6 +23,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--train-samples", "--train_sample_num", dest="train_samples", type=positive_int, default=512)
     a("--epochs", "--epoch", dest="epochs", type=positive_int, default=2)
     a("--pseudo-batch-size", "--pseudo_batch_size", dest="pseudo_batch_size", type=positive_int, default=32)
+    a("--micro-batch-size", dest="micro_batch_size", type=positive_int, default=None,
+      help="prompts per forward pass in training (default 8 on CPU, the whole pseudo-batch on CUDA; 1: one at a "
+           "time). Results equal the per-sample loop's; --dtype bfloat16 trains with bfloat16 autocast and "
+           "float32 weights and Adam state")
     a("--lr", type=float, default=None, help="Adam learning rate (default 2e-5, or 1e-4 with LoRA)")
     a("--seed", "--random_seed", dest="seed", type=int, default=0)
     a("--award", "--correct_label_award", dest="award", type=float, default=None, help="B (default 1.0; ABFT only)")
@@ -93,7 +97,8 @@ IGNORED_UNLESS = (
 )
 CONFIG_OPTIONS = ("method", "k", "train_samples", "epochs", "pseudo_batch_size", "seed", "award", "penalty",
                   "penalty_mode", "p_gain", "pid_kp", "pid_ki", "pid_kd", "threshold", "restricted_gradient",
-                  "validation_examples", "validation_prompts", "validate_every", "keep_best", "select_metric")
+                  "validation_examples", "validation_prompts", "validate_every", "keep_best", "select_metric",
+                  "micro_batch_size")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -115,11 +120,16 @@ def train_config_from_args(args: argparse.Namespace):
     if args.quantized and args.lora_r == 0:
         raise AbftLensError("--quantized trains LoRA adapters on the 4-bit base; --lora-r 0 (full W_Q/W_K) is "
                             "not possible there.", f"drop --lora-r (rank {QUANTIZED_LORA_R}) or pass a rank >= 1.")
+    if args.quantized and args.dtype == "bfloat16":
+        raise AbftLensError("--dtype bfloat16 cannot be combined with --quantized.",
+                            "drop --dtype with --quantized: the 4-bit base computes in float32 on CPU and "
+                            "bfloat16 on CUDA already.")
     lora_r = args.lora_r if args.lora_r is not None else (QUANTIZED_LORA_R if args.quantized else 0)
     lora = lora_r > 0
     trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=lora_r if lora else 16, bias=args.train_bias)
     given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
-    return TrainConfig(**given, trainable=trainable, lr=args.lr if args.lr is not None else (1e-4 if lora else 2e-5))
+    return TrainConfig(**given, trainable=trainable, lr=args.lr if args.lr is not None else (1e-4 if lora else 2e-5),
+                       compute_dtype="bfloat16" if args.dtype == "bfloat16" else None)
 
 
 def mauve_test_from_args(args: argparse.Namespace):
@@ -173,7 +183,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     mauve_test = mauve_test_from_args(args)  # reads and checks the prefix file
     dist = init_from_env()  # under torchrun (WORLD_SIZE > 1): data parallel, gloo on CPU, NCCL on CUDA
     device = training_device(dist, default=resolve_device(args.device))
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device, quantized=args.quantized)
+    # bfloat16 trains by autocast over float32 weights (float32 master weights, gradients and Adam state)
+    dtype = DTYPES["float32"] if config.compute_dtype == "bfloat16" else DTYPES[args.dtype]
+    model = load_model(args.model, dtype=dtype, device=device, quantized=args.quantized)
     from abft_lens.studies.generation_report import MauveExtra
 
     run_extras = [extra for extra in (extras, None if mauve_test is None else MauveExtra(mauve_test, run_dir))
@@ -195,9 +207,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Chosen by bench/demo_selection.py on validation prompts from held-out calibration examples (README).
+# Chosen by bench/demo_selection.py on validation prompts from held-out calibration examples (README);
+# micro-batches of 8 prompts per forward (bench/train_step.py; the per-sample loop's result, README).
 DEMO_DEFAULTS = dict(train_samples=128, pseudo_batch_size=16, epochs=1, lr=5e-4, restricted_gradient=True,
-                     validation_examples=256, validation_prompts=64, validate_every=2, keep_best=True, n_test=256)
+                     validation_examples=256, validation_prompts=64, validate_every=2, keep_best=True, n_test=256,
+                     micro_batch_size=8)
 
 
 def add_parsers(commands) -> None:

@@ -54,6 +54,12 @@ def check_train_config(config) -> None:
         raise AbftLensError(f"penalty_mode {config.penalty_mode!r} is unknown.", "use None, P or PID.")
     if config.select_metric not in ("accuracy", "macro_f1"):
         raise AbftLensError(f"select_metric {config.select_metric!r} is unknown.", "use accuracy or macro_f1.")
+    if config.micro_batch_size is not None and (not _is_int(config.micro_batch_size) or config.micro_batch_size <= 0):
+        raise AbftLensError(f"micro_batch_size={config.micro_batch_size!r} must be a positive integer.",
+                            "pass e.g. --micro-batch-size 8 (1: one prompt per forward).")
+    if config.compute_dtype not in (None, "bfloat16"):
+        raise AbftLensError(f"compute_dtype={config.compute_dtype!r} is unknown.",
+                            "use bfloat16, or leave it unset for the model's own dtype.")
     for name, (low, high, option) in _INTS.items():
         value = getattr(config, name)
         if not _is_int(value) or value < low or (high is not None and value > high):

@@ -16,6 +16,8 @@ while the gradient sent to the layers below is the full one (exactly the hooked 
 ``A`` moves whenever any head of its layer is open, so a closed head whose ``B`` rows are already non-zero
 sees its delta move; a head that was never open keeps ``B`` rows at zero, so its weights stay the base's.
 Keys under GQA follow the union rule (a K slice opens when any query head of its group is open).
+In a batched forward the routing is per prompt (``restricted()`` given ``[batch, layer, head]`` masks): each
+prompt's columns are routed by its own open heads, which is the per-sample loop's gradient in one backward.
 
 The 4-bit weights are never rewritten: :meth:`PeftLoraTrainable.merge` freezes the adapters and leaves them
 in the model (requantizing W + delta would lose most of a small update); :meth:`~PeftLoraTrainable.remove`
@@ -37,7 +39,8 @@ __all__ = ["PeftLoraTrainable"]
 
 class _RouteByHead(torch.autograd.Function):
     """``forward(full, detached, get_mask) = full``; backward sends ``mask * grad`` to ``full`` and
-    ``~mask * grad`` to ``detached`` (``get_mask()`` None: everything to ``full``)."""
+    ``~mask * grad`` to ``detached`` (``get_mask()`` None: everything to ``full``). The mask is
+    ``[n_out * d_head]`` for every prompt alike, or ``[batch, 1, n_out * d_head]``, one per prompt."""
 
     @staticmethod
     def forward(ctx, full: Tensor, detached: Tensor, get_mask) -> Tensor:
@@ -128,10 +131,11 @@ class PeftLoraTrainable(Trainable):
         return _RouteByHead.apply(output, params_detached, lambda: self._out_masks.get(key))
 
     def _refresh_masks(self) -> None:
-        heads = self._active_heads()
+        heads = self._active_heads()  # [layer, head], or [batch, layer, head]: one mask per prompt of a batch
         for (layer, t) in self._components:
             self._out_masks[(layer, t)] = None if heads is None else repeat(
-                self._out_open(heads[layer], t), "n -> (n h)", h=self.d_head)
+                self._out_open(heads[..., layer, :], t), "... n -> ... 1 (n h)" if heads.ndim == 3 else "n -> (n h)",
+                h=self.d_head)
 
     def merged_state_dict(self) -> dict[str, Tensor]:
         """Effective W_Q / W_K (or _W_K) per layer: dequantized 4-bit weights plus the LoRA delta, float32."""

@@ -2,9 +2,15 @@
 
 Data: ``train_samples`` prompts of k+1 seeded-random calibration examples (k demonstrations, one query),
 reshuffled each epoch with a generator seeded by (seed, epoch). One optimizer step per pseudo-batch; each
-sample gets its own forward and backward (one graph alive at a time) and contributes 1/len(batch) of the
-step's gradient. A step returns a :class:`StepResult`; callbacks (logging, validation, checkpoints, progress)
-see every result and run under ``torch.no_grad()``.
+sample contributes 1/len(batch) of the step's gradient. The prompts of a pseudo-batch go through the model in
+left-padded micro-batches of ``micro_batch_size`` (sorted by length, one forward and one backward each);
+everything per sample stays per sample: its own n_t in the threshold, its label positions, filter decision,
+loss terms and, with the restricted gradient, its own open heads (:mod:`abft_lens.training.routing`). A
+micro-batch of one prompt is exactly the per-sample loop. A step returns a :class:`StepResult`; callbacks
+(logging, validation, checkpoints, progress) see every result and run under ``torch.no_grad()``.
+
+``compute_dtype="bfloat16"`` runs the forward pass under ``torch.autocast`` (matmuls in bfloat16, norms, the
+residual stream, weights, gradients and Adam state in float32); attention rows are upcast before the loss.
 
 ABFT loss: :func:`abft_lens.training.objectives.abft_loss` on the last attention row of every head (the unembedding
 is skipped). E2E loss: cross-entropy of the query's gold label token over the whole vocabulary at the last
@@ -14,6 +20,7 @@ for step.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Literal, Sequence
@@ -24,13 +31,14 @@ from abft_lens.backends.forward import forward_residual
 from abft_lens.errors import AbftLensError
 from abft_lens.interp.induction_filter import induction_threshold
 from abft_lens.training.objectives import PenaltyController, abft_loss, e2e_loss
-from abft_lens.data.prompts import ICLPrompt, PromptBuilder, sample_prompts
+from abft_lens.data.prompts import ICLPrompt, PromptBuilder, collate, pad_token_id, sample_prompts
 from abft_lens.data.tasks import ICLTask
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.checks import check_train_config
 from abft_lens.training.trainable import Trainable, TrainableConfig
 
 Method = Literal["ABFT", "E2E"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +50,8 @@ class TrainConfig:
     examples (the last ones of the split) are held out from training and build ``validation_prompts``
     prompts for the validation guard, evaluated every ``validate_every`` steps (0: never); the guard's best
     step is the one with the highest ``select_metric`` (``accuracy`` or ``macro_f1``).
+    ``micro_batch_size``: prompts per forward pass (None: 8 on CPU, the whole pseudo-batch on CUDA; 1: the
+    per-sample loop). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
     Every value is checked when the config is made (:func:`abft_lens.training.checks.check_train_config`).
     """
 
@@ -67,6 +77,8 @@ class TrainConfig:
     validate_every: int = 0
     keep_best: bool = False
     select_metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    micro_batch_size: int | None = None
+    compute_dtype: Literal["bfloat16"] | None = None
 
     def __post_init__(self) -> None:
         check_train_config(self)  # ranges, finiteness and combinations: abft_lens.training.checks
@@ -147,6 +159,12 @@ class Trainer:
         pool = training_pool(builder.task, config)
         self.prompts: list[ICLPrompt] = sample_prompts(builder, pool, config.k, config.train_samples, config.seed)
         self.label_token_ids = torch.tensor(builder.label_token_ids)
+        self.pad_id = pad_token_id(builder.tokenizer)
+        self._device = torch.device(model.cfg.device)
+        if config.compute_dtype == "bfloat16" and self._device.type == "cpu" \
+                and torch.backends.cpu.get_cpu_capability() != "AVX512":
+            log.warning("bfloat16 training on a CPU without AVX-512 (%s): its bfloat16 matmuls are emulated, "
+                        "about 50x slower than float32 here; train in float32", torch.backends.cpu.get_cpu_capability())
         self.completed_steps = 0
         self.stop_requested = False
 
@@ -158,28 +176,45 @@ class Trainer:
         size = self.config.pseudo_batch_size
         return [[self.prompts[i] for i in order[start:start + size]] for start in range(0, len(order), size)]
 
+    def micro_batches(self, share: Sequence[ICLPrompt]) -> list[list[ICLPrompt]]:
+        """``share`` cut into micro-batches of ``micro_batch_size`` prompts, sorted by length (less padding);
+        with a micro-batch size of 1 the order is kept: the per-sample loop."""
+        size = self.micro_batch_size
+        if size == 1:
+            return [[prompt] for prompt in share]
+        ordered = sorted(share, key=lambda prompt: prompt.n_tokens)
+        return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+    @property
+    def micro_batch_size(self) -> int:
+        """The configured micro-batch size, or the default: 8 on CPU, the whole pseudo-batch on CUDA."""
+        if self.config.micro_batch_size is not None:
+            return self.config.micro_batch_size
+        return self.config.pseudo_batch_size if self._device.type == "cuda" else 8
+
     # ------------------------------------------------------------------------------------------ step
     def step(self, batch: Sequence[ICLPrompt], epoch: int = 0) -> StepResult:
-        """One optimizer step over ``batch``: per-sample forward and backward, then a (masked) Adam step."""
+        """One optimizer step over ``batch``: a forward and backward per micro-batch, then a (masked) Adam step."""
         start = time.perf_counter()
         config, n_layers, n_heads = self.config, self.model.cfg.n_layers, self.model.cfg.n_heads
         penalty = self.controller.penalty
         totals = {"loss": 0.0, "award": 0.0, "penalty": 0.0, "e2e": 0.0}
         counts = torch.zeros(n_layers, n_heads, dtype=torch.long)
         self.optimizer.zero_grad(set_to_none=True)
-        for prompt in (batch if self.dist is None else self.dist.shard(batch)):
-            terms, participating, e2e = self._sample_loss(prompt, penalty)
-            loss = (e2e if config.method == "E2E" else terms.loss) / len(batch)
-            if config.restricted_gradient:
-                with self.trainable.restricted(participating):
+        for chunk in self.micro_batches(batch if self.dist is None else self.dist.shard(batch)):
+            samples, participating = self._micro_batch_loss(chunk, penalty)
+            loss = sum(e2e if config.method == "E2E" else terms.loss for terms, e2e in samples) / len(batch)
+            if config.restricted_gradient:  # one prompt: the weight masks; a batch: routed per prompt
+                with self.trainable.restricted(participating if len(chunk) > 1 else participating[0]):
                     loss.backward()
             else:
                 loss.backward()
-            counts += participating.long()
-            totals["loss"] += float(loss.detach()) * len(batch)
-            totals["award"] += float(terms.award_term.detach())
-            totals["penalty"] += float(terms.penalty_term.detach())
-            totals["e2e"] += float(e2e.detach()) if e2e is not None else 0.0
+            counts += participating.long().sum(dim=0)
+            for terms, e2e in samples:
+                totals["loss"] += float((e2e if config.method == "E2E" else terms.loss).detach())
+                totals["award"] += float(terms.award_term.detach())
+                totals["penalty"] += float(terms.penalty_term.detach())
+                totals["e2e"] += float(e2e.detach()) if e2e is not None else 0.0
         if self.dist is not None:
             counts, totals = self._all_reduce(counts, totals)
         if config.restricted_gradient:
@@ -206,22 +241,34 @@ class Trainer:
         summed = dict(zip(totals, stats[:len(totals)].tolist()))
         return stats[len(totals):].round().long().view_as(counts), summed
 
-    def _sample_loss(self, prompt: ICLPrompt, penalty: float):
-        """(ABFT terms, participating heads, E2E loss or None) of one prompt, with graph for the trained loss."""
-        tokens = torch.tensor([prompt.token_ids], device=self.model.cfg.device)
+    def _micro_batch_loss(self, prompts: Sequence[ICLPrompt], penalty: float):
+        """One left-padded forward pass over ``prompts``: per prompt (ABFT terms, E2E loss or None), with graph
+        for the trained loss, and the participating heads ``[batch, layer, head]`` (on CPU).
+
+        Each prompt keeps its own threshold (from its unpadded length), label positions (shifted by its
+        padding) and query label; the last column is every prompt's prediction position.
+        """
+        batch = collate(prompts, self.pad_id)
+        tokens, mask = batch.tokens.to(self._device), batch.attention_mask.to(self._device)
         e2e = self.config.method == "E2E"
-        with capture_attention_rows(self.model, detach=e2e) as rows:
-            residual = forward_residual(self.model, tokens)
-        threshold = self.config.threshold if self.config.threshold is not None \
-            else induction_threshold(prompt.k, prompt.n_tokens)
-        # under E2E the rows are detached, so these ABFT terms are measured, not trained
-        terms = abft_loss(rows.stacked()[0], torch.tensor(prompt.label_positions), torch.tensor(prompt.demo_labels),
-                          prompt.query_label, award=self.config.award, penalty=penalty, threshold=threshold)
-        cross_entropy = None
-        if e2e:
-            logits = self.model.unembed(self.model.ln_final(residual[:, -1:, :]))[0, 0]
-            cross_entropy = e2e_loss(logits, int(self.label_token_ids[prompt.query_label]))
-        return terms, terms.participating.cpu(), cross_entropy
+        with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.config.compute_dtype == "bfloat16"):
+            with capture_attention_rows(self.model, detach=e2e) as rows:
+                residual = forward_residual(self.model, tokens, mask)
+            logits = self.model.unembed(self.model.ln_final(residual[:, -1:, :]))[:, 0] if e2e else None
+        last_rows = rows.stacked()  # [batch, layer, head, key]
+        if last_rows.dtype not in (torch.float32, torch.float64):  # bfloat16 under autocast
+            last_rows = last_rows.float()
+        samples, participating = [], []
+        for i, prompt in enumerate(prompts):
+            threshold = self.config.threshold if self.config.threshold is not None \
+                else induction_threshold(prompt.k, prompt.n_tokens)
+            # under E2E the rows are detached, so these ABFT terms are measured, not trained
+            terms = abft_loss(last_rows[i], batch.label_positions[i], batch.demo_labels[i], prompt.query_label,
+                              award=self.config.award, penalty=penalty, threshold=threshold)
+            cross_entropy = e2e_loss(logits[i], int(self.label_token_ids[prompt.query_label])) if e2e else None
+            samples.append((terms, cross_entropy))
+            participating.append(terms.participating.cpu())
+        return samples, torch.stack(participating)
 
     # ------------------------------------------------------------------------------------------ loop
     def run(self, callbacks: Sequence[Callback] = ()) -> None:

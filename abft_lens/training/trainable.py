@@ -17,6 +17,10 @@ per-head slice of an adapter is its block of ``d_head`` rows of ``B``; ``A`` is 
 heads' rows and ``A`` counts as open when any head of its (layer, target) is open. Consequence (like K under
 GQA): a head whose rows of ``B`` are non-zero sees its delta move when ``A`` moves, even while it is closed; a
 head that was never open keeps ``B`` rows at zero and its effective weights bit-identical to the base.
+
+Batches. ``restricted()`` also takes one mask per prompt of a batched forward pass (``[batch, layer, head]``):
+the hooks of :mod:`abft_lens.training.routing` then route each prompt's query/key gradient by its own open
+heads (the weight hooks above see the union), which gives the per-sample loop's gradients exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch.nn.utils import parametrize
 
 from abft_lens.backends.tl import HookedTransformer
 from abft_lens.errors import AbftLensError
+from abft_lens.training.routing import install_router
 
 KINDS = ("full", "lora")
 TARGETS = ("q", "k")
@@ -139,7 +144,7 @@ class LoraDelta(nn.Module):
         return rearrange(self.scale * (self.lora_B @ self.lora_A), "(n h) m -> n m h", n=self.n_out)
 
     def _mask_grad(self, grad: Tensor) -> Tensor | None:
-        return None if self.grad_mask is None else grad.masked_fill(~self.grad_mask, 0)
+        return None if self.grad_mask is None or grad is None else grad.masked_fill(~self.grad_mask, 0)
 
     def forward(self, weight: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n d_model d_head"]:
         delta = self.delta()
@@ -203,8 +208,9 @@ class Trainable:
         for p in model.parameters():
             p.requires_grad_(False)
         gen = torch.Generator().manual_seed(config.lora_init_seed)
+        weight_names = [self._attn_names(layer) for layer in range(self.n_layers)]
         for layer in range(self.n_layers):
-            attn, names = self.model.blocks[layer].attn, self._attn_names(layer)
+            attn, names = self.model.blocks[layer].attn, weight_names[layer]
             for t in config.targets:
                 w_name, prefix = names[t], f"blocks.{layer}.attn."
                 if config.kind == "full":
@@ -221,6 +227,7 @@ class Trainable:
                     self._add(Slot(prefix + names["b" + t], layer, t, "bias", b))
                     if config.kind == "lora":
                         self._bias_backup[prefix + names["b" + t]] = b.detach().clone()
+        self._hooks += install_router(model, config.targets, weight_names, self._route_mask)
         self._refresh_masks()
 
     def _add(self, slot: Slot) -> None:
@@ -230,15 +237,26 @@ class Trainable:
         self._hooks.append(slot.param.register_hook(lambda g, s=slot: self._mask_leaf_grad(s, g)))
 
     def _mask_leaf_grad(self, slot: Slot, grad: Tensor) -> Tensor | None:
-        heads = self._active_heads()
+        heads = self._union_heads()
         return None if heads is None else grad.masked_fill(~self._slot_mask(slot, heads), 0)
 
-    def _active_heads(self) -> Bool[Tensor, "layer head"] | None:
+    def _active_heads(self) -> Bool[Tensor, "... layer head"] | None:
+        """Open heads now: the sample's (``[layer, head]``, or ``[batch, layer, head]`` for a batch) & fixed."""
         s, f = self._sample, self._fixed
         return f if s is None else (s if f is None else s & f)
 
-    def _refresh_masks(self) -> None:
+    def _union_heads(self) -> Bool[Tensor, "layer head"] | None:
+        """The open heads of any prompt: what the weight-side masks apply (the router does each prompt's)."""
         heads = self._active_heads()
+        return heads.any(0) if heads is not None and heads.ndim == 3 else heads
+
+    def _route_mask(self, layer: int, target: str) -> Bool[Tensor, "batch n_out"] | None:
+        """Per-prompt open output heads of one (layer, target) for the router; None unless batch masks are set."""
+        heads = self._active_heads()
+        return None if heads is None or heads.ndim != 3 else self._out_open(heads[:, layer], target)
+
+    def _refresh_masks(self) -> None:
+        heads = self._union_heads()
         for (layer, t), lora in self._loras.items():
             lora.grad_mask = None if heads is None else rearrange(
                 self._out_open(heads[layer], t).to(lora.lora_B.device), "n -> n 1 1")
@@ -251,9 +269,16 @@ class Trainable:
                              f"participating heads, got {got}; build it with e.g. scores > threshold")
         return heads.cpu()
 
-    def _out_open(self, layer_heads: Bool[Tensor, "head"], target: str) -> Bool[Tensor, "n_out"]:
+    def _check_sample_heads(self, heads: Tensor) -> Bool[Tensor, "... layer head"]:
+        """``[layer, head]`` (one prompt) or ``[batch, layer, head]`` (one mask per prompt of a batch)."""
+        if isinstance(heads, Tensor) and heads.dtype == torch.bool and heads.ndim == 3 and heads.shape[0] > 0 \
+                and tuple(heads.shape[1:]) == (self.n_layers, self.n_heads):
+            return heads.cpu()
+        return self._check_heads(heads)
+
+    def _out_open(self, layer_heads: Bool[Tensor, "... head"], target: str) -> Bool[Tensor, "... n_out"]:
         """Open output heads of one (layer, target): the query heads for q, the union per kv group for k."""
-        return layer_heads if target == "q" else reduce(layer_heads, "(g r) -> g", "any", r=self.group)
+        return layer_heads if target == "q" else reduce(layer_heads, "... (g r) -> ... g", "any", r=self.group)
 
     def _slot_mask(self, slot: Slot, heads: Bool[Tensor, "layer head"]) -> Tensor:
         """Bool mask of ``slot.param``'s open entries, shape ``[size0, 1, ...]`` (or all-ones ``[1, ...]``)."""
@@ -285,9 +310,13 @@ class Trainable:
         produced, so accumulation over a pseudo-batch sums per-sample masked gradients. Full mode masks each tensor's slices; LoRA masks
         the delta's gradient per head, so A learns only through open heads. Combine with :func:`masked_step`
         to keep closed slices bit-identical through the optimizer step.
+
+        ``participating`` ``[batch, layer, head]``: the masks of the prompts of one batched forward pass, in
+        batch order (that forward must run while this Trainable is attached, with gradients on); each prompt's
+        gradient then reaches only its own open heads' slices, the per-sample loop's result in one backward.
         """
         self._live_slots()
-        previous, self._sample = self._sample, self._check_heads(participating)
+        previous, self._sample = self._sample, self._check_sample_heads(participating)
         self._refresh_masks()
         try:
             yield
