@@ -55,7 +55,17 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def render(rows: list[dict], study_dir: Path) -> str:
+def time_rows(study: dict) -> list[str]:
+    """Wall seconds per finished cell, by method: n, mean, min, max."""
+    seconds: dict[str, list[float]] = {}
+    for record in study["cells"].values():
+        if record["state"] == "done" and record.get("seconds"):
+            seconds.setdefault(record["method"], []).append(record["seconds"])
+    return [f"| {method} | {len(s)} | {sum(s) / len(s):.0f} | {min(s):.0f} | {max(s):.0f} |"
+            for method, s in seconds.items()]
+
+
+def render(rows: list[dict], study_dir: Path, study: dict) -> str:
     lines = [f"# Diagnostics of {study_dir.name}", "",
              "Per trained cell, from its run folder. Test: before → after (the kept step). Validation: accuracy / "
              "macro-F1 (%) at each validated step. Steps kept when the guard selects on accuracy (acc) or on "
@@ -90,6 +100,8 @@ def render(rows: list[dict], study_dir: Path) -> str:
         lines += ["", "## The PID penalty", "",
                   f"{above} of {len(abft)} ABFT cells end with the penalty A above the award B = {AWARD_B} "
                   f"(A from 0.5: mean {sum(r['final_penalty_A'] for r in abft) / len(abft):.2f} after the last step)."]
+    lines += ["", "## Wall time per cell (s)", "", "| Method | cells | mean | min | max |", "|---|---|---|---|---|",
+              *time_rows(study)]
     return "\n".join(lines) + "\n"
 
 
@@ -100,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     study = read_study(args.study)
     rows = [d for record in study["cells"].values() if (d := cell_diagnostics(args.study, record))]
-    text = render(rows, args.study)
+    text = render(rows, args.study, study)
     if args.output:
         atomic_write_text(args.output, text)
         atomic_write_text(args.output.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
