@@ -56,10 +56,11 @@ def pct(x: float) -> str:
 
 
 def time_rows(study: dict) -> list[str]:
-    """Wall seconds per finished cell, by method: n, mean, min, max."""
+    """Wall seconds per finished cell, by method: n, mean, min, max (a baseline file copied in, under 1 s, is
+    not a measurement and is left out)."""
     seconds: dict[str, list[float]] = {}
     for record in study["cells"].values():
-        if record["state"] == "done" and record.get("seconds"):
+        if record["state"] == "done" and (record.get("seconds") or 0) >= 1:
             seconds.setdefault(record["method"], []).append(record["seconds"])
     return [f"| {method} | {len(s)} | {sum(s) / len(s):.0f} | {min(s):.0f} | {max(s):.0f} |"
             for method, s in seconds.items()]

@@ -239,7 +239,7 @@ def test_keep_best_restores_the_best_validation_step(task, tmp_path, recorded):
     assert_same_tensors(result.trained, guard.best_state)  # the post test ran on the kept weights
 
 
-SCRIPTS = {  # (accuracy, mean true-label probability) at validation steps 0, 1, 2, 3, 4 -> kept step
+SCRIPTS = {  # (accuracy = macro-F1, mean true-label probability) at validation steps 0, 1, 2, 3, 4 -> kept step
     "base-is-best": ([(0.9, 0.6), (0.5, 0.9), (0.9, 0.5), (0.6, 0.6), (0.1, 0.1)], 0),
     "tie-goes-to-earlier": ([(0.5, 0.5), (0.6, 0.5), (0.6, 0.7), (0.6, 0.7), (0.5, 0.9)], 2),
     "nan-is-never-best": ([(0.5, 0.5), (0.9, float("nan")), (0.6, 0.6), (0.5, 0.5), (0.5, 0.9)], 2),
@@ -254,7 +254,7 @@ def test_keep_best_with_scripted_validation(task, tmp_path, recorded, monkeypatc
     def fake_evaluate_prompts(model, builder, prompts, **kwargs):
         accuracy, probability = next(calls)
         return types.SimpleNamespace(metrics={"accuracy": accuracy, "mean_true_label_probability": probability,
-                                              "macro_f1": 0.0, "ece": 0.0})
+                                              "macro_f1": accuracy, "ece": 0.0})
 
     monkeypatch.setattr(callbacks, "evaluate_prompts", fake_evaluate_prompts)
     cfg = config(validation_examples=32, validation_prompts=8, validate_every=1, keep_best=True)
@@ -285,6 +285,15 @@ def test_select_metric_chooses_the_kept_step(task, tmp_path, recorded, monkeypat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["select_metric"] == metric
     with pytest.raises(AbftLensError, match="select_metric"):
         config(select_metric="ece")
+
+
+def test_the_guard_selects_on_macro_f1_unless_told_and_old_run_folders_keep_accuracy():
+    """macro-F1 is the default; a config.json written before the option existed was selected on accuracy."""
+    assert TrainConfig().select_metric == "macro_f1"
+    old = TrainConfig(lr=1e-4).to_dict()
+    del old["select_metric"]
+    assert TrainConfig.from_dict(old).select_metric == "accuracy"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).select_metric == "macro_f1"
 
 
 def test_validation_without_keep_best_keeps_the_last_weights(task, tmp_path, recorded):

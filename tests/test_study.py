@@ -321,12 +321,12 @@ def test_variants_and_spec_file(tmp_path):
     args = build_parser().parse_args(["study", "--out", str(tmp_path / "s"), "--lr", "5e-4", "--restricted-gradient",
                                       "--train-samples", "16", "--pseudo-batch-size", "8"])
     base, fast, e2e = parse_methods("ABFT,fast=ABFT:--lr 1e-3 --no-restricted-gradient --penalty-mode None "
-                                    "--select-metric macro_f1,slow=E2E:--epochs 3")
+                                    "--select-metric accuracy,slow=E2E:--epochs 3")
     assert (recipe_for(args, base).config.lr, recipe_for(args, base).config.restricted_gradient) == (5e-4, True)
     config = recipe_for(args, fast).config
     assert (config.lr, config.restricted_gradient, config.penalty_mode) == (1e-3, False, "None")
     assert config.train_samples == 16
-    assert (config.select_metric, recipe_for(args, base).config.select_metric) == ("macro_f1", "accuracy")
+    assert (config.select_metric, recipe_for(args, base).config.select_metric) == ("accuracy", "macro_f1")
     assert (recipe_for(args, e2e).config.method, recipe_for(args, e2e).config.epochs) == ("E2E", 3)
 
     spec = tmp_path / "spec.toml"

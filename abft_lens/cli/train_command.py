@@ -49,8 +49,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
       help="validation prompts built from them (default 64)")
     a("--validate-every", dest="validate_every", type=int, default=None, help="steps between validations")
     a("--keep-best", dest="keep_best", action="store_true", help="end with the best validation step's weights")
-    a("--select-metric", dest="select_metric", choices=["accuracy", "macro_f1"], default="accuracy",
-      help="validation metric that picks the best step (macro_f1 resists collapse onto a majority label)")
+    a("--select-metric", dest="select_metric", choices=["accuracy", "macro_f1"], default="macro_f1",
+      help="validation metric that picks the best step (default macro_f1: accuracy can pick a collapse onto the "
+           "majority label)")
     a("--n-test", dest="n_test", type=positive_int, default=256, help="first N fixed test prompts for fore/post tests")
     a("--no-fore-test", "--no_fore_test", dest="no_fore_test", action="store_true")
     a("--no-post-test", "--no_post_test", dest="no_post_test", action="store_true")

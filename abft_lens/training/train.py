@@ -49,7 +49,8 @@ class TrainConfig:
     ``threshold=None`` uses T = k / (k + ln n_tokens) per prompt. ``validation_examples`` calibration
     examples (the last ones of the split) are held out from training and build ``validation_prompts``
     prompts for the validation guard, evaluated every ``validate_every`` steps (0: never); the guard's best
-    step is the one with the highest ``select_metric`` (``accuracy`` or ``macro_f1``).
+    step is the one with the highest ``select_metric`` (``macro_f1``, the default, or ``accuracy``: accuracy can
+    pick a step that answers the majority label everywhere; see the README's "Selecting on macro-F1").
     ``micro_batch_size``: prompts per forward pass (None: 8 on CPU, the whole pseudo-batch on CUDA; 1: the
     per-sample loop). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
     Every value is checked when the config is made (:func:`abft_lens.training.checks.check_train_config`).
@@ -76,7 +77,7 @@ class TrainConfig:
     validation_prompts: int = 64
     validate_every: int = 0
     keep_best: bool = False
-    select_metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    select_metric: Literal["accuracy", "macro_f1"] = "macro_f1"
     micro_batch_size: int | None = None
     compute_dtype: Literal["bfloat16"] | None = None
 
@@ -103,6 +104,7 @@ class TrainConfig:
         if unknown:
             raise AbftLensError(f"unknown training options {unknown}.", f"use only {sorted(known)}.")
         values = dict(data)
+        values.setdefault("select_metric", "accuracy")  # written before the field existed: the guard used accuracy
         values["trainable"] = TrainableConfig.from_dict(values.get("trainable") or {})
         return cls(**values)
 
