@@ -19,9 +19,6 @@ from abft_lens.io import atomic_write_text
 from abft_lens.reporting.study_folder import read_study
 from abft_lens.reporting.study_tables import display
 
-AWARD_B = 1.0  # the study ran with the default award
-
-
 def guard_choice(validation: list[dict], metric: str) -> dict:
     """The validation record the guard keeps when it selects on ``metric`` (ties: true-label probability, then the
     earlier step), as :class:`abft_lens.training.callbacks.ValidationGuard` does."""
@@ -36,6 +33,7 @@ def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
     validation = [e for e in events if e["event"] == "validation"]
     steps = [e for e in events if e["event"] == "step"]
     metrics = json.loads((run / "metrics.json").read_text())
+    award = json.loads((run / "config.json").read_text())["train"]["award"]
     by_acc, by_f1 = guard_choice(validation, "accuracy"), guard_choice(validation, "macro_f1")
     return {
         "dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
@@ -47,7 +45,7 @@ def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
         "val_by_accuracy": [by_acc["accuracy"], by_acc["macro_f1"]],
         "val_by_macro_f1": [by_f1["accuracy"], by_f1["macro_f1"]],
         "mean_heads": [steps[0]["mean_heads"], steps[-1]["mean_heads"]] if steps else None,
-        "final_penalty_A": steps[-1]["next_penalty"] if steps else None,
+        "final_penalty_A": steps[-1]["next_penalty"] if steps else None, "award_B": award,
     }
 
 
@@ -72,7 +70,7 @@ def render(rows: list[dict], study_dir: Path, study: dict) -> str:
              "macro-F1 (%) at each validated step. Steps kept when the guard selects on accuracy (acc) or on "
              "macro-F1 (F1), with the validation accuracy / macro-F1 there. Heads: mean heads per prompt the "
              "induction filter passed at the first and last step (ABFT). A: the PID penalty after the last step "
-             f"(the award B is {AWARD_B}).", "",
+             "(B: the run's award).", "",
              "| Dataset | Method | Seed | Test acc | Test macro-F1 | Validation curve | acc → step | F1 → step "
              "| Heads | A |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -97,9 +95,9 @@ def render(rows: list[dict], study_dir: Path, study: dict) -> str:
                   f"selected on macro-F1 {pct(mean('val_by_macro_f1', 0))} / {pct(mean('val_by_macro_f1', 1))}."]
     abft = [r for r in rows if not r["method"].startswith("E2E") and r["final_penalty_A"] is not None]
     if abft:
-        above = sum(r["final_penalty_A"] > AWARD_B for r in abft)
+        above = sum(r["final_penalty_A"] > r["award_B"] for r in abft)
         lines += ["", "## The PID penalty", "",
-                  f"{above} of {len(abft)} ABFT cells end with the penalty A above the award B = {AWARD_B} "
+                  f"{above} of {len(abft)} ABFT cells end with the penalty A above their award B "
                   f"(A from 0.5: mean {sum(r['final_penalty_A'] for r in abft) / len(abft):.2f} after the last step)."]
     lines += ["", "## Wall time per cell (s)", "", "| Method | cells | mean | min | max |", "|---|---|---|---|---|",
               *time_rows(study)]
