@@ -22,7 +22,6 @@ import argparse
 import json
 from pathlib import Path
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -32,6 +31,7 @@ from abft_lens.backends.loading import load_model
 from abft_lens.data.prompts import ICLPrompt, collate, length_sorted_batches, pad_token_id, prompt_builder, test_prompts
 from abft_lens.data.tasks import load_task
 from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.interp.heads import label_masses
 from abft_lens.interp.induction_filter import induction_threshold
 from abft_lens.io import write_json
 from abft_lens.training.runs import run_training
@@ -56,11 +56,7 @@ def per_prompt_attention(model, prompts: list[ICLPrompt], label_ids: list[int]) 
             final = model.ln_final(residual[:, -1:, :])[:, 0]
             out["probs"][chunk] = (final @ model.W_U[:, ids] + model.b_U[ids]).float().softmax(-1)
             rows = store.stacked().float()  # [batch, layer, head, key]
-            index = einops.repeat(batch.label_positions, "b k -> b l h k", l=layers, h=heads)
-            at_labels = rows.gather(-1, index)  # [batch, layer, head, k]
-            correct = einops.rearrange(batch.demo_labels == batch.query_labels[:, None], "b k -> b 1 1 k")
-            out["label_mass"][chunk] = at_labels.sum(-1)
-            out["correct_mass"][chunk] = (at_labels * correct).sum(-1)
+            out["label_mass"][chunk], out["correct_mass"][chunk] = label_masses(rows, batch)
     return out
 
 

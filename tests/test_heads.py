@@ -14,6 +14,7 @@ from abft_lens.interp.heads import (
     head_scores,
     icl_label_attention,
     induction_scores,
+    label_masses,
     previous_token_scores,
     repeated_tokens,
 )
@@ -131,6 +132,23 @@ def test_icl_label_attention_matches_unbatched(tiny, sst2_prompts):
     for name, value in expected.items():
         torch.testing.assert_close(scores[name].scores.double(), value, atol=2e-5, rtol=0, msg=name)
     assert scores["label_attention"].info == {"n_prompts": 7, "k": 4}
+
+
+def test_label_masses_against_a_loop(sst2_prompts):
+    """Per prompt and head: the sum of the row over the label positions, and over those whose label is the query's."""
+    from abft_lens.data.prompts import collate
+
+    batch = collate(sst2_prompts, 0)
+    rows = torch.rand(len(sst2_prompts), 2, 3, batch.tokens.shape[1], generator=torch.Generator().manual_seed(0))
+    label_mass, correct_mass = label_masses(rows, batch)
+    assert label_mass.shape == correct_mass.shape == (len(sst2_prompts), 2, 3)
+    for b in range(len(sst2_prompts)):
+        positions = batch.label_positions[b].tolist()
+        correct = [pos for pos, label in zip(positions, batch.demo_labels[b].tolist())
+                   if label == batch.query_labels[b].item()]
+        torch.testing.assert_close(label_mass[b], rows[b][..., positions].sum(-1))
+        torch.testing.assert_close(correct_mass[b], rows[b][..., correct].sum(-1))
+    assert (correct_mass < label_mass).any()  # some demonstrations carry a wrong label
 
 
 def test_filter_pass_rate_uses_induction_threshold(tiny, sst2_prompts):

@@ -38,12 +38,13 @@ from abft_lens.backends.tl import HookedTransformer, HookPoint
 from abft_lens.interp.capture import capture_attention_rows, pattern_hook_name
 from abft_lens.backends.forward import forward_residual
 from abft_lens.interp.induction_filter import induction_threshold
-from abft_lens.data.prompts import prompt_builder
-from abft_lens.data.prompts import ICLPrompt, collate, length_sorted_batches, pad_token_id, test_prompts
+from abft_lens.data.prompts import (
+    ICLPrompt, PromptBatch, collate, length_sorted_batches, pad_token_id, prompt_builder, test_prompts,
+)
 
 __all__ = [
     "HeadScores", "HeadSet", "SCORE_DESCRIPTIONS", "repeated_tokens", "classic_scores", "induction_scores",
-    "previous_token_scores", "duplicate_token_scores", "copying_scores", "icl_label_attention", "head_scores",
+    "previous_token_scores", "duplicate_token_scores", "copying_scores", "label_masses", "icl_label_attention", "head_scores",
 ]
 
 SCORE_DESCRIPTIONS = {
@@ -321,6 +322,18 @@ def copying_scores(model: HookedTransformer, *, n_tokens: int = 1000, seed: int 
 # ---------------------------------------------------------------------------------------------- ICL scores
 
 
+def label_masses(
+    rows: Float[Tensor, "batch layer head key"], batch: PromptBatch
+) -> tuple[Float[Tensor, "batch layer head"], Float[Tensor, "batch layer head"]]:
+    """Per prompt and head, the attention of the prediction row to the k demonstration labels: to all of them
+    (Σ_I α) and to those whose label is the query's (Σ_{I⁺} α). ``rows`` is the last row of every pattern of
+    ``batch`` (the output of :func:`capture_attention_rows` on a collated batch)."""
+    index = einops.repeat(batch.label_positions.to(rows.device), "b k -> b l h k", l=rows.shape[1], h=rows.shape[2])
+    at_labels = rows.gather(-1, index)  # [batch, layer, head, k]
+    correct = einops.rearrange(batch.demo_labels == batch.query_labels[:, None], "b k -> b 1 1 k")
+    return at_labels.sum(-1), (at_labels * correct.to(rows.device)).sum(-1)
+
+
 def icl_label_attention(
     model: HookedTransformer,
     prompts: Sequence[ICLPrompt],
@@ -354,10 +367,7 @@ def icl_label_attention(
             with capture_attention_rows(model, detach=True) as store:
                 forward_residual(model, batch.tokens.to(model.cfg.device), batch.attention_mask.to(model.cfg.device))
             rows = store.stacked().double().cpu()  # [batch, layer, head, key]
-            index = einops.repeat(batch.label_positions, "b k -> b l h k", l=n_layers, h=n_heads)
-            at_labels = rows.gather(-1, index)  # [batch, layer, head, k]
-            correct = einops.rearrange(batch.demo_labels == batch.query_labels[:, None], "b k -> b 1 1 k")
-            label_mass, correct_mass = at_labels.sum(-1), (at_labels * correct).sum(-1)  # [batch, layer, head]
+            label_mass, correct_mass = label_masses(rows, batch)  # [batch, layer, head]
             thresholds = torch.tensor([induction_threshold(p.k, p.n_tokens) for p in chunk], dtype=torch.float64)
             first = einops.repeat(batch.padding, "b -> b l h 1", l=n_layers, h=n_heads)  # first real token
             sums["label_attention"] += label_mass.sum(0)
