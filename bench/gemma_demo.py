@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from abft_lens.io import read_json, write_json
-from abft_lens.reporting.study_tables import mcnemar_exact
+from abft_lens.evaluation.metrics import mcnemar_exact
 
 
 def paired(run_dir: Path) -> dict:

@@ -114,6 +114,9 @@ RESUME_CASES = {
     "restricted-raise-after-3": (dict(restricted_gradient=True), 3, "raise", 1),
     "lora-e2e-stop-after-1": (dict(method="E2E", trainable=TrainableConfig(kind="lora", lora_r=4)), 1, "stop", 1),
     # checkpoint at step 2, log already at step 3: the resumed log drops step 3 and writes it once again
+    "significance-guard-raise-after-2": (
+        dict(validation_examples=32, validation_prompts=8, validate_every=1, keep_best=True, select_max_p=0.5),
+        2, "raise", 1),
     "checkpoint-every-2-raise-after-3": (dict(validation_examples=32, validation_prompts=8, validate_every=1),
                                          3, "raise", 2),
 }
@@ -254,7 +257,7 @@ def test_keep_best_with_scripted_validation(task, tmp_path, recorded, monkeypatc
     def fake_evaluate_prompts(model, builder, prompts, **kwargs):
         accuracy, probability = next(calls)
         return types.SimpleNamespace(metrics={"accuracy": accuracy, "mean_true_label_probability": probability,
-                                              "macro_f1": accuracy, "ece": 0.0})
+                                              "macro_f1": accuracy, "ece": 0.0}, predictions=[0] * 8, gold=[0] * 8)
 
     monkeypatch.setattr(callbacks, "evaluate_prompts", fake_evaluate_prompts)
     cfg = config(validation_examples=32, validation_prompts=8, validate_every=1, keep_best=True)
@@ -275,7 +278,7 @@ def test_select_metric_chooses_the_kept_step(task, tmp_path, recorded, monkeypat
     def fake_evaluate_prompts(model, builder, prompts, **kwargs):
         accuracy, f1 = next(calls)
         return types.SimpleNamespace(metrics={"accuracy": accuracy, "mean_true_label_probability": 0.5,
-                                              "macro_f1": f1, "ece": 0.0})
+                                              "macro_f1": f1, "ece": 0.0}, predictions=[0] * 8, gold=[0] * 8)
 
     monkeypatch.setattr(callbacks, "evaluate_prompts", fake_evaluate_prompts)
     cfg = config(validation_examples=32, validation_prompts=8, validate_every=1, keep_best=True, select_metric=metric)
@@ -285,6 +288,49 @@ def test_select_metric_chooses_the_kept_step(task, tmp_path, recorded, monkeypat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["select_metric"] == metric
     with pytest.raises(AbftLensError, match="select_metric"):
         config(select_metric="ece")
+
+
+# per validation prompt (8, all of gold label 0), right (1) or wrong (0) at steps 0..4, and the mean true-label
+# probability. Step 2 has the best accuracy but 6 gained / 1 lost against step 0 (McNemar p = 0.125); step 4 ties
+# it in accuracy with a lower probability and 5 gained / 0 lost (p = 0.0625).
+SIGNIFICANCE_SCRIPT = [
+    ([1, 1, 0, 0, 0, 0, 0, 0], 0.5),
+    ([1, 1, 1, 1, 1, 0, 0, 0], 0.5),  # 3 / 0, p = 0.25
+    ([1, 0, 1, 1, 1, 1, 1, 1], 0.7),  # 6 / 1, p = 0.125
+    ([1, 1, 1, 1, 1, 1, 0, 0], 0.6),  # 4 / 0, p = 0.125
+    ([1, 1, 1, 1, 1, 1, 1, 0], 0.6),  # 5 / 0, p = 0.0625
+]
+
+
+@pytest.mark.parametrize("max_p, expected", [(None, 2), (0.1, 4), (0.05, 0)])
+def test_select_max_p_keeps_only_significant_gains_over_the_base(task, tmp_path, recorded, monkeypatch, max_p,
+                                                                 expected):
+    calls = iter(SIGNIFICANCE_SCRIPT)
+
+    def fake_evaluate_prompts(model, builder, prompts, **kwargs):
+        correct, probability = next(calls)
+        accuracy = sum(correct) / len(correct)
+        return types.SimpleNamespace(metrics={"accuracy": accuracy, "mean_true_label_probability": probability,
+                                              "macro_f1": accuracy, "ece": 0.0},
+                                     predictions=[1 - c for c in correct], gold=[0] * len(correct))
+
+    monkeypatch.setattr(callbacks, "evaluate_prompts", fake_evaluate_prompts)
+    cfg = config(validation_examples=32, validation_prompts=8, validate_every=1, keep_best=True, select_max_p=max_p)
+    result, _ = train(task, tmp_path / "run", cfg, callbacks=[recorded.callback])
+    assert result.best_step == expected
+    assert_same_tensors(trained(tmp_path / "run"), recorded.states[expected])
+    records = [line for line in read_log(tmp_path / "run") if line["event"] == "validation"]
+    assert "p_vs_base" not in records[0]
+    assert [(r["gained_vs_base"], r["lost_vs_base"]) for r in records[1:]] == [(3, 0), (6, 1), (4, 0), (5, 0)]
+    assert [r["p_vs_base"] for r in records[1:]] == pytest.approx([0.25, 0.125, 0.125, 0.0625])
+
+
+def test_select_max_p_is_checked():
+    with pytest.raises(AbftLensError, match="select_max_p=0 must be a number in"):
+        TrainConfig(validation_examples=32, validate_every=1, keep_best=True, select_max_p=0)
+    with pytest.raises(AbftLensError, match="keep_best is off"):
+        TrainConfig(validation_examples=32, validate_every=1, select_max_p=0.05)
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).select_max_p is None
 
 
 def test_the_guard_selects_on_macro_f1_unless_told_and_old_run_folders_keep_accuracy():

@@ -13,6 +13,8 @@ Ties in argmax go to the lower label index in both.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -59,3 +61,12 @@ def classification_metrics(gold: Int[Tensor, " n"], probs: Float[Tensor, "n labe
         "macro_f1": macro_f1(gold, probs),
         "ece": expected_calibration_error(gold, probs),
     }
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs ~ Binomial(gained + lost, 1/2); 1.0 with none."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abft_lens.evaluation.metrics import mcnemar_exact
 from abft_lens.io import read_json
 from abft_lens.reporting.study_folder import (BASELINE_KINDS, baseline_path, dataset_name, read_study, run_path)
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
@@ -39,15 +40,6 @@ COLLAPSE_SHARE = 0.9
 COLLAPSE_MARGIN = 0.2
 SIGNIFICANCE = 0.05
 AVERAGE = "Avg."
-
-
-def mcnemar_exact(gained: int, lost: int) -> float:
-    """Two-sided exact McNemar test: the discordant pairs ~ Binomial(gained + lost, 1/2); 1.0 with none."""
-    n = gained + lost
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def collapse_threshold(majority_rate: float) -> float:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import evaluate_prompts
+from abft_lens.evaluation.metrics import mcnemar_exact
 from abft_lens.io import append_jsonl, atomic_write_bytes
 from abft_lens.data.prompts import ICLPrompt
 from abft_lens.training.train import StepResult, Trainer
@@ -51,7 +52,9 @@ class ValidationGuard:
 
     Best = highest validation ``trainer.config.select_metric`` (accuracy or macro-F1), ties broken by mean
     true-label probability, then by the earlier step (step 0 is the untrained model: if nothing beats it, keeping
-    the best keeps the base weights).
+    the best keeps the base weights). Each later record also counts the validation prompts gained and lost
+    against step 0 with their exact McNemar p (``gained_vs_base``, ``lost_vs_base``, ``p_vs_base``); with
+    ``trainer.config.select_max_p`` set, only steps with more gained than lost and p below it can be the best.
     """
 
     def __init__(self, prompts: Sequence[ICLPrompt], every: int, *, batch_size: int = 8, log_path: Path | None = None):
@@ -62,17 +65,28 @@ class ValidationGuard:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.base_correct: list[bool] | None = None  # per validation prompt, right at step 0
 
     def evaluate(self, trainer: Trainer, step: int) -> dict:
         result = evaluate_prompts(trainer.model, trainer.builder, self.prompts, batch_size=self.batch_size)
+        correct = [prediction == gold for prediction, gold in zip(result.predictions, result.gold)]
         record = {"event": "validation", "step": step, **result.metrics}
+        if step == 0:
+            self.base_correct = correct
+        elif self.base_correct is not None:
+            gained = sum(now and not then for now, then in zip(correct, self.base_correct))
+            lost = sum(then and not now for now, then in zip(correct, self.base_correct))
+            record.update(gained_vs_base=gained, lost_vs_base=lost, p_vs_base=mcnemar_exact(gained, lost))
         self.history.append(record)
         if self.log_path is not None:
             append_jsonl(self.log_path, record)
-        metric = trainer.config.select_metric
+        metric, max_p = trainer.config.select_metric, trainer.config.select_max_p
         key = (record[metric], record["mean_true_label_probability"])
         finite = all(math.isfinite(value) for value in key)  # NaN probabilities never make a step the best
-        if finite and (self.best is None or key > (self.best[metric], self.best["mean_true_label_probability"])):
+        significant = max_p is None or step == 0 or (
+            "p_vs_base" in record and record["gained_vs_base"] > record["lost_vs_base"] and record["p_vs_base"] < max_p)
+        if finite and significant and (
+                self.best is None or key > (self.best[metric], self.best["mean_true_label_probability"])):
             self.best = record
             self.best_state = trainer.trainable.state_dict()
         return record
@@ -82,10 +96,12 @@ class ValidationGuard:
             self.evaluate(trainer, result.step)
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "best": self.best, "best_state": self.best_state}
+        return {"history": self.history, "best": self.best, "best_state": self.best_state,
+                "base_correct": self.base_correct}
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.best, self.best_state = state["history"], state["best"], state["best_state"]
+        self.base_correct = state.get("base_correct")  # None in checkpoints written before it was kept
 
 
 class Checkpointer:

@@ -103,6 +103,13 @@ def _check_combinations(config) -> None:
     if config.keep_best and not (config.validate_every and config.validation_examples):
         raise AbftLensError("keep_best needs a validation set.",
                             "set validation_examples > k and validate_every >= 1.")
+    max_p = config.select_max_p
+    if max_p is not None and not (_is_number(max_p) and 0 < max_p <= 1):
+        raise AbftLensError(f"select_max_p={max_p!r} must be a number in (0, 1].",
+                            "pass e.g. --select-max-p 0.05, or leave it out to keep the plain best step.")
+    if max_p is not None and not config.keep_best:
+        raise AbftLensError("select_max_p decides which validation step is kept, but keep_best is off.",
+                            "add --keep-best, or drop --select-max-p.")
     if config.validation_examples and config.validation_examples <= config.k:
         raise AbftLensError(f"validation_examples={config.validation_examples} cannot fill a k={config.k} prompt.",
                             "hold out more than k+1 examples (e.g. 128) or 0 for no validation.")

@@ -51,6 +51,9 @@ class TrainConfig:
     prompts for the validation guard, evaluated every ``validate_every`` steps (0: never); the guard's best
     step is the one with the highest ``select_metric`` (``macro_f1``, the default, or ``accuracy``: accuracy can
     pick a step that answers the majority label everywhere; see the README's "Selecting on macro-F1").
+    ``select_max_p``: when set, a trained step can be kept only if, on the validation prompts, it answers
+    significantly more prompts right than step 0 (paired exact McNemar, p < ``select_max_p``, more gained than
+    lost); otherwise the base is kept. Ours, not the paper's: a guard on few prompts otherwise keeps noise.
     ``micro_batch_size``: prompts per forward pass (None: 8 on CPU, the whole pseudo-batch on CUDA; 1: the
     per-sample loop). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
     Every value is checked when the config is made (:func:`abft_lens.training.checks.check_train_config`).
@@ -78,6 +81,7 @@ class TrainConfig:
     validate_every: int = 0
     keep_best: bool = False
     select_metric: Literal["accuracy", "macro_f1"] = "macro_f1"
+    select_max_p: float | None = None
     micro_batch_size: int | None = None
     compute_dtype: Literal["bfloat16"] | None = None
 
