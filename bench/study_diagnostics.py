@@ -4,7 +4,10 @@ Per trained cell: test accuracy and macro-F1 before/after, the validation curve,
 it selects on accuracy and when it selects on macro-F1 (the evidence for ``--select-metric``), the heads the
 induction filter passed (mean per prompt, first and last step) and the PID penalty A against the award B.
 Then, over all cells: how often the two selection metrics disagree, and what each choice costs the other metric
-on the validation prompts (test prompts never enter a choice).
+on the validation prompts (test prompts never enter a choice); and what the significance gate (``--select-max-p
+0.05``, ours) would have kept: exactly where the log holds the per-step gained/lost counts against step 0, else
+from the validation accuracies alone, which prove that the gate keeps the base when no step is right on enough
+more prompts for any split of them to reach p < 0.05 (d more prompts at best d gained / 0 lost, p = 2^(1-d)).
 
     .venv/bin/python bench/study_diagnostics.py bench/results/study-smollm2 --output bench/results/diagnostics-smollm2.md
 """
@@ -15,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from abft_lens.evaluation.metrics import mcnemar_exact
 from abft_lens.io import atomic_write_text
 from abft_lens.reporting.study_folder import read_study
 from abft_lens.reporting.study_tables import display
@@ -25,6 +29,21 @@ def guard_choice(validation: list[dict], metric: str) -> dict:
     return max(validation, key=lambda v: (v[metric], v["mean_true_label_probability"], -v["step"]))
 
 
+def gate_choice(validation: list[dict], n_prompts: int, metric: str, max_p: float = 0.05) -> int | None:
+    """The step ``--select-max-p max_p`` keeps: 0 when no step can have gained significantly, the best eligible
+    step when the log counts gained/lost, None when the accuracies alone cannot tell."""
+    base = validation[0]
+    eligible, unknown = [base], False
+    for record in validation[1:]:
+        if "gained_vs_base" in record:
+            if record["gained_vs_base"] > record["lost_vs_base"] and record["p_vs_base"] < max_p:
+                eligible.append(record)
+            continue
+        net = round((record["accuracy"] - base["accuracy"]) * n_prompts)
+        unknown = unknown or (net >= 1 and mcnemar_exact(net, 0) < max_p)
+    return None if unknown else guard_choice(eligible, metric)["step"]
+
+
 def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
     run = study_dir / record["path"]
     if record["state"] != "done" or not (run / "log.jsonl").is_file():
@@ -33,7 +52,8 @@ def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
     validation = [e for e in events if e["event"] == "validation"]
     steps = [e for e in events if e["event"] == "step"]
     metrics = json.loads((run / "metrics.json").read_text())
-    award = json.loads((run / "config.json").read_text())["train"]["award"]
+    train = json.loads((run / "config.json").read_text())["train"]
+    award = train["award"]
     by_acc, by_f1 = guard_choice(validation, "accuracy"), guard_choice(validation, "macro_f1")
     return {
         "dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
@@ -46,6 +66,7 @@ def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
         "val_by_macro_f1": [by_f1["accuracy"], by_f1["macro_f1"]],
         "mean_heads": [steps[0]["mean_heads"], steps[-1]["mean_heads"]] if steps else None,
         "final_penalty_A": steps[-1]["next_penalty"] if steps else None, "award_B": award,
+        "step_by_gate": gate_choice(validation, train["validation_prompts"], train.get("select_metric", "accuracy")),
     }
 
 
@@ -70,9 +91,9 @@ def render(rows: list[dict], study_dir: Path, study: dict) -> str:
              "macro-F1 (%) at each validated step. Steps kept when the guard selects on accuracy (acc) or on "
              "macro-F1 (F1), with the validation accuracy / macro-F1 there. Heads: mean heads per prompt the "
              "induction filter passed at the first and last step (ABFT). A: the PID penalty after the last step "
-             "(B: the run's award).", "",
+             "(B: the run's award). Gate: the step `--select-max-p 0.05` keeps (? where the log cannot tell).", "",
              "| Dataset | Method | Seed | Test acc | Test macro-F1 | Validation curve | acc → step | F1 → step "
-             "| Heads | A |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| Heads | A | Gate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         curve = " ".join(f"{s}:{pct(a)}/{pct(f)}" for s, a, f in r["validation"])
         heads = "–" if r["method"].startswith("E2E") or not r["mean_heads"] else \
@@ -84,7 +105,7 @@ def render(rows: list[dict], study_dir: Path, study: dict) -> str:
             f"| {pct(r['test_macro_f1'][0])} → {pct(r['test_macro_f1'][1])} | {curve} "
             f"| {r['step_by_accuracy']} ({pct(r['val_by_accuracy'][0])}/{pct(r['val_by_accuracy'][1])}) "
             f"| {r['step_by_macro_f1']} ({pct(r['val_by_macro_f1'][0])}/{pct(r['val_by_macro_f1'][1])}) "
-            f"| {heads} | {a} |")
+            f"| {heads} | {a} | {'?' if r['step_by_gate'] is None else r['step_by_gate']} |")
     differ = [r for r in rows if r["step_by_accuracy"] != r["step_by_macro_f1"]]
     lines += ["", "## Selecting on accuracy or on macro-F1 (validation prompts only)", "",
               f"{len(differ)} of {len(rows)} cells keep a different step under the two metrics."]
@@ -99,9 +120,29 @@ def render(rows: list[dict], study_dir: Path, study: dict) -> str:
         lines += ["", "## The PID penalty", "",
                   f"{above} of {len(abft)} ABFT cells end with the penalty A above their award B "
                   f"(A from 0.5: mean {sum(r['final_penalty_A'] for r in abft) / len(abft):.2f} after the last step)."]
+    lines += ["", "## The significance gate (`--select-max-p 0.05`, ours), from the validation prompts", "",
+              *gate_summary(rows)]
     lines += ["", "## Wall time per cell (s)", "", "| Method | cells | mean | min | max |", "|---|---|---|---|---|",
               *time_rows(study)]
     return "\n".join(lines) + "\n"
+
+
+def gate_summary(rows: list[dict]) -> list[str]:
+    """Where the gate would have kept the base instead of a trained step: the test change it would undo."""
+    undone = [r for r in rows if r["step_by_gate"] == 0 and r["kept_step"] not in (0, None)]
+    unknown = sum(r["step_by_gate"] is None for r in rows)
+    text = [f"Of {len(rows)} trained cells, the gate keeps the base on {sum(r['step_by_gate'] == 0 for r in rows)} "
+            f"(the guard kept a trained step on {len(undone)} of them), a trained step on "
+            f"{sum(r['step_by_gate'] not in (0, None) for r in rows)}, and on {unknown} the log cannot tell."]
+    if undone:
+        changes = [(r["test_accuracy"][0] - r["test_accuracy"][1], r["test_macro_f1"][0] - r["test_macro_f1"][1])
+                   for r in undone]
+        text += ["Where it keeps the base over a trained step, test accuracy / macro-F1 change by (gate − kept): "
+                 + ", ".join(f"{display(r['dataset'])} {r['method']} s{r['seed']} {100 * a:+.1f} / {100 * f:+.1f}"
+                             for r, (a, f) in zip(undone, changes))
+                 + f"; mean {100 * sum(a for a, _ in changes) / len(changes):+.1f} / "
+                   f"{100 * sum(f for _, f in changes) / len(changes):+.1f}."]
+    return text
 
 
 def main() -> None:
