@@ -1,0 +1,95 @@
+"""Head to head: every pair of a study's methods on the same test prompts, per dataset (Table 1 compares each
+method with vanilla only; this answers "does ABFT beat CC?" and "where does E2E win?").
+
+For each model, dataset and pair (A, B): the prompts only A answers right and only B answers right, pooled over the
+seeds both have (a baseline such as CC has no seed and pairs with every seed of the other), and the two-sided exact
+McNemar p. Read from the study folder's baseline files and post tests; nothing is re-run.
+
+    .venv/bin/python bench/study_pairs.py bench/results/study-smollm2 --output bench/results/pairs-smollm2.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from abft_lens.evaluation.metrics import mcnemar_exact
+from abft_lens.io import atomic_write_text, read_json
+from abft_lens.reporting.study_folder import BASELINE_KINDS, baseline_path, dataset_name, read_study, run_path
+from abft_lens.reporting.study_tables import display
+
+
+def correctness(study_dir: Path, study: dict, model: str, dataset: str, method: dict) -> dict:
+    """seed (None for a baseline) -> per-prompt right/wrong, for the finished evaluations of ``method``."""
+    settings = study["plan"].get("settings", {})
+    k, n_test = int(settings.get("k", 4)), settings.get("n_test", 256)
+    if method["kind"] in BASELINE_KINDS:
+        paths = {None: baseline_path(study_dir, model, dataset, method["kind"], k=k, n_test=n_test)}
+    else:
+        paths = {seed: run_path(study_dir, model, dataset, method["name"], seed) / "post_test.json"
+                 for seed in study["plan"]["seeds"]}
+    done = {(r["dataset"], r["method"], r["seed"]) for r in study["cells"].values()
+            if r["state"] == "done" and r["model"] == model}
+    out = {}
+    for seed, path in paths.items():
+        finished = method["kind"] == "vanilla" or any(
+            dataset_name(d) == dataset and m == method["name"] and s == seed for d, m, s in done)
+        if finished and path.is_file():
+            out[seed] = [row["prediction"] == row["gold"] for row in read_json(path)["per_prompt"]]
+    return out
+
+
+def compare(first: dict, second: dict) -> tuple[int, int, int] | None:
+    """(only first right, only second right, seeds paired), pooled over the seeds both have."""
+    pairs = [(a, b) for sa, a in first.items() for sb, b in second.items() if sa is None or sb is None or sa == sb]
+    if not pairs:
+        return None
+    only_first = sum(x and not y for a, b in pairs for x, y in zip(a, b))
+    only_second = sum(y and not x for a, b in pairs for x, y in zip(a, b))
+    return only_first, only_second, len(pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--output", type=Path, help="markdown file (default: print); a .json beside it")
+    args = parser.parse_args()
+    study = read_study(args.study)
+    methods = study["plan"]["methods"]
+    if not any(m["kind"] == "vanilla" for m in methods):
+        methods = [{"name": "vanilla", "kind": "vanilla"}] + methods
+    datasets = [dataset_name(d) for d in study["plan"]["datasets"]]
+    lines = [f"# Head to head in {args.study.name}", "",
+             "Per dataset: prompts only the row method answers right / only the column method, pooled over seeds, "
+             "and the exact McNemar p; **bold**: p < 0.05.", ""]
+    rows = []
+    for model in study["plan"]["models"]:
+        right = {(d, m["name"]): correctness(args.study, study, model, d, m) for d in datasets for m in methods}
+        for first, second in itertools.combinations([m["name"] for m in methods], 2):
+            if "vanilla" in (first, second):
+                continue  # against vanilla: Table 1
+            lines += [f"## {model}: {first} vs {second}", "", "| Dataset | " + first + " only | " + second
+                      + " only | seeds | p |", "|---|---|---|---|---|"]
+            for dataset in datasets:
+                result = compare(right[dataset, first], right[dataset, second])
+                if result is None:
+                    continue
+                a, b, n = result
+                p = mcnemar_exact(a, b)
+                cell = f"{p:.3f}" if p >= 0.001 else "<0.001"
+                lines.append(f"| {display(dataset)} | {a} | {b} | {n} | {f'**{cell}**' if p < 0.05 else cell} |")
+                rows.append({"model": model, "dataset": dataset, "first": first, "second": second,
+                             "first_only": a, "second_only": b, "seeds": n, "p": p})
+            lines.append("")
+    text = "\n".join(lines)
+    if args.output:
+        atomic_write_text(args.output, text)
+        atomic_write_text(args.output.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
