@@ -10,7 +10,9 @@ of the first ``--n-test`` test prompts measures, on the untrained and on the tra
 - the true-label probability (softmax over the label words) and whether the prompt is answered correctly.
 
 It then correlates the per-prompt change of the margin with the per-prompt change of the true-label probability
-and of correctness (Pearson), and gives the mean margin change of the prompts gained, lost and unchanged.
+and of correctness (Pearson), and gives the mean margin change of the prompts gained, lost and unchanged, and per
+gold label (a shift of attention toward one label word, whatever the query, shows as a margin that rises for one
+label's prompts and falls for the others'). The per-prompt values are kept in the JSON.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/attention_vs_correctness.py --dataset sst2 \
         --output bench/results/attention_vs_correctness_sst2.json
@@ -115,11 +117,21 @@ def main() -> None:
         "mean_margin_change": {name: (d_margin[mask].mean().item() if mask.any() else None)
                                for name, mask in groups.items()},
         "prompts": {name: int(mask.sum()) for name, mask in groups.items()},
+        # a shift toward one label word raises the margin of one gold label's prompts and lowers the others'
+        "by_gold_label": {
+            word: {"prompts": int(mask.sum()), "accuracy": [right[0][mask].mean().item(), right[1][mask].mean().item()],
+                   "mean_margin_change": d_margin[mask].mean().item(),
+                   "gained": int((d_right[mask] > 0).sum()), "lost": int((d_right[mask] < 0).sum())}
+            for label, word in enumerate(task.label_words) if (mask := gold == label).any()},
+        "predicted_label_share": {word: [(m["probs"].argmax(-1) == label).float().mean().item() for m in (before, after)]
+                                  for label, word in enumerate(task.label_words)},
+        "per_prompt": {"gold": gold.tolist(), "margin": [margin_before.tolist(), margin_after.tolist()],
+                       "true_label_probability": [p_true[0].tolist(), p_true[1].tolist()],
+                       "right": [right[0].tolist(), right[1].tolist()]},
     }
-    text = json.dumps(result, indent=1)
     if args.output:
         write_json(args.output, result)
-    print(text)
+    print(json.dumps({key: value for key, value in result.items() if key != "per_prompt"}, indent=1))
 
 
 if __name__ == "__main__":
