@@ -123,8 +123,9 @@ def main() -> None:
                    "mean_margin_change": d_margin[mask].mean().item(),
                    "gained": int((d_right[mask] > 0).sum()), "lost": int((d_right[mask] < 0).sum())}
             for label, word in enumerate(task.label_words) if (mask := gold == label).any()},
-        "predicted_label_share": {word: [(m["probs"].argmax(-1) == label).float().mean().item() for m in (before, after)]
-                                  for label, word in enumerate(task.label_words)},
+        "predicted_label_share": {
+            word: [(m["probs"].argmax(-1) == label).float().mean().item() for m in (before, after)]
+            for label, word in enumerate(task.label_words)},
         "per_prompt": {"gold": gold.tolist(), "margin": [margin_before.tolist(), margin_after.tolist()],
                        "true_label_probability": [p_true[0].tolist(), p_true[1].tolist()],
                        "right": [right[0].tolist(), right[1].tolist()]},

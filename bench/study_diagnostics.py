@@ -53,7 +53,6 @@ def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
     steps = [e for e in events if e["event"] == "step"]
     metrics = json.loads((run / "metrics.json").read_text())
     train = json.loads((run / "config.json").read_text())["train"]
-    award = train["award"]
     by_acc, by_f1 = guard_choice(validation, "accuracy"), guard_choice(validation, "macro_f1")
     return {
         "dataset": record["dataset"], "method": record["method"], "seed": record["seed"],
@@ -65,7 +64,7 @@ def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
         "val_by_accuracy": [by_acc["accuracy"], by_acc["macro_f1"]],
         "val_by_macro_f1": [by_f1["accuracy"], by_f1["macro_f1"]],
         "mean_heads": [steps[0]["mean_heads"], steps[-1]["mean_heads"]] if steps else None,
-        "final_penalty_A": steps[-1]["next_penalty"] if steps else None, "award_B": award,
+        "final_penalty_A": steps[-1]["next_penalty"] if steps else None, "award_B": train["award"],
         "step_by_gate": gate_choice(validation, train["validation_prompts"], train.get("select_metric", "accuracy")),
     }
 
@@ -145,6 +144,15 @@ def gate_summary(rows: list[dict]) -> list[str]:
     return text
 
 
+def write_outputs(output: Path | None, text: str, rows: list[dict]) -> None:
+    """``text`` to ``output`` (markdown) and ``rows`` to the .json beside it, atomically; printed without one."""
+    if output:
+        atomic_write_text(output, text)
+        atomic_write_text(output.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    else:
+        print(text, end="")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path)
@@ -152,12 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     study = read_study(args.study)
     rows = [d for record in study["cells"].values() if (d := cell_diagnostics(args.study, record))]
-    text = render(rows, args.study, study)
-    if args.output:
-        atomic_write_text(args.output, text)
-        atomic_write_text(args.output.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
-    else:
-        print(text, end="")
+    write_outputs(args.output, render(rows, args.study, study), rows)
 
 
 if __name__ == "__main__":

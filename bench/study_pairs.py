@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 from abft_lens.evaluation.metrics import mcnemar_exact
-from abft_lens.io import atomic_write_text, read_json
+from abft_lens.io import read_json
 from abft_lens.reporting.study_folder import BASELINE_KINDS, baseline_path, dataset_name, read_study, run_path
 from abft_lens.reporting.study_tables import display
+from study_diagnostics import write_outputs  # bench/ is the script's own folder, first on sys.path
 
 
-def correctness(study_dir: Path, study: dict, model: str, dataset: str, method: dict) -> dict:
-    """seed (None for a baseline) -> per-prompt right/wrong, for the finished evaluations of ``method``."""
+def correctness(study_dir: Path, study: dict, done: set, model: str, dataset: str, method: dict) -> dict:
+    """seed (None for a baseline) -> per-prompt right/wrong, for the finished evaluations of ``method``;
+    ``done`` holds the finished cells as (model, dataset name, method, seed)."""
     settings = study["plan"].get("settings", {})
     k, n_test = int(settings.get("k", 4)), settings.get("n_test", 256)
     if method["kind"] in BASELINE_KINDS:
@@ -30,15 +31,9 @@ def correctness(study_dir: Path, study: dict, model: str, dataset: str, method: 
     else:
         paths = {seed: run_path(study_dir, model, dataset, method["name"], seed) / "post_test.json"
                  for seed in study["plan"]["seeds"]}
-    done = {(r["dataset"], r["method"], r["seed"]) for r in study["cells"].values()
-            if r["state"] == "done" and r["model"] == model}
-    out = {}
-    for seed, path in paths.items():
-        finished = method["kind"] == "vanilla" or any(
-            dataset_name(d) == dataset and m == method["name"] and s == seed for d, m, s in done)
-        if finished and path.is_file():
-            out[seed] = [row["prediction"] == row["gold"] for row in read_json(path)["per_prompt"]]
-    return out
+    return {seed: [row["prediction"] == row["gold"] for row in read_json(path)["per_prompt"]]
+            for seed, path in paths.items()
+            if path.is_file() and (method["kind"] == "vanilla" or (model, dataset, method["name"], seed) in done)}
 
 
 def compare(first: dict, second: dict) -> tuple[int, int, int] | None:
@@ -61,12 +56,14 @@ def main() -> None:
     if not any(m["kind"] == "vanilla" for m in methods):
         methods = [{"name": "vanilla", "kind": "vanilla"}] + methods
     datasets = [dataset_name(d) for d in study["plan"]["datasets"]]
+    done = {(r["model"], dataset_name(r["dataset"]), r["method"], r["seed"]) for r in study["cells"].values()
+            if r["state"] == "done"}
     lines = [f"# Head to head in {args.study.name}", "",
              "Per dataset: prompts only the row method answers right / only the column method, pooled over seeds, "
              "and the exact McNemar p; **bold**: p < 0.05.", ""]
     rows = []
     for model in study["plan"]["models"]:
-        right = {(d, m["name"]): correctness(args.study, study, model, d, m) for d in datasets for m in methods}
+        right = {(d, m["name"]): correctness(args.study, study, done, model, d, m) for d in datasets for m in methods}
         for first, second in itertools.combinations([m["name"] for m in methods], 2):
             if "vanilla" in (first, second):
                 continue  # against vanilla: Table 1
@@ -83,12 +80,7 @@ def main() -> None:
                 rows.append({"model": model, "dataset": dataset, "first": first, "second": second,
                              "first_only": a, "second_only": b, "seeds": n, "p": p})
             lines.append("")
-    text = "\n".join(lines)
-    if args.output:
-        atomic_write_text(args.output, text)
-        atomic_write_text(args.output.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
-    else:
-        print(text, end="")
+    write_outputs(args.output, "\n".join(lines) + "\n", rows)
 
 
 if __name__ == "__main__":

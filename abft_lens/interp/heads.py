@@ -44,7 +44,8 @@ from abft_lens.data.prompts import (
 
 __all__ = [
     "HeadScores", "HeadSet", "SCORE_DESCRIPTIONS", "repeated_tokens", "classic_scores", "induction_scores",
-    "previous_token_scores", "duplicate_token_scores", "copying_scores", "label_masses", "icl_label_attention", "head_scores",
+    "previous_token_scores", "duplicate_token_scores", "copying_scores", "label_masses", "icl_label_attention",
+    "head_scores",
 ]
 
 SCORE_DESCRIPTIONS = {
