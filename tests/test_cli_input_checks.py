@@ -161,7 +161,18 @@ TRAIN: list[Case] = [  # QUICK + these + --run-dir RUN
      "is not UTF-8 text (byte 0xe9"),
     ("one-label-csv", lambda e: ["--dataset", e.csv(rows(40, labels=("good",)))], "has a single label ('good')"),
     ("prompt-longer-than-context", lambda e: ["--model", "tiny:n_ctx=64"], "more than the model's context of 64"),
+    ("balanced-queries-label-missing-from-training", lambda e: [
+        "--dataset", e.csv(split_rows()), "--k", "2", "--n-test", "4", "--balance-query-labels"],
+     "balanced query labels need every label in the training pool; ['bad'] has none among its 10 examples"),
 ]
+
+
+def split_rows() -> str:
+    """A CSV whose calibration split (the training pool) holds only 'good'; both labels occur elsewhere."""
+    placed = [("calibration", "good")] * 10 + [("demonstration", "good"), ("demonstration", "bad")] * 10 + \
+        [("test", "good"), ("test", "bad")] * 4
+    return "text,label,split\n" + "".join(f"item {i} is fine,{label},{split}\n"
+                                        for i, (split, label) in enumerate(placed))
 
 RUN_DIRS: list[Case] = [  # QUICK + these (the --run-dir is the case's own)
     ("run-dir-is-a-file", lambda e: ["--run-dir", a_file(e)], "is a file, not a folder"),

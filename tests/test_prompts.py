@@ -243,6 +243,52 @@ def test_sample_prompts_seeded_distinct_examples(tok):
         assert sorted(e.text for e in demos + [query]) == sorted(e.text for e in small)
 
 
+def test_default_sampler_is_the_seeded_draw_of_k_plus_1_examples(tok):
+    """The unbalanced sampler is exactly random.Random(seed).sample(range(len(pool)), k + 1) per prompt (the
+    committed studies' training prompts depend on this draw)."""
+    import random
+
+    task = _toy_task(n=40)
+    pool = task.calibration + task.demonstration
+    builder = PromptBuilder(tok, task)
+    rng = random.Random(11)
+    expected = [[pool[i] for i in rng.sample(range(len(pool)), 4)] for _ in range(7)]
+    got = sample_prompts(builder, pool, k=3, n=7, seed=11)
+    assert got == [builder.build(chosen[:3], chosen[3]) for chosen in expected]
+
+
+def _skewed_pool(n_per_label):
+    """Examples with labels 0, 1, 2 in the given counts (a pool far from balanced)."""
+    return [Example(f"item {label} {i} here .", label) for label, n in enumerate(n_per_label) for i in range(n)]
+
+
+def test_balanced_query_labels_take_every_label_equally_often(tok):
+    task = _toy_task(label_words=(" negative", " neutral", " positive"))
+    pool = _skewed_pool([3, 40, 7])
+    builder = _RecordingBuilder(tok, task)
+    prompts = sample_prompts(builder, pool, k=4, n=31, seed=3, balance_query_labels=True)
+    counts = [sum(p.query_label == c for p in prompts) for c in range(3)]
+    assert sorted(counts) == [10, 10, 11]
+    # the plain sampler follows the pool's label shares instead (80 % label 1 here)
+    plain = sample_prompts(builder, pool, k=4, n=200, seed=3)
+    assert sum(p.query_label == 1 for p in plain) > 120
+    builder.calls.clear()
+    again = sample_prompts(builder, pool, k=4, n=31, seed=3, balance_query_labels=True)
+    assert again == prompts and sample_prompts(builder, pool, k=4, n=31, seed=4, balance_query_labels=True) != prompts
+    for demos, query in builder.calls:  # k + 1 distinct examples; demonstrations keep the pool's shares
+        assert len({e.text for e in demos + [query]}) == 5
+    demo_labels = [e.label for demos, _ in builder.calls for e in demos]
+    assert demo_labels.count(1) > demo_labels.count(0) + demo_labels.count(2)
+
+
+def test_balanced_query_labels_need_every_label_in_the_pool(tok):
+    task = _toy_task(label_words=(" negative", " neutral", " positive"))
+    builder = PromptBuilder(tok, task)
+    with pytest.raises(AbftLensError, match=r"\['positive'\] has none") as error:
+        sample_prompts(builder, _skewed_pool([5, 5, 0]), k=2, n=4, seed=0, balance_query_labels=True)
+    assert "--balance-query-labels" in error.value.fix
+
+
 # ------------------------------------------------------------------------------------------ batching
 
 

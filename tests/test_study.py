@@ -312,6 +312,20 @@ def test_out_is_a_file_and_another_plan_are_refused(tmp_path, capsys):
     assert (out / "tiny" / "fp" / "cc" / "k4-n4.json").is_file()
 
 
+def test_a_flag_added_after_planning_resumes_only_while_off():
+    """A study.json written before an option existed compares equal to today's settings with the option off
+    (None or False), and different with it on; 0 is a value, not "off"."""
+    from abft_lens.studies.study_plan import settings_differences
+
+    saved = {"lr": 5e-4, "restricted_gradient": True}
+    assert settings_differences(saved, {**saved, "balance_query_labels": False, "select_max_p": None}) == []
+    assert settings_differences(saved, {**saved, "balance_query_labels": True}) == [
+        "--balance-query-labels None -> True"]
+    assert settings_differences({**saved, "new_count": 3}, saved) == ["--new-count 3 -> None"]
+    assert settings_differences(saved, {**saved, "new_count": 0}) == ["--new-count None -> 0"]
+    assert settings_differences(saved, {**saved, "lr": 1e-4}) == ["--lr 0.0005 -> 0.0001"]
+
+
 def test_variants_and_spec_file(tmp_path):
     """A variant's options land on top of the study's; a spec file fills what the command line leaves out."""
     from abft_lens.cli import build_parser
@@ -328,6 +342,8 @@ def test_variants_and_spec_file(tmp_path):
     assert config.train_samples == 16
     assert (config.select_metric, recipe_for(args, base).config.select_metric) == ("accuracy", "macro_f1")
     assert (recipe_for(args, e2e).config.method, recipe_for(args, e2e).config.epochs) == ("E2E", 3)
+    (balanced,) = parse_methods("ABFT-balanced=ABFT:--balance-query-labels")
+    assert recipe_for(args, balanced).config.balance_query_labels and not recipe_for(args, base).config.balance_query_labels
 
     spec = tmp_path / "spec.toml"
     spec.write_text('models = ["tiny"]\ndatasets = "sst2"\nmethods = ["vanilla", "fast"]\nseeds = [0, 2]\n'

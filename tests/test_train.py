@@ -330,6 +330,23 @@ def test_validation_prompts_are_disjoint_from_training_and_never_use_test(task):
     assert [p.text for p in other] != [p.text for p in validation]
 
 
+def test_balance_query_labels_balances_only_the_training_queries():
+    """fp's calibration split is ~60 % neutral: balanced training queries take each of its 3 labels 8 times in
+    24 prompts, drawn from the training pool only; validation prompts keep the split's label shares."""
+    task = load_task("fp")
+    model = load_model("tiny")
+    builder = prompt_builder(model, task)
+    config = TrainConfig(train_samples=24, pseudo_batch_size=8, validation_examples=40, validation_prompts=16,
+                         validate_every=1, balance_query_labels=True)
+    trainer = Trainer(model, builder, config)
+    assert [sum(p.query_label == c for p in trainer.prompts) for c in range(3)] == [8, 8, 8]
+    held_texts = {e.text for e in task.calibration[-40:]} - {e.text for e in training_pool(task, config)}
+    for prompt in trainer.prompts:
+        assert not set(parse_prompt(task, builder, prompt)) & held_texts
+    plain = validation_prompts(builder, dataclasses.replace(config, balance_query_labels=False))
+    assert [p.text for p in validation_prompts(builder, config)] == [p.text for p in plain]
+
+
 @pytest.mark.parametrize("bad", [
     dict(lr=-1.0), dict(lr=0.0), dict(epochs=0), dict(train_samples=0), dict(pseudo_batch_size=0), dict(k=0),
     dict(penalty=-0.1), dict(award=-1.0), dict(method="SFT"), dict(keep_best=True),
@@ -343,7 +360,7 @@ def test_bad_config_is_an_abft_lens_error(bad):
 def test_config_round_trips_through_dict():
     config = TrainConfig(method="E2E", lr=1e-3, threshold=0.1, restricted_gradient=True,
                          trainable=TrainableConfig(kind="lora", lora_r=4), validation_examples=32, validate_every=2,
-                         keep_best=True)
+                         keep_best=True, balance_query_labels=True)
     import json
 
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -55,6 +55,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--select-max-p", dest="select_max_p", type=float, default=None,
       help="keep a trained step only if it beats step 0 on the validation prompts by a paired exact McNemar test "
            "at p < P (ours, not the paper's; default: the plain best step)")
+    a("--balance-query-labels", dest="balance_query_labels", action="store_true",
+      help="training prompts whose queries take every label equally often (ours, not the paper's; default: the "
+           "calibration split's label shares)")
     a("--n-test", dest="n_test", type=positive_int, default=256, help="first N fixed test prompts for fore/post tests")
     a("--no-fore-test", "--no_fore_test", dest="no_fore_test", action="store_true")
     a("--no-post-test", "--no_post_test", dest="no_post_test", action="store_true")
@@ -102,7 +105,7 @@ IGNORED_UNLESS = (
 CONFIG_OPTIONS = ("method", "k", "train_samples", "epochs", "pseudo_batch_size", "seed", "award", "penalty",
                   "penalty_mode", "p_gain", "pid_kp", "pid_ki", "pid_kd", "threshold", "restricted_gradient",
                   "validation_examples", "validation_prompts", "validate_every", "keep_best", "select_metric",
-                  "select_max_p", "micro_batch_size")
+                  "select_max_p", "micro_batch_size", "balance_query_labels")
 
 
 def train_config_from_args(args: argparse.Namespace):

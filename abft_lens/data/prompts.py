@@ -141,17 +141,47 @@ def test_prompts(builder: PromptBuilder, k: int, n: int | None = None) -> list[I
     ]
 
 
-def sample_prompts(builder: PromptBuilder, pool: Sequence[Example], k: int, n: int, seed: int) -> list[ICLPrompt]:
+def indices_by_label(task: ICLTask, pool: Sequence[Example]) -> list[list[int]]:
+    """``[c]``: the indices into ``pool`` of label ``c``'s examples, for every label of ``task``; a label without
+    examples is an error (balanced query labels need one of each)."""
+    by_label: list[list[int]] = [[] for _ in task.label_words]
+    for index, example in enumerate(pool):
+        by_label[example.label].append(index)
+    missing = [word.strip() for word, indices in zip(task.label_words, by_label) if not indices]
+    if missing:
+        raise AbftLensError(f"balanced query labels need every label in the training pool; {missing} has none "
+                            f"among its {len(pool)} examples.", "drop --balance-query-labels, or hold out fewer "
+                            "--validation-examples.")
+    return by_label
+
+
+def sample_prompts(builder: PromptBuilder, pool: Sequence[Example], k: int, n: int, seed: int, *,
+                   balance_query_labels: bool = False) -> list[ICLPrompt]:
     """``n`` prompts of ``k + 1`` distinct seeded-random examples of ``pool``: the first ``k`` are the
-    demonstrations, the last the query (the paper's training prompts, drawn from the calibration split)."""
+    demonstrations, the last the query (the paper's training prompts, drawn from the calibration split).
+
+    ``balance_query_labels`` (ours, not the paper's): the queries' labels cycle through every label in a seeded
+    order, so each label is the query's label in ``n // n_labels`` or one more prompts, whatever the pool's label
+    shares; each query is a random example of its label and the ``k`` demonstrations stay uniform over the rest of
+    the pool. A loss summed over such prompts rewards no label word more than another.
+    """
     if k + 1 > len(pool):
         raise AbftLensError(f"k={k} needs {k + 1} examples per prompt but the pool holds {len(pool)}.",
                             "use a smaller k.")
     rng = random.Random(seed)
+    if not balance_query_labels:
+        chosen = ([pool[i] for i in rng.sample(range(len(pool)), k + 1)] for _ in range(n))
+        return [builder.build(examples[:k], examples[k]) for examples in chosen]
+
+    by_label = indices_by_label(builder.task, pool)
+    n_labels = len(by_label)
+    query_labels = [j % n_labels for j in range(n)]
+    rng.shuffle(query_labels)
     prompts = []
-    for _ in range(n):
-        chosen = [pool[i] for i in rng.sample(range(len(pool)), k + 1)]
-        prompts.append(builder.build(chosen[:k], chosen[k]))
+    for label in query_labels:
+        query = rng.choice(by_label[label])
+        demos = [i for i in rng.sample(range(len(pool)), k + 1) if i != query][:k]  # uniform over the rest
+        prompts.append(builder.build([pool[i] for i in demos], pool[query]))
     return prompts
 
 

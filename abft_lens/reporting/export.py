@@ -282,7 +282,8 @@ def model_card(meta: dict, metrics: dict | None, *, peft: bool = False, bias_add
         ("seed", train.get("seed")), ("trainable", kind_text),
         ("targets", ", ".join(trainable.get("targets", ["q", "k"]))), ("biases trained", trainable.get("bias")),
         ("restricted gradient", train.get("restricted_gradient")), ("threshold", train.get("threshold")),
-        ("penalty mode", train.get("penalty_mode")), ("training dtype", model.get("dtype")),
+        ("penalty mode", train.get("penalty_mode")),
+        ("balanced query labels", bool(train.get("balance_query_labels"))), ("training dtype", model.get("dtype")),
         ("4-bit NF4 base", bool(model.get("quantized"))),
     ]
     lines = ["---", *front_lines, "---", "", f"# {name} + ABFT ({task.get('name', '?')}, k={train.get('k')})", "",

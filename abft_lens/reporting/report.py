@@ -52,7 +52,8 @@ def _run_rows(comparison: "Comparison") -> list[tuple[str, str]]:
         rows.append(("task", str(task.get("name", "?"))))
     for key, label in (("method", "method"), ("k", "demonstrations k"), ("lr", "learning rate"),
                        ("train_samples", "training samples"), ("epochs", "epochs"),
-                       ("penalty_mode", "penalty mode"), ("restricted_gradient", "restricted gradient")):
+                       ("penalty_mode", "penalty mode"), ("restricted_gradient", "restricted gradient"),
+                       ("balance_query_labels", "balanced query labels")):
         if key in train:
             rows.append((label, str(train[key])))
     steps = [e for e in comparison.trace if e.get("event") == "step"]

@@ -320,9 +320,16 @@ class StudyPlan:
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
+    """One phrase per option whose value differs. An option that one side lacks (added to abft-lens after the
+    study was planned) is equal when the other side has it off (None or False): a study planned before a new
+    flag existed resumes under today's code."""
     old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    def absent_or_off(settings: dict, key: str) -> bool:
+        return key not in settings or settings[key] is None or settings[key] is False
+
     return [f"--{key.replace('_', '-')} {old.get(key)!r} -> {new.get(key)!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not (absent_or_off(old, key) and absent_or_off(new, key))]
 
 
 def _union(first: Iterable, second: Iterable) -> list:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from abft_lens.data.prompts import indices_by_label
 from abft_lens.errors import AbftLensError
 from abft_lens.training.trainable import TrainableConfig
 
@@ -128,3 +129,5 @@ def check_run_fits_task(config, task, n_test: int | None, *, tests: bool = True)
         raise AbftLensError(f"validation_examples={config.validation_examples} leaves fewer than k+1="
                             f"{config.k + 1} of {task.name}'s {calibration} calibration examples for training.",
                             f"hold out at most {calibration - config.k - 1} examples.")
+    if config.balance_query_labels:
+        indices_by_label(task, task.calibration[: calibration - config.validation_examples])

@@ -56,6 +56,8 @@ class TrainConfig:
     lost); otherwise the base is kept. Ours, not the paper's: a guard on few prompts otherwise keeps noise.
     ``micro_batch_size``: prompts per forward pass (None: 8 on CPU, the whole pseudo-batch on CUDA; 1: the
     per-sample loop). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
+    ``balance_query_labels`` (ours): the training prompts' queries take every label equally often (see
+    :func:`abft_lens.data.prompts.sample_prompts`); off, they follow the calibration split's label shares.
     Every value is checked when the config is made (:func:`abft_lens.training.checks.check_train_config`).
     """
 
@@ -84,6 +86,7 @@ class TrainConfig:
     select_max_p: float | None = None
     micro_batch_size: int | None = None
     compute_dtype: Literal["bfloat16"] | None = None
+    balance_query_labels: bool = False
 
     def __post_init__(self) -> None:
         check_train_config(self)  # ranges, finiteness and combinations: abft_lens.training.checks
@@ -163,7 +166,8 @@ class Trainer:
                                             kp=config.pid_kp, ki=config.pid_ki, kd=config.pid_kd,
                                             p_gain=config.p_gain)
         pool = training_pool(builder.task, config)
-        self.prompts: list[ICLPrompt] = sample_prompts(builder, pool, config.k, config.train_samples, config.seed)
+        self.prompts: list[ICLPrompt] = sample_prompts(builder, pool, config.k, config.train_samples, config.seed,
+                                                         balance_query_labels=config.balance_query_labels)
         self.label_token_ids = torch.tensor(builder.label_token_ids)
         self.pad_id = pad_token_id(builder.tokenizer)
         self._device = torch.device(model.cfg.device)
