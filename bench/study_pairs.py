@@ -6,6 +6,10 @@ seeds both have (a baseline such as CC has no seed and pairs with every seed of 
 McNemar p. Read from the study folder's baseline files and post tests; nothing is re-run.
 
     .venv/bin/python bench/study_pairs.py bench/results/study-smollm2 --output bench/results/pairs-smollm2.md
+
+More study folders after the first add their methods (a variant studied in a folder of its own, on the same
+test prompts: the same k and --n-test); a baseline or method name the first folder already has is taken from
+the first folder.
 """
 
 from __future__ import annotations
@@ -46,25 +50,40 @@ def compare(first: dict, second: dict) -> tuple[int, int, int] | None:
     return only_first, only_second, len(pairs)
 
 
+def test_prompts_key(study: dict) -> tuple:
+    settings = study["plan"].get("settings", {})
+    return int(settings.get("k", 4)), settings.get("n_test", 256), settings.get("test_type", "Normal")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path)
+    parser.add_argument("studies", type=Path, nargs="+", metavar="study")
     parser.add_argument("--output", type=Path, help="markdown file (default: print); a .json beside it")
     args = parser.parse_args()
-    study = read_study(args.study)
-    methods = study["plan"]["methods"]
-    if not any(m["kind"] == "vanilla" for m in methods):
-        methods = [{"name": "vanilla", "kind": "vanilla"}] + methods
-    datasets = [dataset_name(d) for d in study["plan"]["datasets"]]
-    done = {(r["model"], dataset_name(r["dataset"]), r["method"], r["seed"]) for r in study["cells"].values()
-            if r["state"] == "done"}
-    lines = [f"# Head to head in {args.study.name}", "",
+    sources = {}  # method name -> (study folder, study, finished cells, method)
+    models, datasets = [], []
+    for folder in args.studies:
+        study = read_study(folder)
+        if sources and test_prompts_key(study) != test_prompts_key(read_study(args.studies[0])):
+            raise SystemExit(f"{folder} tests other prompts than {args.studies[0]} (k, --n-test, --test-type).")
+        done = {(r["model"], dataset_name(r["dataset"]), r["method"], r["seed"]) for r in study["cells"].values()
+                if r["state"] == "done"}
+        methods = study["plan"]["methods"]
+        if not any(m["kind"] == "vanilla" for m in methods):
+            methods = [{"name": "vanilla", "kind": "vanilla"}] + methods
+        for method in methods:
+            sources.setdefault(method["name"], (folder, study, done, method))
+        models += [m for m in study["plan"]["models"] if m not in models]
+        datasets += [d for d in map(dataset_name, study["plan"]["datasets"]) if d not in datasets]
+    names = list(sources)
+    lines = [f"# Head to head in {', '.join(folder.name for folder in args.studies)}", "",
              "Per dataset: prompts only the row method answers right / only the column method, pooled over seeds, "
              "and the exact McNemar p; **bold**: p < 0.05.", ""]
     rows = []
-    for model in study["plan"]["models"]:
-        right = {(d, m["name"]): correctness(args.study, study, done, model, d, m) for d in datasets for m in methods}
-        for first, second in itertools.combinations([m["name"] for m in methods], 2):
+    for model in models:
+        right = {(d, name): correctness(folder, study, done, model, d, method)
+                 for d in datasets for name, (folder, study, done, method) in sources.items()}
+        for first, second in itertools.combinations(names, 2):
             if "vanilla" in (first, second):
                 continue  # against vanilla: Table 1
             lines += [f"## {model}: {first} vs {second}", "", "| Dataset | " + first + " only | " + second
