@@ -50,7 +50,8 @@ def compare(first: dict, second: dict) -> tuple[int, int, int] | None:
     return only_first, only_second, len(pairs)
 
 
-def test_prompts_key(study: dict) -> tuple:
+def prompt_settings(study: dict) -> tuple:
+    """(k, n_test, test type): what decides which test prompts a study's cells answered."""
     settings = study["plan"].get("settings", {})
     return int(settings.get("k", 4)), settings.get("n_test", 256), settings.get("test_type", "Normal")
 
@@ -62,9 +63,10 @@ def main() -> None:
     args = parser.parse_args()
     sources = {}  # method name -> (study folder, study, finished cells, method)
     models, datasets = [], []
+    first_prompts = prompt_settings(read_study(args.studies[0]))
     for folder in args.studies:
         study = read_study(folder)
-        if sources and test_prompts_key(study) != test_prompts_key(read_study(args.studies[0])):
+        if prompt_settings(study) != first_prompts:
             raise SystemExit(f"{folder} tests other prompts than {args.studies[0]} (k, --n-test, --test-type).")
         done = {(r["model"], dataset_name(r["dataset"]), r["method"], r["seed"]) for r in study["cells"].values()
                 if r["state"] == "done"}

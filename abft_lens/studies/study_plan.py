@@ -324,12 +324,13 @@ def settings_differences(old: dict, new: dict) -> list[str]:
     study was planned) is equal when the other side has it off (None or False): a study planned before a new
     flag existed resumes under today's code."""
     old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    def absent_or_off(settings: dict, key: str) -> bool:
-        return key not in settings or settings[key] is None or settings[key] is False
-
     return [f"--{key.replace('_', '-')} {old.get(key)!r} -> {new.get(key)!r}"
             for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not (absent_or_off(old, key) and absent_or_off(new, key))]
+            if old.get(key) != new.get(key) and not (_absent_or_off(old, key) and _absent_or_off(new, key))]
+
+
+def _absent_or_off(settings: dict, key: str) -> bool:
+    return key not in settings or settings[key] is None or settings[key] is False
 
 
 def _union(first: Iterable, second: Iterable) -> list:
