@@ -8,7 +8,7 @@ import json
 import pytest
 
 from abft_lens.cli import build_parser, main
-from abft_lens.cli.train_command import DEMO_DEFAULTS
+from abft_lens.training.presets import preset
 
 PROTOTYPE = [
     "train", "--ICL_model_name", "tiny", "--ICL_dataset_index", "0", "--method", "ABFT", "--ICL_k", "4",
@@ -168,9 +168,13 @@ def test_learning_rate_defaults_follow_the_trainable_set():
 
 
 def test_demo_defaults_and_a_tiny_demo_run(tmp_path, capsys):
+    from abft_lens.cli.train_command import train_config_from_args
+
     args = build_parser().parse_args(["demo"])
-    for name, value in DEMO_DEFAULTS.items():
-        assert getattr(args, name) == value
+    config = train_config_from_args(args)
+    for name, value in preset("demo").train.items():
+        assert getattr(config, name) == value, name
+    assert config.preset == "demo" and args.n_test == preset("demo").n_test == 256
     assert args.model == "smollm2-135m" and args.dataset == "sst2" and args.k == 4
 
     run_dir = tmp_path / "demo"

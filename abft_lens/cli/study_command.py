@@ -12,13 +12,17 @@ import argparse
 from pathlib import Path
 
 from abft_lens.cli.common import DTYPES, positive_int, resolve_device
-from abft_lens.cli.train_command import add_train_arguments, mauve_test_from_args, train_config_from_args
+from abft_lens.cli.train_command import (add_train_arguments, apply_preset, given_options, mauve_test_from_args,
+                                         train_config_from_args)
 from abft_lens.errors import AbftLensError
+from abft_lens.training.presets import contradictions, preset
 
-DEFAULT_METHODS = "vanilla,cc,ABFT,E2E"
+DEFAULT_METHODS = "vanilla,cc,prior,ABFT,E2E"
 GRID = ("func", "command", "out", "models", "datasets", "methods", "seeds", "spec", "extend")
-NOT_SETTINGS = GRID + ("device", "method", "seed", "run_dir", "resume")  # not part of a study's identity
-FIXED = ("k", "n_test", "dtype", "device", "quantized", "method", "seed", "run_dir", "resume", "calibration_test")
+NOT_SETTINGS = GRID + ("device", "method", "seed", "run_dir", "resume",  # not part of a study's identity
+                       "preset_filled", "default_preset")
+FIXED = ("k", "n_test", "dtype", "device", "quantized", "method", "seed", "run_dir", "resume", "calibration_test",
+         "preset")
 OPTION_FIX = "use the options of abft-lens train (abft-lens study --help); turn a switch off with --no-<switch>."
 
 
@@ -42,9 +46,9 @@ def options_parser(prog: str) -> OptionParser:
     add_run_arguments(parser)
     add_train_arguments(parser)
     for action in list(parser._actions):
-        if action.nargs == 0 and action.const is True and action.default is False:
+        if action.nargs == 0 and action.const is True and action.default in (False, None):
             parser.add_argument("--no-" + action.option_strings[0].removeprefix("--"), dest=action.dest,
-                                action="store_false")
+                                action="store_false", default=action.default)
     return parser
 
 
@@ -57,6 +61,8 @@ def variant_namespace(base: argparse.Namespace, name: str, args: list[str]) -> a
         if getattr(namespace, dest, None) != getattr(base, dest, None):
             raise AbftLensError(f"variant {name} sets --{dest.replace('_', '-')}, which is set for the whole study.",
                                 f"pass --{dest.replace('_', '-')} to the study itself (or drop it from the variant).")
+    if namespace.preset is not None and contradictions(preset(namespace.preset), given_options(namespace)):
+        namespace.preset = None  # a variant that changes the study's preset (an ablation) names no preset
     return namespace
 
 
@@ -129,6 +135,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise AbftLensError(f"--out {args.out} is a file.", "pass a folder for the study (new, or holding a study).")
     spec = read_spec(args.spec) if args.spec else {}
     apply_spec_options(args, spec.get("options") or {})
+    apply_preset(args)  # the study's own options, resolved once: every variant starts from them
     variants = spec.get("variants") or {}
     methods = args.methods or spec.get("methods") or DEFAULT_METHODS.split(",") + list(variants)
     methods = methods.split(",") if isinstance(methods, str) else list(methods)

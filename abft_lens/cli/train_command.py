@@ -8,6 +8,7 @@ from pathlib import Path
 
 from abft_lens.cli.common import DTYPES, add_model_arguments, positive_int, print_table, resolve_device
 from abft_lens.errors import AbftLensError
+from abft_lens.training.presets import DEFAULT_N_TEST, FULL_LR, LORA_LR, PRESETS, contradictions, preset
 
 QUANTIZED_LORA_R = 16  # the paper's LoRA rank on 4-bit bases
 
@@ -19,10 +20,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     settings would ignore is refused, never silently dropped); the TrainConfig default applies otherwise.
     """
     a = parser.add_argument
+    a("--preset", choices=sorted(PRESETS), default=None,
+      help="a named regime: " + "; ".join(f"{p.name}: {p.about}" for p in PRESETS.values())
+           + ". Options it fixes may not be given other values")
     a("--method", choices=["ABFT", "E2E"], default="ABFT")
-    a("--train-samples", "--train_sample_num", dest="train_samples", type=positive_int, default=512)
-    a("--epochs", "--epoch", dest="epochs", type=positive_int, default=2)
-    a("--pseudo-batch-size", "--pseudo_batch_size", dest="pseudo_batch_size", type=positive_int, default=32)
+    a("--train-samples", "--train_sample_num", dest="train_samples", type=positive_int, default=None,
+      help="training prompts (default 512)")
+    a("--epochs", "--epoch", dest="epochs", type=positive_int, default=None, help="(default 2)")
+    a("--pseudo-batch-size", "--pseudo_batch_size", dest="pseudo_batch_size", type=positive_int, default=None,
+      help="prompts per optimizer step (default 32)")
     a("--micro-batch-size", dest="micro_batch_size", type=positive_int, default=None,
       help="prompts per forward pass in training (default 8 on CPU, the whole pseudo-batch on CUDA; 1: one at a "
            "time). Results equal the per-sample loop's; --dtype bfloat16 trains with bfloat16 autocast and "
@@ -32,14 +38,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--award", "--correct_label_award", dest="award", type=float, default=None, help="B (default 1.0; ABFT only)")
     a("--penalty", "--wrong_label_penalty", dest="penalty", type=float, default=None,
       help="A, initial (default 0.5; ABFT only)")
-    a("--penalty-mode", "--self_adaption_loss", dest="penalty_mode", choices=["None", "P", "PID"], default="PID")
+    a("--penalty-mode", "--self_adaption_loss", dest="penalty_mode", choices=["None", "P", "PID"], default=None,
+      help="self-adaptive penalty (default PID)")
     a("--p-gain", "--loss_adaption_factor_for_P", dest="p_gain", type=float, default=None,
       help="gain of --penalty-mode P (default 0.03)")
     a("--pid-kp", "--PID_param_P", dest="pid_kp", type=float, default=None, help="PID gain (default 0.03)")
     a("--pid-ki", "--PID_param_I", dest="pid_ki", type=float, default=None, help="PID gain (default 0.005)")
     a("--pid-kd", "--PID_param_D", dest="pid_kd", type=float, default=None, help="PID gain (default 0.005)")
     a("--threshold", type=float, default=None, help="induction filter T (default k / (k + ln n_tokens))")
-    a("--restricted-gradient", "--restricted_gradient", dest="restricted_gradient", action="store_true")
+    a("--restricted-gradient", "--restricted_gradient", dest="restricted_gradient", action="store_true",
+      default=None)
     a("--lora-r", "--lora_r", dest="lora_r", type=int, default=None,
       help="LoRA rank on W_Q/W_K (0, the default: full matrices; 16 with --quantized)")
     a("--train-bias", dest="train_bias", action="store_true", help="also train b_Q/b_K")
@@ -48,17 +56,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--validation-prompts", dest="validation_prompts", type=positive_int, default=None,
       help="validation prompts built from them (default 64)")
     a("--validate-every", dest="validate_every", type=int, default=None, help="steps between validations")
-    a("--keep-best", dest="keep_best", action="store_true", help="end with the best validation step's weights")
-    a("--select-metric", dest="select_metric", choices=["accuracy", "macro_f1"], default="macro_f1",
+    a("--keep-best", dest="keep_best", action="store_true", default=None,
+      help="end with the best validation step's weights")
+    a("--select-metric", dest="select_metric", choices=["accuracy", "macro_f1"], default=None,
       help="validation metric that picks the best step (default macro_f1: accuracy can pick a collapse onto the "
            "majority label)")
     a("--select-max-p", dest="select_max_p", type=float, default=None,
       help="keep a trained step only if it beats step 0 on the validation prompts by a paired exact McNemar test "
            "at p < P (ours, not the paper's; default: the plain best step)")
-    a("--balance-query-labels", dest="balance_query_labels", action="store_true",
+    a("--balance-query-labels", dest="balance_query_labels", action="store_true", default=None,
       help="training prompts whose queries take every label equally often (ours, not the paper's; default: the "
            "calibration split's label shares)")
-    a("--n-test", dest="n_test", type=positive_int, default=256, help="first N fixed test prompts for fore/post tests")
+    a("--n-test", dest="n_test", type=positive_int, default=None,
+      help=f"first N fixed test prompts for fore/post tests (default {DEFAULT_N_TEST}; --preset paper: 1024)")
     a("--no-fore-test", "--no_fore_test", dest="no_fore_test", action="store_true")
     a("--no-post-test", "--no_post_test", dest="no_post_test", action="store_true")
     a("--test-type", "--test_type", dest="test_type", default="Normal",
@@ -92,10 +102,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 IGNORED_UNLESS = (
     ("award", lambda a: a.method == "ABFT", "--award", "--method ABFT (E2E trains cross-entropy)"),
     ("penalty", lambda a: a.method == "ABFT", "--penalty", "--method ABFT (E2E trains cross-entropy)"),
-    ("p_gain", lambda a: a.penalty_mode == "P", "--p-gain", "--penalty-mode P"),
-    ("pid_kp", lambda a: a.penalty_mode == "PID", "--pid-kp", "--penalty-mode PID"),
-    ("pid_ki", lambda a: a.penalty_mode == "PID", "--pid-ki", "--penalty-mode PID"),
-    ("pid_kd", lambda a: a.penalty_mode == "PID", "--pid-kd", "--penalty-mode PID"),
+    ("p_gain", lambda a: (a.penalty_mode or "PID") == "P", "--p-gain", "--penalty-mode P"),
+    ("pid_kp", lambda a: (a.penalty_mode or "PID") == "PID", "--pid-kp", "--penalty-mode PID"),
+    ("pid_ki", lambda a: (a.penalty_mode or "PID") == "PID", "--pid-ki", "--penalty-mode PID"),
+    ("pid_kd", lambda a: (a.penalty_mode or "PID") == "PID", "--pid-kd", "--penalty-mode PID"),
     ("validation_prompts", lambda a: a.validation_examples, "--validation-prompts", "--validation-examples"),
     ("generalization_n_test", lambda a: a.generalization_test, "--generalization-n-test", "--generalization-test"),
     ("robustness_queries", lambda a: a.test_type != "Normal", "--robustness-queries",
@@ -108,13 +118,52 @@ CONFIG_OPTIONS = ("method", "k", "train_samples", "epochs", "pseudo_batch_size",
                   "select_max_p", "micro_batch_size", "balance_query_labels")
 
 
+def given_options(args: argparse.Namespace) -> dict:
+    """The options that define a run's regime (TrainConfig fields, ``lr``, ``n_test``), where given."""
+    names = CONFIG_OPTIONS + ("lr", "n_test")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options a preset fixes (``--preset``, or a command's own default preset, e.g. ``demo``).
+
+    An explicit ``--preset`` refuses every given option that contradicts it (one message naming both); a
+    command's default preset yields to options given on the command line, and the run then names no preset.
+    Idempotent: a namespace already resolved stays as it is.
+    """
+    strict = args.preset is not None
+    name = args.preset or getattr(args, "default_preset", None)
+    if name is not None:
+        chosen = preset(name)
+        clash = contradictions(chosen, given_options(args))
+        if clash and strict:
+            raise AbftLensError(
+                f"--preset {name} fixes " + ", ".join(f"{_flag(f)} {want}" for f, _, want in clash)
+                + "; the command also gives " + ", ".join(f"{_flag(f)} {got}" for f, got, _ in clash) + ".",
+                f"drop {', '.join(_flag(f) for f, _, _ in clash)} (or --preset {name}).")
+        args.preset = None if clash else name
+        filled = [f for f, value in chosen.fixed().items() if getattr(args, f, None) is None and value is not None]
+        for field_name in filled:
+            setattr(args, field_name, chosen.fixed()[field_name])
+        args.preset_filled = sorted(set(getattr(args, "preset_filled", [])) | set(filled))
+        args.default_preset = None
+    if args.n_test is None:
+        args.n_test = DEFAULT_N_TEST
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def train_config_from_args(args: argparse.Namespace):
     """The run's TrainConfig, after refusing options that the other options would leave unused."""
     from abft_lens.training.train import TrainConfig
     from abft_lens.training.trainable import TrainableConfig
 
+    apply_preset(args)
     for name, needed, option, needs in IGNORED_UNLESS:
-        if getattr(args, name) is not None and not needed(args):
+        given = getattr(args, name) is not None and name not in getattr(args, "preset_filled", ())
+        if given and not needed(args):
             raise AbftLensError(f"{option} is used only with {needs}; here it would be ignored.",
                                 f"drop {option}, or add {needs}.")
     if args.lora_r is not None and args.lora_r < 0:
@@ -135,8 +184,8 @@ def train_config_from_args(args: argparse.Namespace):
     lora = lora_r > 0
     trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=lora_r if lora else 16, bias=args.train_bias)
     given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
-    return TrainConfig(**given, trainable=trainable, lr=args.lr if args.lr is not None else (1e-4 if lora else 2e-5),
-                       compute_dtype="bfloat16" if args.dtype == "bfloat16" else None)
+    return TrainConfig(**given, trainable=trainable, lr=args.lr if args.lr is not None else (LORA_LR if lora else FULL_LR),
+                       compute_dtype="bfloat16" if args.dtype == "bfloat16" else None, preset=args.preset)
 
 
 def mauve_test_from_args(args: argparse.Namespace):
@@ -214,13 +263,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Chosen by bench/demo_selection.py on validation prompts from held-out calibration examples (README);
-# micro-batches of 8 prompts per forward (bench/train_step.py; the per-sample loop's result, README).
-DEMO_DEFAULTS = dict(train_samples=128, pseudo_batch_size=16, epochs=1, lr=5e-4, restricted_gradient=True,
-                     validation_examples=256, validation_prompts=64, validate_every=2, keep_best=True, n_test=256,
-                     micro_batch_size=8)
-
-
 def add_parsers(commands) -> None:
     train = commands.add_parser("train", help="fine-tune W_Q/W_K with ABFT (or the E2E baseline)")
     add_model_arguments(train)
@@ -233,4 +275,4 @@ def add_parsers(commands) -> None:
     demo = commands.add_parser("demo", help="the main job: ABFT on the embedded model, SST-2, k=4, before/after")
     add_model_arguments(demo)
     add_train_arguments(demo)
-    demo.set_defaults(func=cmd_train, **DEMO_DEFAULTS)
+    demo.set_defaults(func=cmd_train, default_preset="demo")  # abft_lens.training.presets.DEMO

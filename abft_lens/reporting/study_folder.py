@@ -6,6 +6,8 @@ read it, so they can be regenerated from the folder alone:
 - ``OUT/study.json``: the plan and every cell's state, metrics, seconds, error;
 - ``OUT/<model>/<dataset>/vanilla/k<k>-n<n>.json``: the untrained model's evaluation (an EvalResult), shared;
 - ``OUT/<model>/<dataset>/cc/k<k>-n<n>.json``: the same with contextual calibration, shared;
+- ``OUT/<model>/<dataset>/prior/seed-<s>/k<k>-n<n>.json``: the label-prior control of a seed (contextual
+  calibration re-weighted by the label shares of that seed's training queries; no training);
 - ``OUT/<model>/<dataset>/<method>/seed-<s>/``: one ordinary run folder per trained cell;
 - ``OUT/table1.{md,csv,html}``, ``OUT/table2.{md,csv,html}``.
 
@@ -20,11 +22,12 @@ from pathlib import Path
 from abft_lens.errors import AbftLensError
 from abft_lens.io import read_json
 
-__all__ = ["STUDY_FILE", "BASELINE_KINDS", "TRAINED_KINDS", "slug", "dataset_name", "baseline_path", "run_path",
-           "is_study_dir", "read_study"]
+__all__ = ["STUDY_FILE", "BASELINE_KINDS", "SEEDED_BASELINE_KINDS", "TRAINED_KINDS", "slug", "dataset_name",
+           "baseline_path", "run_path", "is_study_dir", "read_study"]
 
 STUDY_FILE = "study.json"
 BASELINE_KINDS = ("vanilla", "cc")  # evaluated once per (model, dataset, k, n_test), never trained
+SEEDED_BASELINE_KINDS = ("prior",)  # untrained, but one per training seed (it reads the seed's training prompts)
 TRAINED_KINDS = ("ABFT", "E2E")
 
 
@@ -41,9 +44,14 @@ def dataset_name(spec: str) -> str:
     return Path(spec).stem if Path(spec).suffix.lower() in (".csv", ".jsonl") else spec
 
 
-def baseline_path(out: str | Path, model: str, dataset: str, kind: str, *, k: int, n_test: int | None) -> Path:
-    """``OUT/<model>/<dataset>/<kind>/k<k>-n<n_test>.json`` (``n`` is ``all`` when n_test is None)."""
-    return Path(out) / slug(model) / dataset / kind / f"k{k}-n{'all' if n_test is None else n_test}.json"
+def baseline_path(out: str | Path, model: str, dataset: str, kind: str, *, k: int, n_test: int | None,
+                  seed: int | None = None) -> Path:
+    """``OUT/<model>/<dataset>/<kind>/k<k>-n<n_test>.json`` (``n`` is ``all`` when n_test is None); a seeded
+    baseline (``prior``) lives one folder down, in ``seed-<seed>/``."""
+    folder = Path(out) / slug(model) / dataset / kind
+    if seed is not None:
+        folder = folder / f"seed-{seed}"
+    return folder / f"k{k}-n{'all' if n_test is None else n_test}.json"
 
 
 def run_path(out: str | Path, model: str, dataset: str, method: str, seed: int) -> Path:

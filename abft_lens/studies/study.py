@@ -32,12 +32,15 @@ from tqdm.auto import tqdm
 
 from abft_lens.backends.loading import LoadedModel, load_model
 from abft_lens.backends.provenance import describe_model
+from abft_lens.data.prompts import prompt_builder
 from abft_lens.data.tasks import PAPER_DATASETS, ICLTask, load_task
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
 from abft_lens.evaluation.generalization import RunExtras
+from abft_lens.evaluation.label_prior import prior_reweighted
 from abft_lens.evaluation.robustness import calibrated_evaluate
 from abft_lens.io import read_json, write_json
+from abft_lens.resources import peak_rss_mib, reset_peak_rss
 from abft_lens.reporting.study_folder import baseline_path
 from abft_lens.reporting.study_render import write_study_tables
 from abft_lens.studies.generation_report import MauveExtra, MauveTest, qk_names
@@ -45,9 +48,10 @@ from abft_lens.studies.mixing import base_tensors, set_tensors
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe
 from abft_lens.studies.study_state import StudyState
 from abft_lens.training.runs import load_run, run_training
+from abft_lens.training.train import query_label_shares
 from abft_lens.training.trainable import attached
 
-__all__ = ["run_study", "restore_base", "shared_evaluation"]
+__all__ = ["run_study", "restore_base", "shared_evaluation", "run_prior_cell"]
 
 log = logging.getLogger(__name__)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} cells [{elapsed}{postfix}]"
@@ -65,6 +69,8 @@ def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec
     state = StudyState.open(out, plan, extend=extend)
     plan, out = state.plan, state.out
     recipes = {method.name: recipe_for(method) for method in plan.methods if method.trained}
+    if any(method.kind == "prior" for method in plan.methods):  # the prior control reads plain ABFT's prompts
+        recipes["prior"] = recipe_for(MethodSpec("ABFT", "ABFT"))
     state.data["recipes"] = {name: recipe.to_dict() for name, recipe in recipes.items()}
     state.write()
     cells = plan.cells()
@@ -94,7 +100,8 @@ def _run_model_cells(state: StudyState, model_name: str, cells: list[Cell], reci
     base = base_tensors(model, qk_names(model))
     for cell in cells:
         bar.set_description_str(f"study {cell.key}")
-        _run_cell(state, cell, model, base, recipes.get(cell.method.name), progress=progress)
+        _run_cell(state, cell, model, base, recipes.get(cell.method.name if cell.method.kind != "prior" else "prior"),
+                  progress=progress)
         bar.update(1)
         eta = eta_seconds(state)
         bar.set_postfix_str("" if eta is None else f"ETA {_clock(eta)}")
@@ -106,13 +113,18 @@ def _run_model_cells(state: StudyState, model_name: str, cells: list[Cell], reci
 
 def _run_cell(state: StudyState, cell: Cell, model: LoadedModel, base: dict, recipe: TrainRecipe | None,
               *, progress: bool) -> None:
+    """Run one cell; ``study.json`` records its state, metrics (with its peak RSS), wall seconds and error."""
     record = state.update(cell, state="running", attempts=state.record(cell)["attempts"] + 1, error=None)
     previous, start = record["seconds"], time.perf_counter()
+    reset_peak_rss()
     try:
         if cell.method.trained:
             metrics = run_trained_cell(model, cell, state.out, recipe, progress=progress)
+        elif cell.method.kind == "prior":
+            metrics = run_prior_cell(model, cell, state.out, state.plan, recipe, progress=progress)
         else:
             metrics = run_baseline_cell(model, cell, state.out, state.plan, progress=progress)
+        metrics["peak_rss_mib"] = peak_rss_mib()  # this cell's own peak (the mark was reset before it)
     except KeyboardInterrupt:
         state.update(cell, state="interrupted", seconds=round(previous + time.perf_counter() - start, 2))
         raise
@@ -141,7 +153,7 @@ def restore_base(model: LoadedModel, base: dict[str, torch.Tensor]) -> None:
 
 
 def finished(state: StudyState, cell: Cell) -> bool:
-    """Done in ``study.json`` and its files still there (a deleted run folder runs again)."""
+    """Done in ``study.json`` and its files still there (a deleted run folder or baseline file runs again)."""
     if state.record(cell)["state"] != "done":
         return False
     path = cell.path(state.out, k=state.plan.k, n_test=state.plan.n_test)
@@ -170,6 +182,20 @@ def run_baseline_cell(model: LoadedModel, cell: Cell, out: Path, plan: StudyPlan
     result = shared_evaluation(model, load_task(cell.dataset), out, cell.model, cell.method.kind, k=plan.k,
                                n_test=plan.n_test, batch_size=int(plan.settings.get("batch_size", 8)),
                                progress=progress)
+    return dict(result.metrics)
+
+
+def run_prior_cell(model: LoadedModel, cell: Cell, out: Path, plan: StudyPlan, recipe: TrainRecipe, *,
+                   progress: bool) -> dict:
+    """The label-prior control of one seed: the shared cc evaluation re-weighted by the label shares of the
+    training queries that ``recipe`` draws at this seed (:mod:`abft_lens.evaluation.label_prior`)."""
+    task = load_task(cell.dataset)
+    calibrated = shared_evaluation(model, task, out, cell.model, "cc", k=plan.k, n_test=plan.n_test,
+                                   batch_size=int(plan.settings.get("batch_size", 8)), progress=progress)
+    shares = query_label_shares(prompt_builder(model, task), recipe.config_for(cell.seed))
+    result = prior_reweighted(calibrated, shares)
+    result.info.update(baseline="prior", seed=cell.seed)
+    write_json(cell.path(out, k=plan.k, n_test=plan.n_test), result.to_dict())
     return dict(result.metrics)
 
 
@@ -243,13 +269,17 @@ def _read(path: Path) -> dict:
 
 def run_summary(run_dir: Path) -> dict:
     """What ``study.json`` keeps of a finished run: post metrics, fore accuracy, the kept validation step (and
-    the metric that chose it), training seconds and steps."""
+    the metric that chose it), training seconds, optimizer steps and training prompts per second (forward and
+    backward passes of one prompt, over the whole run)."""
     metrics, config = read_json(run_dir / "metrics.json"), read_json(run_dir / "config.json")["train"]
     summary = dict(metrics.get("post") or {})
+    seconds, steps = metrics.get("train_seconds"), metrics.get("steps")
+    prompts = config["train_samples"] * config["epochs"]
     summary.update(fore_accuracy=(metrics.get("fore") or {}).get("accuracy"),
                    best_validation_step=metrics.get("best_validation_step"), kept_best=metrics.get("kept_best"),
                    select_metric=config.get("select_metric", "accuracy") if config.get("validate_every") else None,
-                   train_seconds=metrics.get("train_seconds"), steps=metrics.get("steps"))
+                   train_seconds=seconds, steps=steps, preset=config.get("preset"),
+                   prompts_per_second=round(prompts / seconds, 4) if seconds else None)
     return summary
 
 

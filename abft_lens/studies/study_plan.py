@@ -1,11 +1,13 @@
 """The plan of a study: models × datasets × methods × seeds, and what every trained cell is trained with.
 
-- Methods: ``vanilla`` (the untrained model), ``cc`` (the untrained model with contextual calibration), ``ABFT``,
-  ``E2E``, and named variants ``NAME=ABFT:--lr 1e-3 --no-restricted-gradient`` (a trained kind plus training
+- Methods: ``vanilla`` (the untrained model), ``cc`` (the untrained model with contextual calibration),
+  ``prior`` (the label-prior control: cc's probabilities re-weighted by the label shares of a seed's training
+  queries, no gradient; one per seed), ``ABFT``, ``E2E``, and named variants ``NAME=ABFT:--lr 1e-3 --no-restricted-gradient`` (a trained kind plus training
   options on top of the study's own; the command line turns them into a :class:`TrainRecipe`).
 - Datasets: ``paper`` (StaICC 0, 1, 2, 3, 4, 6, 7, 8), StaICC names or indices, CSV/JSONL files.
 - Cells (:meth:`StudyPlan.cells`), in the order they run: per model, per seed, per dataset, per method; the
-  baselines (vanilla, cc) once per (model, dataset), at the first seed, before that dataset's trained cells.
+  baselines (vanilla, cc) once per (model, dataset), at the first seed, before that dataset's trained cells;
+  ``prior`` at every seed.
   The first seed of every dataset therefore finishes before the second seed starts.
 - A spec file (``--spec FILE``, TOML or JSON) may hold ``models``, ``datasets``, ``methods``, ``seeds``,
   ``variants`` (``{NAME: "ABFT:--lr 1e-3"}``) and ``options`` (``{"train-samples": 128, "keep-best": true}``).
@@ -17,27 +19,30 @@ import json
 import re
 import shlex
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from abft_lens.data.tasks import PAPER_DATASETS, STAICC_DATASETS, load_task, staicc_index
 from abft_lens.errors import AbftLensError
-from abft_lens.reporting.study_folder import TRAINED_KINDS, baseline_path, dataset_name, run_path, slug
+from abft_lens.reporting.study_folder import (SEEDED_BASELINE_KINDS, TRAINED_KINDS, baseline_path, dataset_name,
+                                              run_path, slug)
+from abft_lens.training.presets import DEFAULT_N_TEST
 from abft_lens.training.train import TrainConfig
 
 __all__ = ["MethodSpec", "TrainRecipe", "Cell", "StudyPlan", "parse_methods", "parse_datasets", "parse_seeds",
            "parse_models", "check_model", "dataset_name", "read_spec", "PAPER"]
 
 PAPER = "paper"
-KINDS = {"vanilla": "vanilla", "cc": "cc", "abft": "ABFT", "e2e": "E2E"}
+KINDS = {"vanilla": "vanilla", "cc": "cc", "prior": "prior", "abft": "ABFT", "e2e": "E2E"}
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 SPEC_KEYS = ("models", "datasets", "methods", "seeds", "variants", "options")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A row of the table: ``kind`` is vanilla, cc, ABFT or E2E; ``args`` the training options of a variant."""
+    """A row of the table: ``kind`` is vanilla, cc, prior, ABFT or E2E; ``args`` the training options of a
+    variant."""
 
     name: str
     kind: str
@@ -46,6 +51,11 @@ class MethodSpec:
     @property
     def trained(self) -> bool:
         return self.kind in TRAINED_KINDS
+
+    @property
+    def per_seed(self) -> bool:
+        """One cell per seed (trained methods and the label-prior control), not one per dataset."""
+        return self.kind in TRAINED_KINDS or self.kind in SEEDED_BASELINE_KINDS
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "args": list(self.args)}
@@ -56,13 +66,15 @@ class MethodSpec:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """``vanilla`` / ``cc`` / ``ABFT`` / ``E2E`` (any case), or a variant ``NAME=ABFT:OPTIONS`` (``NAME=E2E:...``)."""
+    """``vanilla`` / ``cc`` / ``prior`` / ``ABFT`` / ``E2E`` (any case), or a variant ``NAME=ABFT:OPTIONS``
+    (``NAME=E2E:...``)."""
     text = text.strip()
     if "=" not in text:
         kind = KINDS.get(text.lower())
         if kind is None:
             raise AbftLensError(f"unknown method {text!r} in --methods.",
-                                "use vanilla, cc, ABFT, E2E or a variant NAME=ABFT:--lr 1e-3 (NAME=E2E:... for E2E).")
+                                "use vanilla, cc, prior, ABFT, E2E or a variant NAME=ABFT:--lr 1e-3 "
+                                "(NAME=E2E:... for E2E).")
         return MethodSpec(kind, kind)
     name, _, rest = text.partition("=")
     kind_text, _, options = rest.partition(":")
@@ -242,8 +254,9 @@ class Cell:
 
     def path(self, out: str | Path, *, k: int, n_test: int) -> Path:
         """The cell's file (baselines) or run folder (trained cells)."""
-        if self.seed is None:
-            return baseline_path(out, self.model, dataset_name(self.dataset), self.method.kind, k=k, n_test=n_test)
+        if not self.method.trained:
+            return baseline_path(out, self.model, dataset_name(self.dataset), self.method.kind, k=k, n_test=n_test,
+                                 seed=self.seed)
         return run_path(out, self.model, dataset_name(self.dataset), self.method.name, self.seed)
 
 
@@ -273,7 +286,7 @@ class StudyPlan:
             for number, seed in enumerate(self.seeds):
                 for dataset in self.datasets:
                     for method in self.methods:
-                        if method.trained:
+                        if method.per_seed:
                             cells.append(Cell(model, dataset, method, seed))
                         elif number == 0:
                             cells.append(Cell(model, dataset, method, None))
@@ -319,14 +332,25 @@ class StudyPlan:
                          dict(self.settings))
 
 
+# an option at its default is the same as the option not given (the command line leaves defaults to TrainConfig)
+OPTION_DEFAULTS = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING},
+                   "n_test": DEFAULT_N_TEST}
+
+
 def settings_differences(old: dict, new: dict) -> list[str]:
     """One phrase per option whose value differs. An option that one side lacks (added to abft-lens after the
     study was planned) is equal when the other side has it off (None or False): a study planned before a new
-    flag existed resumes under today's code."""
-    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    return [f"--{key.replace('_', '-')} {old.get(key)!r} -> {new.get(key)!r}"
+    flag existed resumes under today's code. An option at its default value equals the option not given."""
+    old_raw, new_raw = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    old, new = _normalized(old_raw), _normalized(new_raw)
+    return [f"--{key.replace('_', '-')} {old_raw.get(key)!r} -> {new_raw.get(key)!r}"
             for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and not (_absent_or_off(old, key) and _absent_or_off(new, key))]
+
+
+def _normalized(settings: dict) -> dict:
+    return {key: None if key in OPTION_DEFAULTS and value == OPTION_DEFAULTS[key] else value
+            for key, value in settings.items()}
 
 
 def _absent_or_off(settings: dict, key: str) -> bool:

@@ -20,6 +20,7 @@ import math
 
 from abft_lens.data.prompts import indices_by_label
 from abft_lens.errors import AbftLensError
+from abft_lens.training.presets import contradictions, preset
 from abft_lens.training.trainable import TrainableConfig
 
 MAX_PROMPTS = 100_000
@@ -84,6 +85,19 @@ def check_train_config(config) -> None:
         raise AbftLensError(f"trainable={config.trainable!r} is not a TrainableConfig.",
                             "pass abft_lens.TrainableConfig(...).")
     _check_combinations(config)
+    _check_preset(config)
+
+
+def _check_preset(config) -> None:
+    """A config that names a preset holds the preset's values (a field changed afterwards is caught here)."""
+    if config.preset is None:
+        return
+    chosen = preset(config.preset)
+    clash = contradictions(chosen, {name: getattr(config, name) for name in chosen.train})
+    if clash:
+        raise AbftLensError(f"the config names preset {config.preset!r} but has "
+                            + ", ".join(f"{f}={got!r} (the preset's {want!r})" for f, got, want in clash) + ".",
+                            "make it with TrainConfig.from_preset(...), or set preset=None for a config of your own.")
 
 
 def _check_combinations(config) -> None:

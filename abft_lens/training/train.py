@@ -35,6 +35,7 @@ from abft_lens.data.prompts import ICLPrompt, PromptBuilder, collate, pad_token_
 from abft_lens.data.tasks import ICLTask
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.checks import check_train_config
+from abft_lens.training.presets import contradictions, preset
 from abft_lens.training.trainable import Trainable, TrainableConfig
 
 Method = Literal["ABFT", "E2E"]
@@ -58,6 +59,8 @@ class TrainConfig:
     per-sample loop). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
     ``balance_query_labels`` (ours): the training prompts' queries take every label equally often (see
     :func:`abft_lens.data.prompts.sample_prompts`); off, they follow the calibration split's label shares.
+    ``preset``: the named regime the config was made from (:meth:`paper`, :meth:`demo`; None: none); a config
+    that names a preset holds its values (checked).
     Every value is checked when the config is made (:func:`abft_lens.training.checks.check_train_config`).
     """
 
@@ -87,9 +90,33 @@ class TrainConfig:
     micro_batch_size: int | None = None
     compute_dtype: Literal["bfloat16"] | None = None
     balance_query_labels: bool = False
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         check_train_config(self)  # ranges, finiteness and combinations: abft_lens.training.checks
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
+        """The regime ``name`` (:mod:`abft_lens.training.presets`) with ``overrides`` of the fields it leaves
+        free (seed, micro_batch_size, compute_dtype, trainable, ...); overriding a value the preset fixes with
+        another value is refused, naming both."""
+        chosen = preset(name)
+        clash = contradictions(chosen, overrides)
+        if clash:
+            raise AbftLensError(f"preset {name!r} fixes " + ", ".join(f"{f}={want!r}" for f, _, want in clash)
+                                + "; asked for " + ", ".join(f"{f}={got!r}" for f, got, _ in clash) + ".",
+                                f"drop those options, or leave out the preset ({chosen.about}).")
+        return cls(**{**chosen.train, **overrides, "preset": name})
+
+    @classmethod
+    def paper(cls, **overrides) -> "TrainConfig":
+        """The paper's regime (Cho et al. 2025): see :data:`abft_lens.training.presets.PAPER`."""
+        return cls.from_preset("paper", **overrides)
+
+    @classmethod
+    def demo(cls, **overrides) -> "TrainConfig":
+        """This project's demo regime (``abft-lens demo``): see :data:`abft_lens.training.presets.DEMO`."""
+        return cls.from_preset("demo", **overrides)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -165,9 +192,7 @@ class Trainer:
         self.controller = PenaltyController(mode=config.penalty_mode, initial_penalty=config.penalty,
                                             kp=config.pid_kp, ki=config.pid_ki, kd=config.pid_kd,
                                             p_gain=config.p_gain)
-        pool = training_pool(builder.task, config)
-        self.prompts: list[ICLPrompt] = sample_prompts(builder, pool, config.k, config.train_samples, config.seed,
-                                                         balance_query_labels=config.balance_query_labels)
+        self.prompts: list[ICLPrompt] = training_prompts(builder, config)
         self.label_token_ids = torch.tensor(builder.label_token_ids)
         self.pad_id = pad_token_id(builder.tokenizer)
         self._device = torch.device(model.cfg.device)
@@ -320,6 +345,22 @@ def training_pool(task: ICLTask, config: TrainConfig):
         raise AbftLensError(f"{task.name}'s calibration split leaves {len(pool)} training examples, "
                             f"fewer than k+1={config.k + 1}.", "hold out fewer validation examples or use a smaller k.")
     return pool
+
+
+def training_prompts(builder: PromptBuilder, config: TrainConfig) -> list[ICLPrompt]:
+    """The run's ``train_samples`` training prompts (every epoch reshuffles these same prompts)."""
+    return sample_prompts(builder, training_pool(builder.task, config), config.k, config.train_samples,
+                          config.seed, balance_query_labels=config.balance_query_labels)
+
+
+def query_label_shares(builder: PromptBuilder, config: TrainConfig) -> list[float]:
+    """How often each label is the query's gold label in the run's training prompts, in label order (sums to
+    1): the label prior that a run trained on these prompts can learn without reading the query."""
+    counts = [0] * len(builder.task.label_words)
+    for prompt in training_prompts(builder, config):
+        counts[prompt.query_label] += 1
+    total = sum(counts)
+    return [count / total for count in counts]
 
 
 def validation_prompts(builder: PromptBuilder, config: TrainConfig) -> list[ICLPrompt]:
