@@ -120,6 +120,17 @@ def test_argparse_rejects_non_positive_integers(option, value, capsys):
     assert option in err and ("positive integer" in err or "not an integer" in err)
 
 
+def test_help_opens_with_the_usage_and_a_clean_description(capsys, monkeypatch):
+    """``abft-lens --help``: the usage, a blank line, then the description without the docstring's reST markup."""
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps the usage line to the terminal's width
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == ["usage: abft-lens [-h] {eval,train,demo,heads,report,mix,export,table,study} ...", "",
+                         "abft-lens: a thin command line over the Python API.", "", "positional arguments:"]
+
+
 def test_eval_requires_a_subcommand(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
