@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -129,6 +130,16 @@ def test_help_opens_with_the_usage_and_a_clean_description(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[:5] == ["usage: abft-lens [-h] {eval,train,demo,heads,report,mix,export,table,study} ...", "",
                          "abft-lens: a thin command line over the Python API.", "", "positional arguments:"]
+
+
+def test_python_m_abft_lens_cli_is_the_command_line(capsys, monkeypatch):
+    """``python -m abft_lens.cli`` (the README's torchrun line) runs the same ``main`` as ``abft-lens``."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["abft_lens.cli", "heads", "--help"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("abft_lens.cli", run_name="__main__", alter_sys=True)
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("usage: abft-lens heads ")
 
 
 def test_eval_requires_a_subcommand(capsys):
