@@ -3,7 +3,9 @@ decided in one small place each, and these tests play both CPUs by monkeypatchin
 
 - bitsandbytes (imported by TransformerLens) logs a notice about the optional ``kernels`` package on import,
   on AVX512-BF16 CPUs only: :func:`abft_lens.backends.tl.quiet_bitsandbytes` drops that record, and only it;
-- the real commands, run as processes, print exactly one error line and one fix line on stderr.
+- the real commands, run as processes, print exactly one error line and one fix line on stderr;
+- the bfloat16 training warning follows :func:`abft_lens.backends.cpu.native_bf16`;
+- the 4-bit layers never take bitsandbytes' AVX512-BF16 repack path, whether bitsandbytes detects it or not.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from abft_lens.backends import tl
+from abft_lens.backends import cpu, tl
 from abft_lens.backends.tl import BNB_CPU_LOGGER, BNB_KERNELS_NOTICE, DropKernelsNotice, quiet_bitsandbytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +135,73 @@ def test_a_refused_command_prints_exactly_its_message_and_fix(case, tmp_path):
     assert len(lines) == 2 and lines[1].startswith("  fix: ")
     assert process.stderr.splitlines() == lines
     assert process.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- bfloat16 warning
+
+
+@pytest.mark.parametrize("capabilities, native", [
+    ({"architecture": "x86_64", "avx2": True}, False),
+    ({"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": False}, False),
+    ({"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": True}, True),
+    ({"architecture": "x86_64", "avx2": True, "amx_tile": True, "amx_bf16": True}, True),
+    ({"architecture": "aarch64", "neon": True}, False),
+])
+def test_native_bf16_reads_torchs_cpu_probe(capabilities, native, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert cpu.native_bf16() is native
+
+
+@pytest.mark.parametrize("native, compute_dtype, warned", [
+    (True, "bfloat16", False),   # AVX512-BF16 / AMX
+    (False, "bfloat16", True),   # AVX2: emulated bfloat16
+    (False, None, False),        # float32 training never warns
+])
+def test_the_bfloat16_warning_follows_the_cpu(native, compute_dtype, warned, monkeypatch, caplog):
+    from abft_lens.backends.loading import load_model
+    from abft_lens.data.prompts import prompt_builder
+    from abft_lens.data.tasks import load_task
+    from abft_lens.training.train import TrainConfig, Trainer
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    model = load_model("tiny")
+    caplog.set_level(logging.WARNING, logger="abft_lens.training.train")
+    Trainer(model, prompt_builder(model, load_task("sst2")),
+            TrainConfig(train_samples=2, pseudo_batch_size=2, epochs=1, compute_dtype=compute_dtype))
+    messages = [r.getMessage() for r in caplog.records if r.name == "abft_lens.training.train"]
+    assert len(messages) == int(warned)
+    if warned:
+        assert messages[0].startswith("bfloat16 training on a CPU without bfloat16 instructions (no AVX512-BF16 "
+                                      "or AMX; torch reports ") and messages[0].endswith("train in float32")
+
+
+# -------------------------------------------------------------------------------- the 4-bit repack path
+
+
+@pytest.mark.parametrize("bitsandbytes_sees_avx512bf16", [True, False])
+def test_4bit_layers_never_take_the_avx512bf16_repack_path(bitsandbytes_sees_avx512bf16, monkeypatch):
+    """bitsandbytes turns its CPU repack on when it detects AVX512-BF16 (``Linear4bit.__init__``); the layers of
+    :func:`quantize_linears` switch it off either way: an eval-mode pass leaves the weights in the plain NF4
+    format and computes the dequantized float32 model."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from abft_lens.backends.bridge import dense_weight, quantize_linears
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: bitsandbytes_sees_avx512bf16)
+    # bitsandbytes' own default follows the (monkeypatched) detection: both branches are really exercised
+    assert bnb.nn.Linear4bit(64, 32, device="meta").support_avx512bf16_for_cpu is bitsandbytes_sees_avx512bf16
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))  # sizes the repack accepts (multiples of 32)
+    assert quantize_linears(block, compute_dtype=torch.float32, skip=()) == 2
+    block.to("cpu").eval()  # Params4bit quantizes on this move
+    x = torch.randn(3, 64)
+    with torch.inference_mode():  # the repack's conditions: CPU, eval mode, no gradient
+        out = block(x)
+        reference = x
+        for layer in block:
+            reference = nn.functional.linear(reference, dense_weight(layer), layer.bias)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    for layer in block:
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        assert type(layer).__name__ == "Linear4bit" and layer.support_avx512bf16_for_cpu is False
