@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -118,6 +119,27 @@ def test_argparse_rejects_non_positive_integers(option, value, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert option in err and ("positive integer" in err or "not an integer" in err)
+
+
+def test_help_opens_with_the_usage_and_a_clean_description(capsys, monkeypatch):
+    """``abft-lens --help``: the usage, a blank line, then the description without the docstring's reST markup."""
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps the usage line to the terminal's width
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == ["usage: abft-lens [-h] {eval,train,demo,heads,report,mix,export,table,study} ...", "",
+                         "abft-lens: a thin command line over the Python API.", "", "positional arguments:"]
+
+
+def test_python_m_abft_lens_cli_is_the_command_line(capsys, monkeypatch):
+    """``python -m abft_lens.cli`` (the README's torchrun line) runs the same ``main`` as ``abft-lens``."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["abft_lens.cli", "heads", "--help"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("abft_lens.cli", run_name="__main__", alter_sys=True)
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("usage: abft-lens heads ")
 
 
 def test_eval_requires_a_subcommand(capsys):

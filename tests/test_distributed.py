@@ -1,7 +1,7 @@
 """Data-parallel training (abft_lens.training.distributed): 2 CPU processes over gloo train the same weights as one
 process (up to float summation order), every rank ends bit-identical, a 2-process run interrupted after step 1
-resumes to the uninterrupted 2-process run, and ``torchrun ... abft-lens train`` writes the same run folder
-as a single process.
+resumes to the uninterrupted 2-process run, and the README's ``torchrun ... -m abft_lens.cli train`` writes
+the same run folder as a single process.
 
 One ``torch.multiprocessing.spawn`` of 2 workers runs every distributed scenario (each worker pays ~20 s of
 imports on a shared machine); the single-process references run in the test process.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -230,17 +231,28 @@ def test_wall_time_two_processes_vs_one(spawned, single):
 # ------------------------------------------------------------------------------------------ torchrun
 
 
-def test_torchrun_cli_matches_a_single_process_cli_run(tmp_path):
+def readme_torchrun_command() -> list[str]:
+    """The command of the README's "Multi-GPU training" section, split like a shell splits it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n### Multi-GPU training\n", 1)[1].split("\n## ", 1)[0]
+    return shlex.split(next(line for line in section.splitlines() if line.startswith("torchrun ")))
+
+
+def test_the_readme_torchrun_command_matches_a_single_process_cli_run(tmp_path):
+    """The README's ``torchrun --nproc_per_node 8 -m abft_lens.cli train ...``, with 2 processes and the tiny
+    model's sizes: the same run folder as one process."""
     from abft_lens.cli import main
 
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.is_file():
         pytest.skip("torchrun is not installed next to this Python")
+    readme = readme_torchrun_command()
+    assert readme[:6] == ["torchrun", "--nproc_per_node", "8", "-m", "abft_lens.cli", "train"], readme
     args = ["train", "--model", "tiny", "--dataset", "sst2", "--train-samples", "8", "--pseudo-batch-size", "4",
             "--epochs", "1", "--lr", "1e-2", "--threshold", "0", "--restricted-gradient", "--n-test", "8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([str(torchrun), "--nproc_per_node", str(WORLD), "--master_port", str(free_port()),
-                           "-m", "abft_lens", *args, "--run-dir", str(tmp_path / "two")],
+                           "-m", readme[4], *args, "--run-dir", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone prints the summary

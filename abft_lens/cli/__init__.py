@@ -14,10 +14,12 @@ from abft_lens.cli import eval_command, heads_command, run_commands, study_comma
 from abft_lens.errors import AbftLensError
 
 COMMAND_MODULES = (eval_command, train_command, heads_command, run_commands, study_command)
+# the docstring's first line without its reST markup: "abft-lens: a thin command line over the Python API."
+DESCRIPTION = __doc__.splitlines()[0].replace("``", "")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="abft-lens", description=__doc__.splitlines()[0].strip("`: "))
+    parser = argparse.ArgumentParser(prog="abft-lens", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.add_parsers(commands)

@@ -27,6 +27,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.backends import cpu
 from abft_lens.backends.forward import forward_residual
 from abft_lens.errors import AbftLensError
 from abft_lens.interp.induction_filter import induction_threshold
@@ -196,10 +197,10 @@ class Trainer:
         self.label_token_ids = torch.tensor(builder.label_token_ids)
         self.pad_id = pad_token_id(builder.tokenizer)
         self._device = torch.device(model.cfg.device)
-        if config.compute_dtype == "bfloat16" and self._device.type == "cpu" \
-                and torch.backends.cpu.get_cpu_capability() != "AVX512":
-            log.warning("bfloat16 training on a CPU without AVX-512 (%s): its bfloat16 matmuls are emulated, "
-                        "about 50x slower than float32 here; train in float32", torch.backends.cpu.get_cpu_capability())
+        if config.compute_dtype == "bfloat16" and self._device.type == "cpu" and not cpu.native_bf16():
+            log.warning("bfloat16 training on a CPU without bfloat16 instructions (no AVX512-BF16 or AMX; torch "
+                        "reports %s): its bfloat16 matmuls are emulated, slower than float32 (about 50x on AVX2); "
+                        "train in float32", torch.backends.cpu.get_cpu_capability())
         self.completed_steps = 0
         self.stop_requested = False
 
