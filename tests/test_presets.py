@@ -141,3 +141,39 @@ def test_query_label_shares_count_the_trainers_own_prompts(tiny_loaded):
     assert query_label_shares(builder, config) == [labels.count(c) / 60 for c in range(3)]
     balanced = query_label_shares(builder, replace(config, balance_query_labels=True))
     assert balanced == [1 / 3, 1 / 3, 1 / 3]
+
+
+def test_prior_shift_flags_a_move_toward_the_training_shares():
+    from abft_lens.evaluation.label_prior import label_distribution, prior_shift, total_variation
+
+    vanilla, shares = [0.5, 0.5, 0.0], [0.2, 0.7, 0.1]
+    assert label_distribution([0, 1, 1, 2], 3) == [0.25, 0.5, 0.25]
+    assert total_variation([1, 0], [0, 1]) == 1.0 and total_variation(vanilla, vanilla) == 0.0
+    assert prior_shift([0.3, 0.7, 0.0], vanilla, shares)       # moved 0.2 toward the shares
+    assert not prior_shift([0.7, 0.3, 0.0], vanilla, shares)   # moved 0.2 away from them
+    assert not prior_shift([0.45, 0.55, 0.0], vanilla, shares)  # moved less than PRIOR_SHIFT
+    assert prior_shift([0.7, 0.3, 0.0], vanilla, None)          # shares unknown: the move alone counts
+
+
+def test_paper_study_on_tiny_writes_both_tables_with_the_new_tests(tmp_path):
+    """The issue's "done when": --preset paper on tiny runs vanilla, cc, prior, ABFT, E2E and writes Table 1
+    (sign test, Holm, prior control, head to head, cost) and Table 2 (per trained dataset)."""
+    out = tmp_path / "paper"
+    assert cli(["study", "--out", out, "--preset", "paper", "--models", "tiny", "--datasets", "sst2", "--seeds", "0",
+                "--generalization-test", "--generalization-n-test", "4", "--dont-save-model"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert [r["method"] for r in study["cells"].values()] == ["vanilla", "cc", "prior", "ABFT", "E2E"]
+    assert all(r["state"] == "done" and r["metrics"]["peak_rss_mib"] > 0 for r in study["cells"].values())
+    trained = study["cells"]["tiny/sst2/ABFT/seed-0"]["metrics"]
+    assert trained["steps"] == 32 and trained["preset"] == "paper" and trained["prompts_per_second"] > 0
+    run = out / "tiny" / "sst2" / "ABFT" / "seed-0"
+    assert json.loads((run / "config.json").read_text())["train"]["preset"] == "paper"
+    assert len(json.loads((run / "post_test.json").read_text())["per_prompt"]) == 1024
+    prior = json.loads((out / "tiny" / "sst2" / "prior" / "seed-0" / "k4-n1024.json").read_text())
+    assert prior["method"] == "label_prior" and sum(prior["label_shares"]) == pytest.approx(1)
+    table1 = (out / "table1.md").read_text()
+    for part in ("| prior |", "Holm", "**Tests against vanilla**", "**Head to head**", "| ABFT vs E2E |",
+                 "**Cost per run**", "1024 test prompts"):
+        assert part in table1, part
+    table2 = (out / "table2.md").read_text()
+    assert "Table 2 per trained dataset" in table2 and "| ABFT | SST-2 | 1 |" in table2

@@ -20,7 +20,8 @@ import torch
 from abft_lens.cli import main
 from abft_lens.errors import AbftLensError
 from abft_lens.io import read_json
-from abft_lens.reporting.study_tables import collapse_threshold, mcnemar_exact
+from abft_lens.evaluation.metrics import mcnemar_exact
+from abft_lens.reporting.study_tables import collapse_threshold
 
 REPO = Path(__file__).resolve().parent.parent
 DONE_WHEN = ["--models", "tiny", "--datasets", "sst2,fp", "--methods", "vanilla,cc,ABFT,E2E", "--seeds", "0,1",
@@ -140,29 +141,42 @@ def test_rerun_runs_no_cell(done_study, monkeypatch):
     assert after["cells"] == json.loads(before)["cells"]
 
 
-def test_table_matches_recomputed_mcnemar(done_study, capsys):
-    """The CSV's p-values and gained/lost counts equal a recomputation from the run folders, pooled over seeds;
+def test_table_matches_a_recomputed_sign_test(done_study, capsys):
+    """The CSV's query counts, sign-test p, Holm p and per-seed gained/lost equal a recomputation from the run
+    folders (per query, the change summed over seeds; here every prompt is its own query: 8 of 512);
     ``abft-lens table STUDY_DIR`` prints the study's Table 1."""
     import csv
+    import math
 
     out, _, _ = done_study
     rows = {(r["method"], r["dataset"]): r for r in csv.DictReader((out / "table1.csv").open())}
-    for dataset in ("sst2", "fp"):
-        vanilla = read_json(out / "tiny" / dataset / "vanilla" / "k4-n8.json")["per_prompt"]
-        right = [p["prediction"] == p["gold"] for p in vanilla]
-        for method in ("ABFT", "E2E"):
-            gained = lost = 0
-            accuracies = []
+    for method in ("ABFT", "E2E"):
+        raw = {}
+        for dataset in ("sst2", "fp"):
+            vanilla = read_json(out / "tiny" / dataset / "vanilla" / "k4-n8.json")["per_prompt"]
+            right = [p["prediction"] == p["gold"] for p in vanilla]
+            change, seeds, accuracies = [0] * 8, [], []
             for seed in (0, 1):
                 post = read_json(out / "tiny" / dataset / method / f"seed-{seed}" / "post_test.json")
                 after = [p["prediction"] == p["gold"] for p in post["per_prompt"]]
-                gained += sum(a and not b for a, b in zip(after, right))
-                lost += sum(b and not a for a, b in zip(after, right))
+                change = [c + int(a) - int(b) for c, a, b in zip(change, after, right)]
+                seeds.append(f"{sum(a and not b for a, b in zip(after, right))}/"
+                             f"{sum(b and not a for a, b in zip(after, right))}")
                 accuracies.append(sum(after) / len(after))
+            better, worse = sum(c > 0 for c in change), sum(c < 0 for c in change)
+            n = better + worse
+            p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2 ** n)
             row = rows[(method, dataset)]
-            assert (int(row["gained"]), int(row["lost"])) == (gained, lost)
-            assert float(row["p_value"]) == pytest.approx(mcnemar_exact(gained, lost), rel=1e-5)
+            assert (int(row["queries_better"]), int(row["queries_worse"])) == (better, worse)
+            assert float(row["p_sign"]) == pytest.approx(p, rel=1e-5)
+            assert row["seed_gained_lost"] == " ".join(seeds)
             assert float(row["accuracy"]) == pytest.approx(100 * sum(accuracies) / 2, abs=1e-3)
+            raw[dataset] = p
+        low, high = sorted(raw, key=raw.get)  # Holm over the two datasets, by hand
+        assert float(rows[(method, low)]["p_holm"]) == pytest.approx(min(1.0, 2 * raw[low]), rel=1e-5)
+        assert float(rows[(method, high)]["p_holm"]) == pytest.approx(max(min(1.0, 2 * raw[low]), raw[high]), rel=1e-5)
+    for dataset in ("sst2", "fp"):
+        vanilla = read_json(out / "tiny" / dataset / "vanilla" / "k4-n8.json")["per_prompt"]
         assert float(rows[("vanilla", dataset)]["majority_rate"]) == pytest.approx(
             100 * max(map([p["gold"] for p in vanilla].count, set(p["gold"] for p in vanilla))) / 8)
     assert main(["table", str(out)]) == 0

@@ -21,7 +21,9 @@ from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult
 from abft_lens.evaluation.metrics import classification_metrics
 
-__all__ = ["prior_reweighted"]
+__all__ = ["prior_reweighted", "label_distribution", "total_variation", "prior_shift", "PRIOR_SHIFT"]
+
+PRIOR_SHIFT = 0.10  # total-variation distance of predicted labels from vanilla's that counts as a shift
 
 
 def prior_reweighted(calibrated: EvalResult, shares: Sequence[float]) -> EvalResult:
@@ -41,3 +43,27 @@ def prior_reweighted(calibrated: EvalResult, shares: Sequence[float]) -> EvalRes
     return EvalResult(task=calibrated.task, k=calibrated.k, metrics=classification_metrics(gold, weighted),
                       gold=calibrated.gold, predictions=weighted.argmax(-1).tolist(),
                       probs=weighted.float().tolist(), label_words=list(calibrated.label_words), info=info)
+
+
+def label_distribution(predictions: Sequence[int], n_labels: int) -> list[float]:
+    """The share of prompts given each label (label order; sums to 1)."""
+    counts = [0] * n_labels
+    for label in predictions:
+        counts[label] += 1
+    return [count / max(1, len(predictions)) for count in counts]
+
+
+def total_variation(p: Sequence[float], q: Sequence[float]) -> float:
+    """Half the L1 distance between two label distributions: the share of answers that would have to change
+    label to turn one into the other (0 = the same, 1 = disjoint)."""
+    return 0.5 * sum(abs(a - b) for a, b in zip(p, q, strict=True))
+
+
+def prior_shift(run: Sequence[float], vanilla: Sequence[float], shares: Sequence[float] | None,
+                threshold: float = PRIOR_SHIFT) -> bool:
+    """Did a run's predicted-label distribution move away from vanilla's (total variation >= ``threshold``)
+    toward the training queries' label ``shares`` (closer to them than vanilla's is)? With ``shares`` unknown,
+    the move alone counts (the cautious reading)."""
+    if total_variation(run, vanilla) < threshold:
+        return False
+    return shares is None or total_variation(run, shares) < total_variation(vanilla, shares)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from abft_lens.errors import AbftLensError
 from abft_lens.io import atomic_write_text
+from abft_lens.evaluation.label_prior import PRIOR_SHIFT
+from abft_lens.reporting.study_generalization import generalization_grid_rows, generalization_rows
 from abft_lens.reporting.study_tables import (AVERAGE, COLLAPSE_MARGIN, COLLAPSE_SHARE, SIGNIFICANCE, ModelResults,
-                                              StudyTables, display, generalization_rows, study_tables)
+                                              StudyTables, cost_rows, display, head_to_head, study_tables)
 
 __all__ = ["Grid", "render_table1", "render_table2", "write_study_tables"]
 
@@ -68,8 +70,19 @@ def _p_text(p: float | None) -> str:
     return "" if p is None else (" (p<0.001)" if p < 0.001 else f" (p={p:.3f})")
 
 
+def _mark(cell) -> str:
+    """↑/↓ (Holm-adjusted significance against vanilla), ⇢ (a gain that a prior shift may explain), ⚠ (collapse)."""
+    mark = {1: " ↑", -1: " ↓", 0: ""}[cell.sign]
+    if cell.significant > 0 and cell.sign == 0:
+        mark = " ⇢"
+    elif cell.shifted:
+        mark += " ⇢"
+    return mark + _p_text(cell.p_value) + (" ⚠" if cell.collapsed else "")
+
+
 def table1_grids(results: ModelResults) -> list[Grid]:
-    """Accuracy (with p-values, collapse marks, improved/hurt counts), macro-F1, label balance, kept steps."""
+    """Accuracy (with Holm-adjusted p, marks, improved/hurt counts), macro-F1, the tests, head to head, label
+    balance, kept steps, cost."""
     datasets = results.datasets
     header = ["Method"] + [display(d) for d in datasets] + [AVERAGE]
     grids = []
@@ -82,19 +95,25 @@ def table1_grids(results: ModelResults) -> list[Grid]:
                 cell = results.cells.get((method, dataset))
                 stats = table.cell(method, dataset) if method in table.values else None
                 text = _percent(*stats) if stats else "–"
-                if cell is not None and stats and metric == "accuracy":
-                    text += {1: " ↑", -1: " ↓", 0: ""}[cell.sign] + _p_text(cell.p_value)
-                    text += " ⚠" if cell.collapsed else ""
+                if cell is not None and stats and metric == "accuracy" and method != "vanilla":
+                    text += _mark(cell)
                 row.append(text)
             if metric == "accuracy":
                 signs = [results.cells[(method, d)].sign for d in datasets if (method, d) in results.cells]
                 row.append("" if method == "vanilla" else f"{signs.count(1)} / {signs.count(-1)}")
             rows.append(row)
-        note = ("mean ± std over seeds. p: exact McNemar test against vanilla on the same prompts, discordant "
-                f"prompts pooled over seeds; ↑/↓: p < {SIGNIFICANCE} with more prompts gained / lost; ⚠: a run "
-                "collapsed onto one label (see the label-balance table)." if metric == "accuracy" else
+        note = (f"mean ± std over seeds. p: exact sign test against vanilla over the test queries (per query, the "
+                f"change in correct answers summed over its prompts and the seeds), Holm-adjusted over the "
+                f"datasets of the row; ↑/↓: adjusted p < {SIGNIFICANCE}; ⇢: a trained run's predicted labels moved "
+                f"toward its training queries' label shares (total variation >= {PRIOR_SHIFT:.2f} from vanilla's), "
+                "counted as improved only if it also beats the prior control; ⚠: collapsed onto one label."
+                if metric == "accuracy" else
                 "mean ± std over seeds (macro-F1 over the labels that occur as gold or prediction).")
         grids.append(Grid(title, note, header + (["improved / hurt"] if metric == "accuracy" else []), rows))
+    grids.append(_tests_grid(results))
+    pairs = _pairs_grid(results)
+    if pairs is not None:
+        grids.append(pairs)
     balance = [["gold majority-label rate"] + [_percent(results.majority.get(d), digits=1) for d in datasets]]
     for method in results.methods:
         row = [method]
@@ -108,7 +127,8 @@ def table1_grids(results: ModelResults) -> list[Grid]:
         balance.append(row)
     grids.append(Grid("Label balance (%)", "share of prompts given the most frequent predicted label, mean over "
                       f"seeds; ⚠ n/N: runs flagged as collapsed (share above {100 * COLLAPSE_SHARE:.0f} %, or more "
-                      f"than {100 * COLLAPSE_MARGIN:.0f} points above the gold majority-label rate).",
+                      f"than {100 * COLLAPSE_MARGIN:.0f} points above the gold majority-label rate, and above "
+                      "vanilla's own share by a point).",
                       ["Method"] + [display(d) for d in datasets], balance))
     steps = []
     for method in results.methods:
@@ -119,20 +139,94 @@ def table1_grids(results: ModelResults) -> list[Grid]:
     if steps:
         grids.append(Grid("Validation guard", "the step each seed's run kept (0: the untrained model).",
                           ["Method"] + [display(d) for d in datasets], steps))
+    cost = _cost_grid(results)
+    if cost is not None:
+        grids.append(cost)
     return grids
 
 
-def table2_grid(results: ModelResults) -> Grid | None:
-    rows = generalization_rows(results)
+def _tests_grid(results: ModelResults) -> Grid:
+    rows = []
+    for method in results.methods:
+        if method == "vanilla":
+            continue
+        row = [method]
+        for dataset in results.datasets:
+            cell = results.cells.get((method, dataset))
+            if cell is None or cell.test is None:
+                row.append("–")
+                continue
+            seeds = ", ".join(f"{p.gained}/{p.lost}" + _p_text(p.p_value).replace(" (", " ").rstrip(")")
+                              for p in cell.per_seed)
+            text = f"{cell.test.better}/{cell.test.worse} q, p={cell.test.p_value:.3g}, Holm {cell.adjusted_p:.3g}"
+            text += f"; per seed {seeds}"
+            if cell.prior_test is not None:
+                text += (f"; vs prior {cell.prior_test.better}/{cell.prior_test.worse} q, "
+                         f"Holm {cell.prior_adjusted_p:.3g}")
+            row.append(text + (f"; ⇢ {cell.shifted}/{len(cell.seeds)}" if cell.shifted else ""))
+        rows.append(row)
+    return Grid("Tests against vanilla", "queries better/worse than vanilla (q), the sign test's p and its Holm "
+                "adjustment over the datasets of the row; per seed: prompts gained/lost and the exact McNemar p; "
+                "vs prior: the same test against the label-prior control (shared seeds); ⇢ n/N: runs flagged as "
+                "a prior shift.", ["Method"] + [display(d) for d in results.datasets], rows)
+
+
+def _pairs_grid(results: ModelResults) -> Grid | None:
+    rows = head_to_head(results)
     if not rows:
         return None
+    body = []
+    for row in rows:
+        winner = row["second"] if row["second_better"] > row["first_better"] else row["first"]
+        verdict = f"{winner} better" if row["p_holm"] < SIGNIFICANCE else "no difference"
+        body.append([f"{row['first']} vs {row['second']}", display(row["dataset"]),
+                     f"{row['first_better']} / {row['second_better']}", str(row["seeds"]), f"{row['p']:.3g}",
+                     f"{row['p_holm']:.3g}", verdict])
+    return Grid("Head to head", "queries where the first / the second method answers more prompts right (summed "
+                "over the seeds both have), exact sign test, Holm over the datasets of the pair; a verdict needs "
+                f"Holm p < {SIGNIFICANCE}.", ["Pair", "Dataset", "first / second better", "seeds", "p", "p Holm",
+                                               "verdict"], body)
+
+
+def _cost_grid(results: ModelResults) -> Grid | None:
+    rows = cost_rows(results)
+    if not rows:
+        return None
+
+    def number(value, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    body = [[row["method"], str(row["runs"]), number(row["train_seconds"], ".0f"), number(row["steps"], ".0f"),
+             number(row["prompts_per_second"], ".2f"), number(row["peak_rss_mib"], ",.0f"),
+             "–" if row["relative_time"] is None else f"{row['relative_time']:.2f}×"] for row in rows]
+    return Grid("Cost per run", "means over the runs: training wall seconds, optimizer steps, training prompts "
+                "(forward + backward) per second, the cell's peak RSS; time relative to ABFT.",
+                ["Method", "runs", "train s", "steps", "prompts/s", "peak RSS MiB", "time vs ABFT"], body)
+
+
+def table2_grids(results: ModelResults) -> list[Grid]:
+    rows = generalization_rows(results)
+    if not rows:
+        return []
     body = [[row["method"], *(_percent(*row[part]) if row[part] else "–" for part in ("id", "ood")),
              "–" if row["parameters"] is None else f"{row['parameters']:,}",
              "–" if row["relative_time"] is None else f"{row['relative_time']:.2f}×"] for row in rows]
-    return Grid("Table 2: in-domain vs out-of-domain accuracy (%)",
-                "ID: accuracy on the trained dataset; OOD: mean over the other paper datasets; each averaged over "
-                "the study's datasets per seed, then mean ± std over seeds. Training time relative to ABFT.",
-                ["Method", "ID", "OOD", "trained parameters", "training time"], body)
+    grids = [Grid("Table 2: in-domain vs out-of-domain accuracy (%)",
+                  "ID: accuracy on the trained dataset; OOD: mean over the other paper datasets; each averaged over "
+                  "the study's datasets per seed, then mean ± std over seeds. Training time relative to ABFT.",
+                  ["Method", "ID", "OOD", "trained parameters", "training time"], body)]
+    evaluated, per_dataset = generalization_grid_rows(results)
+    if per_dataset:
+        cells = [[row["method"], display(row["trained"]), str(row["seeds"])]
+                 + [f"{100 * row['post'][d]:.1f} ({100 * row['fore'][d]:.1f})" if d in row["post"] else "–"
+                    for d in evaluated]
+                 + ["–" if row["ood_post"] is None else f"{100 * row['ood_post']:.1f} ({100 * row['ood_fore']:.1f})"]
+                 for row in per_dataset]
+        grids.append(Grid("Table 2 per trained dataset: accuracy (%) after training (vanilla's in brackets)",
+                          "mean over the seeds of each (method, trained dataset); the same prompts before and after; "
+                          "OOD: mean over the datasets other than the trained one.",
+                          ["Method", "trained on", "seeds"] + [display(d) for d in evaluated] + ["OOD"], cells))
+    return grids
 
 
 def _heading(tables: StudyTables) -> tuple[str, str]:
@@ -174,7 +268,8 @@ def render_table1(tables: StudyTables, fmt: str) -> str:
 
 
 def render_table2(tables: StudyTables, fmt: str) -> str | None:
-    grids = [(results.model, grid) for results in tables.models if (grid := table2_grid(results)) is not None]
+    grids = [(results.model, "\n".join(grid.markdown() for grid in found), "".join(grid.html() for grid in found))
+             for results in tables.models if (found := table2_grids(results))]
     if not grids:
         return None
     if fmt == "csv":
@@ -189,17 +284,19 @@ def render_table2(tables: StudyTables, fmt: str) -> str | None:
         return buffer.getvalue()
     title, line = _heading(tables)
     if fmt == "markdown":
-        return "\n".join([f"# {title}\n", line + "\n"] + [f"## {model}\n\n" + grid.markdown() for model, grid in grids])
+        return "\n".join([f"# {title}\n", line + "\n"] + [f"## {model}\n\n" + text for model, text, _ in grids])
     return _page(title, [f"<h1>{html.escape(title)}</h1><p>{html.escape(line)}</p>"]
-                 + [f"<h2>{html.escape(model)}</h2>" + grid.html() for model, grid in grids])
+                 + [f"<h2>{html.escape(model)}</h2>" + page for model, _, page in grids])
 
 
 def table1_csv(tables: StudyTables) -> str:
-    """One line per (model, method, dataset) and per (model, method) average: means and stds in percent."""
+    """One line per (model, method, dataset) and per (model, method) average: means and stds in percent, the
+    tests against vanilla (sign test over queries, Holm) and against the prior control, flags."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "method", "dataset", "runs", "accuracy", "accuracy_std", "macro_f1", "macro_f1_std",
-                     "p_value", "gained", "lost", "majority_rate", "top_prediction_share", "collapsed_runs"])
+                     "queries_better", "queries_worse", "p_sign", "p_holm", "seed_gained_lost", "p_prior_holm",
+                     "prior_shifted_runs", "counted", "majority_rate", "top_prediction_share", "collapsed_runs"])
     for results in tables.models:
         accuracy, f1 = results.table("accuracy"), results.table("macro_f1")
         for method in results.methods:
@@ -209,13 +306,18 @@ def table1_csv(tables: StudyTables) -> str:
                 if a is None:
                     continue
                 cell = results.cells.get((method, dataset))
+                test = cell.test if cell else None
                 share = sum(cell.shares) / len(cell.shares) if cell and cell.shares else None
-                p = cell.p_value if cell else None
-                writer.writerow([results.model, method, dataset, a[2], f"{100 * a[0]:.4f}", f"{100 * a[1]:.4f}",
-                                 "" if f is None else f"{100 * f[0]:.4f}", "" if f is None else f"{100 * f[1]:.4f}",
-                                 "" if p is None else f"{p:.6g}", *((cell.gained, cell.lost) if cell else ("", "")),
-                                 "" if dataset not in results.majority else f"{100 * results.majority[dataset]:.4f}",
-                                 "" if share is None else f"{100 * share:.4f}", cell.collapsed if cell else ""])
+                writer.writerow([
+                    results.model, method, dataset, a[2], f"{100 * a[0]:.4f}", f"{100 * a[1]:.4f}",
+                    "" if f is None else f"{100 * f[0]:.4f}", "" if f is None else f"{100 * f[1]:.4f}",
+                    *(("", "", "", "") if test is None else
+                      (test.better, test.worse, f"{test.p_value:.6g}", f"{cell.adjusted_p:.6g}")),
+                    "" if not cell else " ".join(f"{p.gained}/{p.lost}" for p in cell.per_seed),
+                    "" if not cell or cell.prior_adjusted_p is None else f"{cell.prior_adjusted_p:.6g}",
+                    cell.shifted if cell else "", cell.sign if cell and test is not None else "",
+                    "" if dataset not in results.majority else f"{100 * results.majority[dataset]:.4f}",
+                    "" if share is None else f"{100 * share:.4f}", cell.collapsed if cell else ""])
     return buffer.getvalue()
 
 

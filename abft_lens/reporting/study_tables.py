@@ -1,24 +1,27 @@
 """The tables of a study folder (``abft-lens study``), computed from the folder alone (:mod:`study_folder`).
 
-Table 1, per model: rows = methods (vanilla, cc, then the trained methods), columns = datasets + their average.
+Table 1, per model: rows = methods (vanilla, cc, prior, then the trained methods), columns = datasets + average.
 
 - Accuracy and macro-F1 in percent, mean ± sample std over seeds (:class:`~abft_lens.reporting.tables.ResultTable`).
-- Every cell other than vanilla carries its paired exact McNemar p-value against vanilla on the same prompts:
-  the discordant prompts of all its seeds are pooled (``gained`` = vanilla wrong and the method right, ``lost``
-  the reverse; two-sided binomial test with p = 1/2). ↑/↓ mark p < 0.05 with more gained / more lost; the
-  column "improved / hurt" counts the datasets so marked.
-- Label balance: each dataset's gold majority-label rate over its test prompts, and per cell the share of
-  prompts given the most frequent *predicted* label (mean over seeds). A run is flagged as collapsed (⚠) when
-  that share exceeds ``min(COLLAPSE_SHARE, majority rate + COLLAPSE_MARGIN)``: above 90 %, or 20 points above
-  what always answering the majority label would give. Accuracy can rise while a model collapses onto an
-  unbalanced test split's majority label; the flag and macro-F1 show it.
-- The step each run's validation guard kept, and the metric that chose it.
+- **Against vanilla**, every other cell is tested on its queries (:func:`~abft_lens.evaluation.paired.query_sign_test`):
+  per query, the change in correct answers summed over its two prompts and over the seeds, exact sign test; the
+  p-values of a method's datasets are Holm-adjusted (:func:`~abft_lens.evaluation.paired.holm`). ↑/↓: adjusted
+  p < 0.05. The per-seed McNemar p's are shown beside it, in the tests grid.
+- **Prior shift** (⇢, trained methods): a run whose predicted-label distribution moved from vanilla's by a total
+  variation of at least :data:`~abft_lens.evaluation.label_prior.PRIOR_SHIFT` toward its training queries'
+  label shares (read from the ``prior`` cell of its seed). A cell with a flagged run counts as improved only if
+  it also beats the ``prior`` control (same test, Holm over datasets); otherwise its ↑ becomes ⇢.
+- **Collapse** (⚠): the share of prompts given the most frequent predicted label exceeds
+  ``min(COLLAPSE_SHARE, majority rate + COLLAPSE_MARGIN)`` and vanilla's own share on the same prompts by at least
+  ``COLLAPSE_OVER_VANILLA`` (vanilla is never flagged against itself).
+- Head to head (:func:`head_to_head`): every pair of non-vanilla methods, the same test over the seeds both have
+  (a baseline without seeds pairs with every seed), Holm over the datasets of the pair.
+- Cost (trained methods): training seconds, optimizer steps, prompts per second and peak RSS per run (from
+  ``study.json``), and each method's time relative to ABFT.
 
 Table 2 (runs with ``--generalization-test``), per model and method: in-domain accuracy (the trained dataset),
-out-of-domain accuracy (mean over the other paper datasets), both averaged over the study's datasets per seed,
-then mean ± std over seeds; the number of trained parameters (from ``trained.safetensors``); training time
-relative to the ``ABFT`` row. The HTML page adds a figure of per-dataset accuracy (one point per seed) and the
-validation curves (:mod:`abft_lens.reporting.study_figures`).
+out-of-domain accuracy (mean over the other paper datasets), averaged over the study's datasets per seed, then
+mean ± std over seeds; and per trained dataset, every evaluated dataset's accuracy beside vanilla's.
 """
 
 from __future__ import annotations
@@ -28,18 +31,24 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from abft_lens.evaluation.metrics import mcnemar_exact
+from abft_lens.data.tasks import load_task
+from abft_lens.errors import AbftLensError
+from abft_lens.evaluation.label_prior import label_distribution, prior_shift
+from abft_lens.evaluation.paired import Paired, SignTest, correct, holm, paired, query_sign_test
 from abft_lens.io import read_json
-from abft_lens.reporting.study_folder import (BASELINE_KINDS, baseline_path, dataset_name, read_study, run_path)
+from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KINDS, baseline_path, dataset_name,
+                                              read_study, run_path)
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
 
-__all__ = ["StudyTables", "study_tables", "mcnemar_exact", "collapse_threshold",
-           "COLLAPSE_SHARE", "COLLAPSE_MARGIN", "SIGNIFICANCE"]
+__all__ = ["StudyTables", "study_tables", "collapse_threshold", "head_to_head", "COLLAPSE_SHARE", "COLLAPSE_MARGIN",
+           "SIGNIFICANCE"]
 
 COLLAPSE_SHARE = 0.9
 COLLAPSE_MARGIN = 0.2
+COLLAPSE_OVER_VANILLA = 0.01  # and at least this far above vanilla's own top share
 SIGNIFICANCE = 0.05
 AVERAGE = "Avg."
+PRIOR = "prior"
 
 
 def collapse_threshold(majority_rate: float) -> float:
@@ -54,28 +63,50 @@ def top_share(predictions: list[int]) -> float:
 
 @dataclass
 class Cell:
-    """One (model, method, dataset): per-seed values and the pooled comparison with vanilla."""
+    """One (model, method, dataset): per-seed values, and its tests against vanilla and the prior control."""
 
+    seeds: list = field(default_factory=list)  # None for a baseline evaluated once
     accuracy: list[float] = field(default_factory=list)
     macro_f1: list[float] = field(default_factory=list)
     shares: list[float] = field(default_factory=list)
-    collapsed: int = 0
-    gained: int = 0
-    lost: int = 0
-    paired: bool = False
+    correct: list[list[bool]] = field(default_factory=list)
+    distributions: list[list[float]] = field(default_factory=list)
+    train_shares: list = field(default_factory=list)  # the seed's training-query label shares, or None
     kept_steps: list = field(default_factory=list)
+    collapsed: int = 0
+    shifted: int = 0  # runs flagged as a prior shift
+    test: SignTest | None = None  # against vanilla
+    per_seed: list[Paired] = field(default_factory=list)
+    adjusted_p: float | None = None
+    prior_test: SignTest | None = None
+    prior_adjusted_p: float | None = None
 
     @property
     def p_value(self) -> float | None:
-        return mcnemar_exact(self.gained, self.lost) if self.paired else None
+        """The Holm-adjusted p of the test against vanilla."""
+        return self.adjusted_p
+
+    @property
+    def beats_prior(self) -> bool:
+        return self.prior_test is not None and self.prior_test.direction > 0 \
+            and self.prior_adjusted_p is not None and self.prior_adjusted_p < SIGNIFICANCE
+
+    @property
+    def significant(self) -> int:
+        """+1 / -1 when significantly better / worse than vanilla after Holm, else 0 (prior shift ignored)."""
+        if self.test is None or self.adjusted_p is None or self.adjusted_p >= SIGNIFICANCE:
+            return 0
+        return self.test.direction
 
     @property
     def sign(self) -> int:
-        """+1 / -1 when significantly better / worse than vanilla, else 0."""
-        p = self.p_value
-        if p is None or p >= SIGNIFICANCE or self.gained == self.lost:
+        """:attr:`significant`, except that a gain with a prior-shift flag counts only if it beats the prior."""
+        if self.significant > 0 and self.shifted and not self.beats_prior:
             return 0
-        return 1 if self.gained > self.lost else -1
+        return self.significant
+
+    def by_seed(self) -> dict:
+        return dict(zip(self.seeds, self.correct))
 
 
 @dataclass
@@ -85,7 +116,10 @@ class ModelResults:
     methods: list[str]
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
     majority: dict[str, float] = field(default_factory=dict)
+    n_queries: dict[str, int] = field(default_factory=dict)
+    trained: set = field(default_factory=set)  # names of trained methods
     runs: list[dict] = field(default_factory=list)  # every finished trained run: method, dataset, seed, run_dir
+    costs: dict[str, list[dict]] = field(default_factory=dict)  # trained method -> study.json metrics per run
 
     def table(self, metric: str) -> ResultTable:
         table = ResultTable(metric=metric)
@@ -114,39 +148,9 @@ def study_tables(study_dir: str | Path) -> StudyTables:
     study_dir = Path(study_dir)
     data = read_study(study_dir)
     plan, records = data["plan"], data["cells"]
-    settings = plan.get("settings", {})
-    k, n_test = int(settings.get("k", 4)), settings.get("n_test", 256)
-    datasets = [dataset_name(spec) for spec in plan["datasets"]]
-    methods = [m["name"] for m in plan["methods"]]
-    kinds = {m["name"]: m["kind"] for m in plan["methods"]}
-    done = {(r["model"], dataset_name(r["dataset"]), r["method"], r["seed"]) for r in records.values()
+    done = {(r["model"], dataset_name(r["dataset"]), r["method"], r["seed"]): r for r in records.values()
             if r["state"] == "done"}
-    models = []
-    for model in plan["models"]:
-        results = ModelResults(model, datasets, ["vanilla"] + [m for m in methods if m != "vanilla"])
-        for dataset in datasets:
-            vanilla = _read(baseline_path(study_dir, model, dataset, "vanilla", k=k, n_test=n_test))
-            if vanilla is not None:
-                gold = [row["gold"] for row in vanilla["per_prompt"]]
-                results.majority[dataset] = top_share(gold)
-                _add(results, "vanilla", dataset, vanilla, None)
-            for method in methods:
-                if kinds[method] in BASELINE_KINDS:
-                    if kinds[method] != "vanilla" and (model, dataset, method, None) in done:
-                        evaluation = _read(baseline_path(study_dir, model, dataset, kinds[method], k=k, n_test=n_test))
-                        _add(results, method, dataset, evaluation, vanilla)
-                    continue
-                for seed in plan["seeds"]:
-                    run_dir = run_path(study_dir, model, dataset, method, seed)
-                    post = _read(run_dir / "post_test.json") if (model, dataset, method, seed) in done else None
-                    if post is None:
-                        continue
-                    _add(results, method, dataset, post, _read(run_dir / "fore_test.json") or vanilla)
-                    metrics = _read(run_dir / "metrics.json") or {}
-                    results.cells[(method, dataset)].kept_steps.append(metrics.get("best_validation_step"))
-                    results.runs.append({"method": method, "dataset": dataset, "seed": seed, "run_dir": run_dir})
-        results.methods = [m for m in results.methods if any((m, d) in results.cells for d in datasets)]
-        models.append(results)
+    models = [_model_results(study_dir, plan, done, model) for model in plan["models"]]
     current = [(key, r) for key, r in records.items() if _in_plan(r, plan)]
     failed = [f"{key}: {r.get('error') or 'failed'}" for key, r in current if r["state"] == "failed"]
     unfinished: dict[str, int] = {}
@@ -157,32 +161,138 @@ def study_tables(study_dir: str | Path) -> StudyTables:
     return StudyTables(study_dir, plan, models, failed, unfinished, select)
 
 
+def _model_results(study_dir: Path, plan: dict, done: dict, model: str) -> ModelResults:
+    settings = plan.get("settings", {})
+    k, n_test = int(settings.get("k", 4)), settings.get("n_test", 256)
+    specs = {dataset_name(spec): spec for spec in plan["datasets"]}
+    kinds = {m["name"]: m["kind"] for m in plan["methods"]}
+    results = ModelResults(model, list(specs), ["vanilla"] + [m for m in kinds if m != "vanilla"],
+                           trained={m for m, kind in kinds.items() if kind not in BASELINE_KINDS + SEEDED_BASELINE_KINDS})
+    for dataset, spec in specs.items():
+        vanilla = _read(baseline_path(study_dir, model, dataset, "vanilla", k=k, n_test=n_test))
+        if vanilla is None:
+            continue
+        results.majority[dataset] = top_share([row["gold"] for row in vanilla["per_prompt"]])
+        results.n_queries[dataset] = _n_queries(spec, len(vanilla["per_prompt"]))
+        _add(results, "vanilla", dataset, vanilla, None)
+        for method, kind in kinds.items():
+            if kind in BASELINE_KINDS:
+                if kind != "vanilla" and (model, dataset, method, None) in done:
+                    _add(results, method, dataset, _read(baseline_path(study_dir, model, dataset, kind, k=k,
+                                                                       n_test=n_test)), None)
+                continue
+            for seed in plan["seeds"]:
+                record = done.get((model, dataset, method, seed))
+                if record is None:
+                    continue
+                if kind in SEEDED_BASELINE_KINDS:
+                    _add(results, method, dataset,
+                         _read(baseline_path(study_dir, model, dataset, kind, k=k, n_test=n_test, seed=seed)), seed)
+                    continue
+                run_dir = run_path(study_dir, model, dataset, method, seed)
+                if _add(results, method, dataset, _read(run_dir / "post_test.json"), seed):
+                    metrics = _read(run_dir / "metrics.json") or {}
+                    results.cells[(method, dataset)].kept_steps.append(metrics.get("best_validation_step"))
+                    results.runs.append({"method": method, "dataset": dataset, "seed": seed, "run_dir": run_dir})
+                    results.costs.setdefault(method, []).append(dict(record.get("metrics") or {},
+                                                                     seconds=record.get("seconds")))
+    results.methods = [m for m in results.methods if any((m, d) in results.cells for d in results.datasets)]
+    _compare(results)
+    return results
+
+
+def _n_queries(spec: str, n_prompts: int) -> int:
+    """Distinct queries of a dataset's test prompts (prompt j asks query j % len(test)); every prompt its own
+    query when the dataset cannot be read any more (a deleted file)."""
+    try:
+        return min(n_prompts, len(load_task(spec).test))
+    except (AbftLensError, OSError):
+        return n_prompts
+
+
 def _in_plan(record: dict, plan: dict) -> bool:
     names = {m["name"] for m in plan["methods"]}
     return record["model"] in plan["models"] and record["dataset"] in plan["datasets"] \
         and record["method"] in names and (record["seed"] is None or record["seed"] in plan["seeds"])
 
 
-def _add(results: ModelResults, method: str, dataset: str, evaluation: dict | None, vanilla: dict | None) -> None:
-    """Add one evaluation (a run's post test or a baseline file) to its cell, paired with vanilla's predictions."""
+def _add(results: ModelResults, method: str, dataset: str, evaluation: dict | None, seed) -> bool:
+    """Add one evaluation (a run's post test or a baseline file) to its cell; False when there is none."""
     if evaluation is None:
-        return
+        return False
     cell = results.cells.setdefault((method, dataset), Cell())
     rows = evaluation["per_prompt"]
     predictions = [row["prediction"] for row in rows]
+    cell.seeds.append(seed)
     cell.accuracy.append(evaluation["metrics"]["accuracy"])
     cell.macro_f1.append(evaluation["metrics"]["macro_f1"])
     cell.shares.append(top_share(predictions))
-    majority = top_share([row["gold"] for row in rows])
-    cell.collapsed += cell.shares[-1] > collapse_threshold(majority)
-    if vanilla is not None and evaluation is not vanilla and method != "vanilla":
-        base = vanilla["per_prompt"]
-        if [row["gold"] for row in base] == [row["gold"] for row in rows]:
-            before = [row["prediction"] == row["gold"] for row in base]
-            after = [row["prediction"] == row["gold"] for row in rows]
-            cell.gained += sum(a and not b for b, a in zip(before, after))
-            cell.lost += sum(b and not a for b, a in zip(before, after))
-            cell.paired = True
+    cell.correct.append(correct(rows))
+    cell.distributions.append(label_distribution(predictions, len(evaluation["label_words"])))
+    cell.train_shares.append(evaluation.get("label_shares"))
+    return True
+
+
+def _compare(results: ModelResults) -> None:
+    """Fill every cell's tests against vanilla and the prior control, its flags and Holm-adjusted p's."""
+    for method in results.methods:
+        if method == "vanilla":
+            continue
+        against_vanilla, against_prior = {}, {}
+        for dataset in results.datasets:
+            cell, vanilla = results.cells.get((method, dataset)), results.cells.get(("vanilla", dataset))
+            if cell is None or vanilla is None:
+                continue
+            n = results.n_queries[dataset]
+            cell.test = query_sign_test(vanilla.correct, cell.correct, n)
+            cell.per_seed = [paired(vanilla.correct[0], right) for right in cell.correct]
+            against_vanilla[dataset] = cell.test.p_value
+            majority, base_share = results.majority[dataset], vanilla.shares[0]
+            cell.collapsed = sum(share > collapse_threshold(majority) and share > base_share + COLLAPSE_OVER_VANILLA
+                                 for share in cell.shares)
+            prior = results.cells.get((PRIOR, dataset))
+            if method in results.trained:
+                shares = (prior.by_seed() if prior else {})
+                train_shares = {seed: s for seed, s in zip(prior.seeds, prior.train_shares)} if prior else {}
+                cell.shifted = sum(prior_shift(dist, vanilla.distributions[0], train_shares.get(seed))
+                                   for seed, dist in zip(cell.seeds, cell.distributions))
+                seeds = [s for s in cell.seeds if s in shares]
+                if seeds:
+                    mine = cell.by_seed()
+                    cell.prior_test = query_sign_test([shares[s] for s in seeds], [mine[s] for s in seeds], n)
+                    against_prior[dataset] = cell.prior_test.p_value
+        for name, tests in (("adjusted_p", against_vanilla), ("prior_adjusted_p", against_prior)):
+            for dataset, p in holm(tests).items():
+                setattr(results.cells[(method, dataset)], name, p)
+
+
+def head_to_head(results: ModelResults) -> list[dict]:
+    """Every pair (A, B) of non-vanilla methods per dataset: queries where B does better / worse than A (summed
+    over their shared seeds), the sign test's p and its Holm adjustment over the pair's datasets."""
+    names = [m for m in results.methods if m != "vanilla"]
+    rows = []
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            pair = []
+            for dataset in results.datasets:
+                a, b = results.cells.get((first, dataset)), results.cells.get((second, dataset))
+                if a is None or b is None:
+                    continue
+                a_seeds, b_seeds = a.by_seed(), b.by_seed()
+                shared = [s for s in a_seeds if s in b_seeds] if None not in a_seeds and None not in b_seeds \
+                    else None
+                if shared == []:
+                    continue
+                left = [a_seeds[s] for s in shared] if shared else a.correct
+                right = [b_seeds[s] for s in shared] if shared else b.correct
+                test = query_sign_test(left, right, results.n_queries[dataset])
+                pair.append({"model": results.model, "dataset": dataset, "first": first, "second": second,
+                             "first_better": test.worse, "second_better": test.better, "seeds": test.seeds,
+                             "p": test.p_value})
+            for row, adjusted in zip(pair, holm({row["dataset"]: row["p"] for row in pair}).values()):
+                row["p_holm"] = adjusted
+            rows += pair
+    return rows
 
 
 def _read(path: Path) -> dict | None:
@@ -199,45 +309,23 @@ def trained_parameters(run_dir: Path) -> int | None:
     return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
 
 
-def generalization_rows(results: ModelResults) -> list[dict]:
-    """Per method: ID and OOD accuracy (mean, std over seeds of the per-seed average over datasets), trained
-    parameters, mean training seconds; vanilla first (from the runs' ``generalization.json`` "fore")."""
-    by_method: dict[str, dict] = {}
-    fore: dict[str, dict] = {}
-    for run in results.runs:
-        general = _read(run["run_dir"] / "generalization.json")
-        if general is None or "post_summary" not in general:
-            continue
-        entry = by_method.setdefault(run["method"], {"id": {}, "ood": {}, "seconds": [], "parameters": None})
-        entry["id"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["in_domain"]
-        entry["ood"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["out_of_domain"]
-        metrics = _read(run["run_dir"] / "metrics.json") or {}
-        if metrics.get("train_seconds") is not None:
-            entry["seconds"].append(metrics["train_seconds"])
-        entry["parameters"] = entry["parameters"] or trained_parameters(run["run_dir"])
-        fore[run["dataset"]] = general.get("fore_summary", {})
-    if not by_method:
-        return []
+def cost_rows(results: ModelResults) -> list[dict]:
+    """Per trained method: mean training seconds, optimizer steps, prompts per second, peak RSS (MiB), runs, and
+    training time relative to ABFT's (None where a value was not recorded)."""
     rows = []
-    if all(d in fore for d in results.datasets):
-        rows.append({"method": "vanilla",
-                     "id": (sum(fore[d]["in_domain"] for d in results.datasets) / len(results.datasets), 0.0, 1),
-                     "ood": (sum(fore[d]["out_of_domain"] for d in results.datasets) / len(results.datasets), 0.0, 1),
-                     "parameters": 0, "seconds": None})
-    for method in results.methods:
-        entry = by_method.get(method)
-        if entry is None:
-            continue
-        row = {"method": method, "parameters": entry["parameters"],
-               "seconds": sum(entry["seconds"]) / len(entry["seconds"]) if entry["seconds"] else None}
-        for part in ("id", "ood"):
-            per_seed = [sum(values.values()) / len(values) for values in entry[part].values()
-                        if set(values) == set(results.datasets)]
-            row[part] = (*mean_std(per_seed), len(per_seed)) if per_seed else None
-        rows.append(row)
-    abft = next((row["seconds"] for row in rows if row["method"] == "ABFT" and row["seconds"]), None)
+    for method in [m for m in results.methods if m in results.costs]:
+        runs = results.costs[method]
+
+        def mean(key: str) -> float | None:
+            values = [run[key] for run in runs if run.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
+        rows.append({"method": method, "runs": len(runs), "train_seconds": mean("train_seconds"),
+                     "steps": mean("steps"), "prompts_per_second": mean("prompts_per_second"),
+                     "peak_rss_mib": mean("peak_rss_mib"), "cell_seconds": mean("seconds")})
+    abft = next((row["train_seconds"] for row in rows if row["method"] == "ABFT"), None)
     for row in rows:
-        row["relative_time"] = row["seconds"] / abft if abft and row["seconds"] is not None else None
+        row["relative_time"] = row["train_seconds"] / abft if abft and row["train_seconds"] else None
     return rows
 
 

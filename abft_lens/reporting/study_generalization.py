@@ -1,0 +1,93 @@
+"""Table 2 of a study: in-domain vs out-of-domain accuracy of runs trained with ``--generalization-test``.
+
+Each run's ``generalization.json`` holds the base model's ("fore") and the trained model's ("post") accuracy on
+every paper dataset, on the same prompts (``--generalization-n-test`` per dataset).
+
+- :func:`generalization_rows`: per method, in-domain (the trained dataset) and out-of-domain (mean over the other
+  datasets) accuracy, averaged over the study's datasets per seed, then mean ± std over seeds; vanilla first.
+- :func:`generalization_grid_rows`: per method and trained dataset, every evaluated dataset's accuracy (mean over
+  seeds) beside vanilla's; the off-diagonal mean is that row's out-of-domain accuracy.
+"""
+
+from __future__ import annotations
+
+from abft_lens.io import read_json
+from abft_lens.reporting.study_tables import ModelResults, trained_parameters
+from abft_lens.reporting.tables import mean_std
+
+__all__ = ["generalization_rows", "generalization_grid_rows"]
+
+GENERALIZATION_FILE = "generalization.json"
+
+
+def _finished(run: dict) -> dict | None:
+    path = run["run_dir"] / GENERALIZATION_FILE
+    general = read_json(path) if path.is_file() else None
+    return general if general is not None and "post_summary" in general else None
+
+
+def generalization_rows(results: ModelResults) -> list[dict]:
+    """Per method: ID and OOD accuracy (mean, std over seeds of the per-seed average over datasets, seeds),
+    trained parameters, mean training seconds and time relative to ABFT; vanilla first."""
+    by_method: dict[str, dict] = {}
+    fore: dict[str, dict] = {}
+    for run in results.runs:
+        general = _finished(run)
+        if general is None:
+            continue
+        entry = by_method.setdefault(run["method"], {"id": {}, "ood": {}, "seconds": [], "parameters": None})
+        entry["id"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["in_domain"]
+        entry["ood"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["out_of_domain"]
+        metrics = read_json(run["run_dir"] / "metrics.json") if (run["run_dir"] / "metrics.json").is_file() else {}
+        if metrics.get("train_seconds") is not None:
+            entry["seconds"].append(metrics["train_seconds"])
+        entry["parameters"] = entry["parameters"] or trained_parameters(run["run_dir"])
+        fore[run["dataset"]] = general.get("fore_summary", {})
+    if not by_method:
+        return []
+    rows = []
+    if all(d in fore for d in results.datasets):
+        rows.append({"method": "vanilla",
+                     "id": (sum(fore[d]["in_domain"] for d in results.datasets) / len(results.datasets), 0.0, 1),
+                     "ood": (sum(fore[d]["out_of_domain"] for d in results.datasets) / len(results.datasets), 0.0, 1),
+                     "parameters": 0, "seconds": None})
+    for method in results.methods:
+        entry = by_method.get(method)
+        if entry is None:
+            continue
+        row = {"method": method, "parameters": entry["parameters"],
+               "seconds": sum(entry["seconds"]) / len(entry["seconds"]) if entry["seconds"] else None}
+        for part in ("id", "ood"):
+            per_seed = [sum(values.values()) / len(values) for values in entry[part].values()
+                        if set(values) == set(results.datasets)]
+            row[part] = (*mean_std(per_seed), len(per_seed)) if per_seed else None
+        rows.append(row)
+    abft = next((row["seconds"] for row in rows if row["method"] == "ABFT" and row["seconds"]), None)
+    for row in rows:
+        row["relative_time"] = row["seconds"] / abft if abft and row["seconds"] is not None else None
+    return rows
+
+
+def generalization_grid_rows(results: ModelResults) -> tuple[list[str], list[dict]]:
+    """(evaluated datasets, rows): per (method, trained dataset), ``{"method", "trained", "seeds", "post":
+    {dataset: mean accuracy}, "fore": {dataset: vanilla accuracy}, "ood_post", "ood_fore"}``."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for run in results.runs:
+        general = _finished(run)
+        if general is not None:
+            grouped.setdefault((run["method"], run["dataset"]), []).append(general)
+    evaluated: list[str] = []
+    rows = []
+    for (method, trained), runs in grouped.items():
+        names = list(runs[0]["post"])
+        evaluated += [name for name in names if name not in evaluated]
+        post = {name: sum(r["post"][name]["accuracy"] for r in runs) / len(runs) for name in names}
+        fore = {name: runs[0]["fore"][name]["accuracy"] for name in names}
+        others = [name for name in names if name != trained]
+        rows.append({"method": method, "trained": trained, "seeds": len(runs), "post": post, "fore": fore,
+                     "ood_post": sum(post[n] for n in others) / len(others) if others else None,
+                     "ood_fore": sum(fore[n] for n in others) / len(others) if others else None})
+    order = {m: i for i, m in enumerate(results.methods)}
+    rows.sort(key=lambda row: (order.get(row["method"], len(order)), results.datasets.index(row["trained"])
+                               if row["trained"] in results.datasets else 0))
+    return evaluated, rows
