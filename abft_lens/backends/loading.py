@@ -25,6 +25,7 @@ from abft_lens.backends.hf_cache import (EMBEDDED_NAME, GEMMA_NAME, QWEN_NAME, e
 from abft_lens.backends.relayout import relayout_for_forward
 from abft_lens.backends.tiny import tiny_model, tiny_tokenizer
 from abft_lens.backends.tl import HookedTransformer, HookedTransformerConfig, quiet_deprecation
+from abft_lens.arguments import check_device, check_text
 from abft_lens.errors import AbftLensError
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
 
     Returns the model (``model.tokenizer`` is its tokenizer); ``model_info(model)`` says where it came from.
     """
+    check_text("spec", spec, "smollm2-135m")
+    check_device(device)
+    if not isinstance(dtype, torch.dtype):
+        raise AbftLensError(f"dtype={dtype!r} is not a torch dtype.", "pass e.g. dtype=torch.float32.")
     if quantized:
         return _quantized(spec, dtype=dtype, device=device)
     start = time.perf_counter()

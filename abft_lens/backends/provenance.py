@@ -18,6 +18,8 @@ themselves. Example, with a model built by hand::
 
 from __future__ import annotations
 
+import torch
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -63,12 +65,21 @@ def attach_info(model: LoadedModel, info: ModelInfo) -> LoadedModel:
     return model
 
 
+def check_model(model) -> None:
+    """``model`` is a TransformerLens model (a ``torch.nn.Module`` with a ``cfg``), not a name or anything else."""
+    if isinstance(model, (str, bytes)) or not (isinstance(model, torch.nn.Module) and hasattr(model, "cfg")):
+        shown = repr(model) if isinstance(model, (str, bytes, int, float)) else type(model).__name__
+        raise AbftLensError(f"{shown} is not a TransformerLens model (a HookedTransformer or TransformerBridge).",
+                            "load one first, e.g. model = abft_lens.load_model('smollm2-135m'), and pass the model.")
+
+
 def model_info(model: LoadedModel) -> ModelInfo:
     """The :class:`ModelInfo` that ``load_model`` attached, or one derived from a model built elsewhere.
 
     Derived: the name is ``cfg.model_name``, the source ``"user"``, ``adds_bos`` follows ``model.tokenizer``
     (TransformerLens gives a hand-built model a tokenizer that prepends BOS when the tokenizer has one).
     """
+    check_model(model)
     attached = getattr(model, INFO_ATTRIBUTE, None)
     if attached is not None:
         return attached

@@ -141,6 +141,13 @@ def _dataset_menu() -> str:
     return ", ".join(f"{i} {name}" for i, (name, _) in enumerate(STAICC_DATASETS))
 
 
+def check_task(task) -> None:
+    """``task`` is an :class:`ICLTask` (a name is not: load it first)."""
+    if not isinstance(task, ICLTask):
+        shown = repr(task) if isinstance(task, (str, int, float)) else type(task).__name__
+        raise AbftLensError(f"{shown} is not an ICLTask.", "load it first, e.g. task = abft_lens.load_task('sst2').")
+
+
 def load_task(name_or_path: str | int, **custom) -> ICLTask:
     """Load a StaICC dataset by index or name, or a custom CSV/JSONL file (see :func:`load_custom_task`)."""
     path = Path(str(name_or_path)).expanduser()

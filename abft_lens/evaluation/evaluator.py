@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from abft_lens.backends.tl import HookedTransformer
 from abft_lens.backends.forward import forward_residual
 from abft_lens.evaluation.metrics import classification_metrics
-from abft_lens.backends.provenance import LoadedModel, model_info
+from abft_lens.arguments import check_count
+from abft_lens.backends.provenance import LoadedModel, check_model, model_info
 from abft_lens.data.prompts import prompt_builder, ICLPrompt, PromptBatch, PromptBuilder, collate, length_sorted_batches, pad_token_id, test_prompts
-from abft_lens.data.tasks import ICLTask
+from abft_lens.data.tasks import ICLTask, check_task
 
 
 def last_position_residual(model: HookedTransformer, batch: PromptBatch) -> Float[Tensor, "batch d_model"]:
@@ -146,6 +147,11 @@ def evaluate(
     progress: bool | str = False,
 ) -> EvalResult:
     """StaICC "Normal" evaluation of ``model`` on the first ``n_test`` fixed test prompts of ``task``."""
+    check_model(model)
+    check_task(task)
+    check_count("k", k)
+    check_count("n_test", n_test, optional=True)
+    check_count("batch_size", batch_size)
     builder = prompt_builder(model, task)
     prompts = test_prompts(builder, k, n_test)
     result = evaluate_prompts(model, builder, prompts, batch_size=batch_size, progress=progress)
