@@ -1,7 +1,8 @@
 """Docs that cannot rot, and a package that behaves as a library.
 
-- Every ```python block of the README's "## Python API" section and every literal block (``::``) of a module
-  docstring runs here, on the ``tiny`` model with the sizes shrunk (the README keeps showing the real model).
+- Every ```python block of the README's "## Python API" section, of ``docs/*.md``, and every literal block
+  (``::``) of a module docstring runs here, on the ``tiny`` model with the sizes shrunk (the docs keep showing
+  the real model).
 - ``python -m abft_lens --help`` works with the hub off (run the way ``-m`` runs it, in a fresh interpreter).
 - No exported name is shadowed by a submodule of the same name, and importing abft_lens with every submodule
   changes no process-wide state (environment, warning filters, loggers, torch defaults).
@@ -34,6 +35,11 @@ SMALL_CALLS = {
 }
 SMALL_VALIDATION = {"validation_examples": 8, "validation_prompts": 4, "validate_every": 1}
 REAL_MODEL = "smollm2-135m"
+REAL_MODELS = (REAL_MODEL, "gemma3-270m", "qwen2.5-coder-0.5b")  # the documented models, run as ``tiny``
+# a model from the hub (``HookedTransformer.from_pretrained*(...)``) runs as a hand-built tiny HookedTransformer
+HUB_LOADERS = ("from_pretrained", "from_pretrained_no_processing")
+OWN_MODEL = "__own_tiny_model__"
+DOCS = ROOT / "docs"
 
 
 def python_api_blocks() -> list[str]:
@@ -55,13 +61,14 @@ def docstring_blocks() -> list[tuple[str, str]]:
 
 
 class _Shrink(ast.NodeTransformer):
-    """The real model → ``tiny``, ``runs/...`` → under ``tmp``, and the sizes of :data:`SMALL_CALLS`."""
+    """The real models → ``tiny``, a hub model → a hand-built tiny one (:func:`own_tiny_model`), ``runs/...`` →
+    under ``tmp``, and the sizes of :data:`SMALL_CALLS`."""
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
-        if node.value == REAL_MODEL:
+        if node.value in REAL_MODELS:
             return ast.copy_location(ast.Constant("tiny"), node)
         if isinstance(node.value, str) and node.value.startswith("runs/"):
             return ast.copy_location(ast.Constant(str(self.tmp / node.value)), node)
@@ -70,6 +77,8 @@ class _Shrink(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
         name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if name in HUB_LOADERS:
+            return ast.copy_location(ast.Call(ast.Name(OWN_MODEL, ast.Load()), [], []), node)
         sizes = dict(SMALL_CALLS.get(name, {}))
         if name == "TrainConfig" and any(kw.arg == "validation_examples" for kw in node.keywords):
             sizes.update(SMALL_VALIDATION)
@@ -84,20 +93,47 @@ def shrunk(code: str, tmp: Path) -> str:
     return ast.unparse(tree)
 
 
+def own_tiny_model():
+    """What a TransformerLens user builds without abft-lens's loader: a config, then the model with a tokenizer."""
+    import warnings
+
+    from abft_lens.backends.tiny import tiny_tokenizer
+
+    with warnings.catch_warnings():  # TransformerLens 3.9 announces its 4.x successor
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=512, act_fn="gelu",
+                                      normalization_type="LN", d_vocab=1024, model_name="own-tiny", seed=3)
+        return HookedTransformer(cfg, tokenizer=tiny_tokenizer()).eval()
+
+
+def run_python(code: str, where: str, tmp: Path, namespace: dict) -> None:
+    """Run a documented block, shrunk, in ``namespace`` (which later blocks of the same page share)."""
+    namespace.setdefault(OWN_MODEL, own_tiny_model)
+    exec(compile(shrunk(code, tmp), where, "exec"), namespace)  # noqa: S102
+
+
 def test_the_shrinking_keeps_the_calls_and_changes_only_sizes(tmp_path):
     code = shrunk('m = load_model("smollm2-135m")\nc = TrainConfig(lr=5e-4, train_samples=128, validation_examples=256)'
-                  '\nr = run_training(m, t, c, run_dir="runs/x", n_test=256)', tmp_path)
+                  '\nr = run_training(m, t, c, run_dir="runs/x", n_test=256)'
+                  '\nh = HookedTransformer.from_pretrained_no_processing("gpt2")', tmp_path)
     assert 'load_model(\'tiny\')' in code and f"run_dir='{tmp_path / 'runs/x'}'" in code
     assert "lr=0.0005" in code and "train_samples=4" in code and "validation_examples=8" in code
     assert "n_test=4" in code and "n_test=256" not in code and "train_samples=128" not in code
+    assert f"h = {OWN_MODEL}()" in code and "gpt2" not in code
 
 
 def test_readme_python_api_runs_on_the_tiny_model(tmp_path, no_network):
+    from abft_lens.backends.provenance import model_info
+
     blocks = python_api_blocks()
-    assert blocks and REAL_MODEL in blocks[0]  # the README itself shows the real model
+    assert len(blocks) == 2 and "from_pretrained_no_processing" in blocks[0] and REAL_MODEL in blocks[1]
     namespace: dict = {}
-    for block in blocks:
-        exec(compile(shrunk(block, tmp_path), "README.md: Python API", "exec"), namespace)  # noqa: S102
+    run_python(blocks[0], "README.md: Python API, your own model", tmp_path, namespace)
+    assert model_info(namespace["model"]).source == "user" and namespace["run"].post is not None
+    assert (tmp_path / "runs" / "gpt2" / "trained.safetensors").is_file()
+    run_python(blocks[1], "README.md: Python API", tmp_path, namespace)
     before, run, model = namespace["before"], namespace["run"], namespace["model"]
     assert 0.0 <= before.accuracy <= 1.0 and len(before.gold) == 4
     assert run.post is not None and (tmp_path / "runs" / "mine" / "config.json").is_file()
@@ -109,8 +145,8 @@ def test_readme_python_api_runs_on_the_tiny_model(tmp_path, no_network):
 @pytest.mark.parametrize("module, code", docstring_blocks(), ids=[m for m, _ in docstring_blocks()])
 def test_module_docstring_examples_run(module, code, tmp_path, no_network):
     namespace: dict = {}
-    exec(compile(shrunk(code, tmp_path), f"{module} docstring", "exec"), namespace)  # noqa: S102
-    assert len(namespace) > 1  # the example defined something
+    run_python(code, f"{module} docstring", tmp_path, namespace)
+    assert len(namespace) > 2  # the example defined something
 
 
 def test_the_package_docstring_example_is_collected():
@@ -227,3 +263,23 @@ def test_every_exported_name_survives_importing_every_submodule(import_everythin
 def test_importing_abft_lens_changes_no_process_wide_state(import_everything):
     assert import_everything["changed"] == {}, import_everything["changed"]
     assert import_everything["changed_loggers"] == {}
+
+
+# --- ```python blocks of docs/ ------------------------------------------------------------------------------
+
+
+def docs_python_blocks() -> dict[str, list[str]]:
+    """``{page: [code, ...]}`` for every page of docs/ with ```python blocks, in page order."""
+    found = {}
+    for path in sorted(DOCS.glob("*.md")):
+        blocks = re.findall(r"^```python\n(.*?)^```", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+        if blocks:
+            found[path.name] = blocks
+    return found
+
+
+@pytest.mark.parametrize("page", sorted(docs_python_blocks()))
+def test_docs_python_blocks_run_on_the_tiny_model(page, tmp_path, no_network):
+    namespace: dict = {}
+    for number, block in enumerate(docs_python_blocks()[page], 1):
+        run_python(block, f"docs/{page}: python block {number}", tmp_path, namespace)
