@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Qwen2.5-Coder-0.5B-Instruct Table-1 study (README "Table 1"), resumable: run it again to continue.
+# The Qwen2.5-Coder-0.5B-Instruct Table-1 study (docs/results.md "Table 1"), resumable: run it again to continue.
 # Cut to fit a 2-core CPU (a Qwen prompt costs ~2.8x a SmolLM2 prompt): vanilla and ABFT only, seed 0, 128 test
 # prompts, validation on 32 prompts every 4 steps. Training: 128 prompts, 8 steps, restricted gradient, best validation
 # macro-F1 kept, like the SmolLM2 study, but lr 1e-4: chosen on validation prompts only. At the SmolLM2 lr (5e-4,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The SmolLM2 Table-1 study (README "Table 1 on SmolLM2-135M"), resumable: run it again to continue.
+# The SmolLM2 Table-1 study (docs/results.md "Table 1 on SmolLM2-135M"), resumable: run it again to continue.
 # Trained cells keep no weights (--dont-save-model: the folder stays small enough to commit); the HTML table is
 # regenerated from the folder by the study itself or `abft-lens table bench/results/study-smollm2 --format html`.
 cd "$(dirname "$0")/.."

@@ -52,7 +52,7 @@ class TrainConfig:
     examples (the last ones of the split) are held out from training and build ``validation_prompts``
     prompts for the validation guard, evaluated every ``validate_every`` steps (0: never); the guard's best
     step is the one with the highest ``select_metric`` (``macro_f1``, the default, or ``accuracy``: accuracy can
-    pick a step that answers the majority label everywhere; see the README's "Selecting on macro-F1").
+    pick a step that answers the majority label everywhere; see docs/results.md, "Selecting on macro-F1").
     ``select_max_p``: when set, a trained step can be kept only if, on the validation prompts, it answers
     significantly more prompts right than step 0 (paired exact McNemar, p < ``select_max_p``, more gained than
     lost); otherwise the base is kept. Ours, not the paper's: a guard on few prompts otherwise keeps noise.
