@@ -1,6 +1,6 @@
 """Data-parallel training (abft_lens.training.distributed): 2 CPU processes over gloo train the same weights as one
 process (up to float summation order), every rank ends bit-identical, a 2-process run interrupted after step 1
-resumes to the uninterrupted 2-process run, and the README's ``torchrun ... -m abft_lens.cli train`` writes
+resumes to the uninterrupted 2-process run, and docs/scale.md's ``torchrun ... -m abft_lens.cli train`` writes
 the same run folder as a single process.
 
 One ``torch.multiprocessing.spawn`` of 2 workers runs every distributed scenario (each worker pays ~20 s of
@@ -232,14 +232,14 @@ def test_wall_time_two_processes_vs_one(spawned, single):
 
 
 def readme_torchrun_command() -> list[str]:
-    """The command of the README's "Multi-GPU training" section, split like a shell splits it."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n### Multi-GPU training\n", 1)[1].split("\n## ", 1)[0]
+    """The command of docs/scale.md's "Multi-GPU training" section, split like a shell splits it."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "scale.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Multi-GPU training\n", 1)[1].split("\n## ", 1)[0]
     return shlex.split(next(line for line in section.splitlines() if line.startswith("torchrun ")))
 
 
 def test_the_readme_torchrun_command_matches_a_single_process_cli_run(tmp_path):
-    """The README's ``torchrun --nproc_per_node 8 -m abft_lens.cli train ...``, with 2 processes and the tiny
+    """docs/scale.md's ``torchrun --nproc_per_node 8 -m abft_lens.cli train ...``, with 2 processes and the tiny
     model's sizes: the same run folder as one process."""
     from abft_lens.cli import main
 

@@ -549,9 +549,8 @@ def check_bench(command: DocCommand, skip: int) -> str:
 
 
 def check_torchrun(command: DocCommand, skip: int) -> str:
-    """torchrun starts several processes (tests/test_distributed.py runs two on gloo). Here: the module is
-    abft-lens's, the arguments after it parse, and ``python -m abft_lens --help`` runs. (``-m abft_lens.cli``
-    needs ``abft_lens/cli/__main__.py``.)"""
+    """torchrun starts several processes (tests/test_distributed.py runs docs/scale.md's command with two on
+    gloo). Here: the module is abft-lens's, the arguments after it parse, and ``python -m MODULE --help`` runs."""
     argv = command.argv[skip:]
     assert "-m" in argv, "torchrun without -m"
     module, rest = argv[argv.index("-m") + 1], argv[argv.index("-m") + 2:]
@@ -560,8 +559,8 @@ def check_torchrun(command: DocCommand, skip: int) -> str:
 
     code, output = _captured(build_parser().parse_args, rest)
     assert code == 0, output[-3000:]
-    with _argv(["abft_lens", "--help"]):
-        code, output = _captured(runpy.run_module, "abft_lens", None, "__main__", True)
+    with _argv([module, "--help"]):
+        code, output = _captured(runpy.run_module, module, None, "__main__", True)
     assert code == 0 and output.startswith("usage: abft-lens"), output[-3000:]
     return "--help"
 
