@@ -413,6 +413,9 @@ CLI_VALUES = {"--datasets": {"paper": "sst2,fp"}}  # documented value -> the val
 CLI_ADDED_VALUES = {"mix": ["--grid-step", "1"], "demo": ["--validation-prompts", "4"]}
 CLI_ADDED_WITH = {"--validation-examples": "--validation-prompts"}  # the guard's prompts, at their cap
 CLI_OUTPUTS = ("--output", "--out", "--run-dir", "--html")  # written under the page's scratch folder
+# a command with --preset keeps the sizes the preset fixes (capping them would contradict it): it runs on one
+# dataset and one seed instead
+CLI_PRESET_VALUES = {"--datasets": "sst2", "--seeds": "0"}
 CLI_PARSED_ONLY = {
     "export": "needs the base model's Hugging Face folder, which the tiny model lacks "
               "(tests/test_export.py runs export on a tiny Llama folder)",
@@ -441,20 +444,27 @@ def tiny_cli_argv(argv: list[str]) -> list[str]:
     and would load the default SmolLM2), sizes capped (:data:`CLI_CAPS`, :data:`CLI_ADDED`), :data:`CLI_VALUES`;
     outputs stay relative (under the scratch folder, parents made)."""
     caps = {spelling: cap for spellings, cap in CLI_CAPS.items() for spelling in spellings}
+    values = dict(CLI_VALUES)
+    if "--preset" in argv:
+        from abft_lens.training.presets import preset
+
+        fixed = {"--" + name.replace("_", "-") for name in preset(argv[argv.index("--preset") + 1]).fixed()}
+        caps = {spelling: cap for spelling, cap in caps.items() if spelling not in fixed}
+        values.update({option: {None: value} for option, value in CLI_PRESET_VALUES.items()})
     out, given, i = [], set(), 0
     while i < len(argv):
         word = argv[i]
         option, eq, inline = word.partition("=")
         value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-        if word.startswith("--") and (option in caps or option in MODEL_OPTIONS or option in CLI_VALUES
+        if word.startswith("--") and (option in caps or option in MODEL_OPTIONS or option in values
                                       or option in CLI_OUTPUTS) and value is not None:
             if option in caps:
                 given.add(next(s[0] for s in CLI_CAPS if option in s))
                 value = str(min(int(value), caps[option]))
             elif option in MODEL_OPTIONS:
                 value = ",".join(dict.fromkeys("tiny" if m in REAL_MODELS else m for m in value.split(",")))
-            elif option in CLI_VALUES:
-                value = CLI_VALUES[option].get(value, value)
+            elif option in values:
+                value = values[option].get(value, values[option].get(None, value))
             else:
                 Path(value).parent.mkdir(parents=True, exist_ok=True)
             out += [option, value]
@@ -467,7 +477,7 @@ def tiny_cli_argv(argv: list[str]) -> list[str]:
         if option in known and not set(MODEL_OPTIONS) & {w.partition("=")[0] for w in argv}:
             out += [option, "tiny"]
     for option in CLI_ADDED:
-        if option not in given and option in known:
+        if option not in given and option in known and option in caps:
             out += [option, str(CLI_CAPS[next(s for s in CLI_CAPS if option in s)])]
     for option, companion in CLI_ADDED_WITH.items():
         if option in given and companion not in given:
