@@ -280,9 +280,10 @@ def _tiny_from_spec(spec: str, *, dtype: torch.dtype) -> HookedTransformer:
         except ValueError:
             raise AbftLensError(f"tiny-model option {key!r} in {spec!r} needs an integer value, not {value!r}.",
                                 f"write it as {key}=<integer>.") from None
-        if kwargs[key] < (0 if key == "seed" else 1):
+        low, high = (0, 2**32 - 1) if key == "seed" else (1, 4096)
+        if not low <= kwargs[key] <= high:
             raise AbftLensError(f"tiny-model option {key}={kwargs[key]} in {spec!r} is out of range.",
-                                f"use {key} >= {0 if key == 'seed' else 1}.")
+                                f"use {key} in {low}..{high}.")
     n_heads, n_kv_heads = kwargs.get("n_heads", 4), kwargs.get("n_kv_heads", 2)
     if n_kv_heads is not None and (n_kv_heads <= 0 or n_heads % n_kv_heads):
         raise AbftLensError(f"{spec!r}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}.",

@@ -125,6 +125,11 @@ def check_study_args(args: argparse.Namespace) -> None:
             raise AbftLensError(f"{flag} does not apply to abft-lens study.", fix + ".")
 
 
+def _first(*values):
+    """The first value that was given (an empty ``--models ''`` was given: it is refused, not replaced)."""
+    return next(value for value in values if value is not None)
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from abft_lens.studies.study import run_study
     from abft_lens.studies.study_plan import (StudyPlan, check_model, parse_datasets, parse_methods, parse_models,
@@ -137,12 +142,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     apply_spec_options(args, spec.get("options") or {})
     apply_preset(args)  # the study's own options, resolved once: every variant starts from them
     variants = spec.get("variants") or {}
-    methods = args.methods or spec.get("methods") or DEFAULT_METHODS.split(",") + list(variants)
-    methods = methods.split(",") if isinstance(methods, str) else list(methods)
-    methods = [f"{m.strip()}={variants[m.strip()]}" if m.strip() in variants else m for m in methods]
-    plan = StudyPlan(models=parse_models(args.models or spec.get("models") or "smollm2-135m"),
-                     datasets=parse_datasets(args.datasets or spec.get("datasets") or "paper"),
-                     methods=parse_methods(methods), seeds=parse_seeds(args.seeds or spec.get("seeds") or "0"),
+    methods = _first(args.methods, spec.get("methods"), DEFAULT_METHODS.split(",") + list(variants))
+    methods = methods.split(",") if isinstance(methods, str) else methods if isinstance(methods, list) else [methods]
+    methods = [f"{m.strip()}={variants[m.strip()]}" if isinstance(m, str) and m.strip() in variants else m
+               for m in methods]
+    plan = StudyPlan(models=parse_models(_first(args.models, spec.get("models"), "smollm2-135m")),
+                     datasets=parse_datasets(_first(args.datasets, spec.get("datasets"), "paper")),
+                     methods=parse_methods(methods), seeds=parse_seeds(_first(args.seeds, spec.get("seeds"), "0")),
                      settings=settings_from_args(args))
     for model in plan.models:
         check_model(model)

@@ -45,7 +45,7 @@ from abft_lens.reporting.study_folder import baseline_path
 from abft_lens.reporting.study_render import write_study_tables
 from abft_lens.studies.generation_report import MauveExtra, MauveTest, qk_names
 from abft_lens.studies.mixing import base_tensors, set_tensors
-from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe
+from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_plan_fits
 from abft_lens.studies.study_state import StudyState
 from abft_lens.training.runs import load_run, run_training
 from abft_lens.training.train import query_label_shares
@@ -66,11 +66,10 @@ def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec
     ``train`` options and the variant's own); it is called for every trained method before any cell runs, so a
     bad variant fails first. ``extend``: add the plan's cells to a study made with another plan.
     """
+    check_plan_fits(plan, _recipes(plan, recipe_for))  # before the folder exists: nothing written when refused
     state = StudyState.open(out, plan, extend=extend)
     plan, out = state.plan, state.out
-    recipes = {method.name: recipe_for(method) for method in plan.methods if method.trained}
-    if any(method.kind == "prior" for method in plan.methods):  # the prior control reads plain ABFT's prompts
-        recipes["prior"] = recipe_for(MethodSpec("ABFT", "ABFT"))
+    recipes = _recipes(plan, recipe_for)
     state.data["recipes"] = {name: recipe.to_dict() for name, recipe in recipes.items()}
     state.write()
     cells = plan.cells()
@@ -86,6 +85,14 @@ def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec
         bar.close()
     write_study_tables(out)
     return state
+
+
+def _recipes(plan: StudyPlan, recipe_for: Callable[[MethodSpec], TrainRecipe]) -> dict[str, TrainRecipe]:
+    """Each trained method's recipe; ``prior`` gets plain ABFT's (the control reads its training prompts)."""
+    recipes = {method.name: recipe_for(method) for method in plan.methods if method.trained}
+    if any(method.kind == "prior" for method in plan.methods):
+        recipes["prior"] = recipe_for(MethodSpec("ABFT", "ABFT"))
+    return recipes
 
 
 def _run_model_cells(state: StudyState, model_name: str, cells: list[Cell], recipes: dict[str, TrainRecipe], bar,

@@ -27,11 +27,12 @@ from abft_lens.data.tasks import PAPER_DATASETS, STAICC_DATASETS, load_task, sta
 from abft_lens.errors import AbftLensError
 from abft_lens.reporting.study_folder import (SEEDED_BASELINE_KINDS, TRAINED_KINDS, baseline_path, dataset_name,
                                               run_path, slug)
+from abft_lens.training.checks import MAX_SEED, check_run_fits_task
 from abft_lens.training.presets import DEFAULT_N_TEST
 from abft_lens.training.train import TrainConfig
 
 __all__ = ["MethodSpec", "TrainRecipe", "Cell", "StudyPlan", "parse_methods", "parse_datasets", "parse_seeds",
-           "parse_models", "check_model", "dataset_name", "read_spec", "PAPER"]
+           "parse_models", "check_model", "check_plan_fits", "dataset_name", "read_spec", "PAPER"]
 
 PAPER = "paper"
 KINDS = {"vanilla": "vanilla", "cc": "cc", "prior": "prior", "abft": "ABFT", "e2e": "E2E"}
@@ -98,6 +99,9 @@ def parse_method(text: str) -> MethodSpec:
 def parse_methods(items: str | Sequence[str]) -> list[MethodSpec]:
     """A comma list (or a list) of methods; names must be unique."""
     texts = items.split(",") if isinstance(items, str) else list(items)
+    if not all(isinstance(text, str) for text in texts):
+        raise AbftLensError(f"--methods {texts!r} holds something other than method names.",
+                            "pass names, e.g. --methods vanilla,cc,prior,ABFT,E2E.")
     methods = [parse_method(text) for text in texts if text.strip()]
     if not methods:
         raise AbftLensError("--methods names no method.", "pass e.g. --methods vanilla,cc,ABFT,E2E.")
@@ -112,6 +116,8 @@ def parse_datasets(items: str | Sequence[str]) -> list[str]:
     """``paper``, StaICC names/indices and CSV/JSONL files -> StaICC names and absolute file paths, in order;
     each is loaded once here, so an unknown name or a bad file fails before any cell runs."""
     texts = items.split(",") if isinstance(items, str) else [str(item) for item in items]
+    if not isinstance(items, (str, list, tuple)):
+        raise AbftLensError(f"--datasets {items!r} is not a list of datasets.", "pass e.g. --datasets sst2,fp.")
     resolved: list[str] = []
     for text in (t.strip() for t in texts if str(t).strip()):
         if text.lower() == PAPER:
@@ -131,14 +137,19 @@ def parse_datasets(items: str | Sequence[str]) -> list[str]:
     return resolved
 
 
-def parse_seeds(items: str | Sequence[int]) -> list[int]:
-    texts = items.split(",") if isinstance(items, str) else list(items)
+def parse_seeds(items: str | int | Sequence[int]) -> list[int]:
+    texts = items.split(",") if isinstance(items, str) else list(items) if isinstance(items, (list, tuple)) \
+        else [items]
     seeds: list[int] = []
     for text in texts:
+        if not isinstance(text, (int, str)) or isinstance(text, bool) or (isinstance(text, str) and not text.strip()):
+            raise AbftLensError(f"seed {text!r} is not an integer.", "pass --seeds 0,1,2.")
         try:
             seed = int(str(text).strip())
         except ValueError:
             raise AbftLensError(f"seed {text!r} is not an integer.", "pass --seeds 0,1,2.") from None
+        if not 0 <= seed < MAX_SEED:
+            raise AbftLensError(f"seed {seed} is out of range.", f"pass seeds in 0..{MAX_SEED - 1}.")
         if seed not in seeds:
             seeds.append(seed)
     if not seeds:
@@ -147,7 +158,11 @@ def parse_seeds(items: str | Sequence[int]) -> list[int]:
 
 
 def parse_models(items: str | Sequence[str]) -> list[str]:
-    models = [m.strip() for m in (items.split(",") if isinstance(items, str) else items) if m.strip()]
+    items = items.split(",") if isinstance(items, str) else items
+    if not all(isinstance(m, str) for m in items):
+        raise AbftLensError(f"--models {list(items)!r} holds something other than names.",
+                            "pass model names, e.g. --models smollm2-135m,tiny.")
+    models = [m.strip() for m in items if m.strip()]
     if not models:
         raise AbftLensError("--models names no model.", "pass e.g. --models smollm2-135m.")
     folders = [slug(m) for m in models]
@@ -185,6 +200,20 @@ def check_model(spec: str) -> None:
                                 f"{len(OFFICIAL_MODEL_NAMES)} official names (those need the hub).") from None
 
 
+def check_plan_fits(plan: "StudyPlan", recipes: dict[str, "TrainRecipe"]) -> None:
+    """Every dataset holds what every cell asks of it (test prompts for the baselines and tests, training and
+    validation examples for each trained method's config, the other datasets' test prompts for
+    ``--generalization-test``), checked before the study folder exists."""
+    for spec in plan.datasets:
+        task = load_task(spec)
+        task.check_test_prompts(plan.k, plan.n_test)
+        for recipe in recipes.values():
+            check_run_fits_task(recipe.config, task, recipe.n_test, tests=recipe.fore_test or recipe.post_test)
+            if recipe.generalization:
+                for index in PAPER_DATASETS:
+                    load_task(index).check_test_prompts(plan.k, recipe.generalization_n_test or recipe.n_test)
+
+
 def read_spec(path: str | Path) -> dict:
     """A TOML or JSON spec file -> a dict with some of :data:`SPEC_KEYS`."""
     path = Path(path)
@@ -194,9 +223,19 @@ def read_spec(path: str | Path) -> dict:
         data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else tomllib.loads(path.read_text())
     except (ValueError, tomllib.TOMLDecodeError) as error:
         raise AbftLensError(f"spec file {path} does not parse: {error}", "write it as TOML (or .json).") from error
+    if not isinstance(data, dict):
+        raise AbftLensError(f"spec file {path} holds a {type(data).__name__}, not a table of keys.",
+                            f"write a table with some of {list(SPEC_KEYS)}.")
     unknown = sorted(set(data) - set(SPEC_KEYS))
-    if not isinstance(data, dict) or unknown:
+    if unknown:
         raise AbftLensError(f"spec file {path} holds unknown keys {unknown}.", f"use only {list(SPEC_KEYS)}.")
+    for key, kinds in (("models", str), ("datasets", (str, int)), ("methods", str)):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str) or
+                                      (isinstance(value, list) and all(isinstance(v, kinds) for v in value)
+                                       and not any(isinstance(v, bool) for v in value))):
+            raise AbftLensError(f"spec file {path}: {key} = {value!r} is not a name or a list of names.",
+                                f'write e.g. {key} = ["a", "b"].')
     variants = data.get("variants") or {}
     if not isinstance(variants, dict) or not all(isinstance(v, str) for v in variants.values()):
         raise AbftLensError(f"spec file {path}: variants must map names to 'ABFT:OPTIONS' strings.",
