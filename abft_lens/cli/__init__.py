@@ -8,6 +8,7 @@ parser (``add_parsers``) and runs it (``cmd_*``).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from abft_lens.cli import eval_command, heads_command, run_commands, study_command, train_command
@@ -18,11 +19,17 @@ COMMAND_MODULES = (eval_command, train_command, heads_command, run_commands, stu
 DESCRIPTION = __doc__.splitlines()[0].replace("``", "")
 
 
+# argparse reads "-1e-5" as an option (its own pattern knows only "-1" and "-0.5"); every number is a value
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abft-lens", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.add_parsers(commands)
+    for each in [parser, *commands.choices.values()]:
+        each._negative_number_matcher = NEGATIVE_NUMBER
     return parser
 
 

@@ -114,6 +114,9 @@ def qk_names(model) -> list[str]:
             and ".attn." in name]
 
 
+MAX_NEW_TOKENS = 2048  # a bound for a quick before/after check; the context bounds it further (check_fits)
+
+
 class MauveTest:
     """``--MAUVE_test``: :meth:`before` on the base model, train, :meth:`after` writes ``generation.json``.
 
@@ -125,14 +128,25 @@ class MauveTest:
                  pooling: str = "last", progress: bool = True):
         self.prefix_file = Path(prefix_file)
         self.prefixes, self.references = read_prefix_file(prefix_file)
-        if max_new_tokens <= 0:
-            raise AbftLensError(f"--MAUVE-max-new-tokens {max_new_tokens} must be positive.", "pass e.g. 32.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or not 0 < max_new_tokens <= MAX_NEW_TOKENS:
+            raise AbftLensError(f"--MAUVE-max-new-tokens {max_new_tokens} must be in 1..{MAX_NEW_TOKENS}.",
+                                "pass e.g. 32 (the prefix and the new tokens must fit the model's context).")
         self.max_new_tokens, self.seed, self.pooling, self.progress = max_new_tokens, seed, pooling, progress
         self.held_out = held_out_texts(self.prefixes, self.references)
         self.base: GenerationSide | None = None
         self.base_weights: dict[str, Tensor] | None = None
 
+    def check_fits(self, model: LoadedModel) -> None:
+        """The longest prefix plus ``max_new_tokens`` fits the model's context (checked before any generation)."""
+        longest = max(len(model.tokenizer(prefix).input_ids) for prefix in self.prefixes)
+        if longest + self.max_new_tokens > model.cfg.n_ctx:
+            raise AbftLensError(f"the longest MAUVE prefix ({longest} tokens) plus --MAUVE-max-new-tokens "
+                                f"{self.max_new_tokens} exceeds the model's context of {model.cfg.n_ctx} tokens.",
+                                f"pass --MAUVE-max-new-tokens <= {max(1, model.cfg.n_ctx - longest)} or shorter prefixes.")
+
     def before(self, model: LoadedModel) -> GenerationSide:
+        self.check_fits(model)
         from abft_lens.studies.mixing import base_tensors
 
         self.base_weights = base_tensors(model, qk_names(model))

@@ -12,6 +12,8 @@ Bounds that are not the paper's own:
 - ``threshold`` (the induction filter T) lies in [0, 1): a head passes when its attention mass on the k
   label positions, a number in [0, 1], exceeds T, so with T >= 1 no head can ever pass and ABFT's loss is 0.
 - ``seed`` lies in [0, 2**32).
+- ``epochs`` is at most :data:`MAX_EPOCHS` (1,000) and ``lr`` at most :data:`MAX_LR` (1.0): values beyond them
+  run for months or only diverge.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from abft_lens.training.trainable import TrainableConfig
 
 MAX_PROMPTS = 100_000
 MAX_SEED = 2**32
+MAX_EPOCHS = 1_000  # 1,000 passes over the paper's 512 prompts are months of CPU; the paper uses 2
+MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 nothing trains, it only diverges
 
 _INTS = {  # name -> (smallest, largest or None, the command-line option)
     "k": (1, None, "--k"),
     "train_samples": (1, MAX_PROMPTS, "--train-samples"),
-    "epochs": (1, None, "--epochs"),
+    "epochs": (1, MAX_EPOCHS, "--epochs"),
     "pseudo_batch_size": (1, None, "--pseudo-batch-size"),
     "seed": (0, MAX_SEED - 1, "--seed"),
     "validation_examples": (0, None, "--validation-examples"),
@@ -69,6 +73,9 @@ def check_train_config(config) -> None:
             raise AbftLensError(f"{name}={value!r} must be an integer {bound}.", f"pass {option} {bound}.")
     if not _is_number(config.lr) or not math.isfinite(config.lr) or config.lr <= 0:
         raise AbftLensError(f"lr={config.lr!r} must be a finite number > 0.", "pass e.g. --lr 2e-5.")
+    if config.lr > MAX_LR:
+        raise AbftLensError(f"lr={config.lr!r} is above {MAX_LR}: Adam would move every weight by about that "
+                            "much per step.", "pass a learning rate such as --lr 2e-5 (the paper's) or 5e-4.")
     for name, option in _NON_NEGATIVE.items():
         value = getattr(config, name)
         if not _is_number(value) or not math.isfinite(value) or value < 0:

@@ -44,6 +44,7 @@ from abft_lens.training.routing import install_router
 
 KINDS = ("full", "lora")
 TARGETS = ("q", "k")
+MAX_LORA_R = 4096  # a rank above the model width buys nothing; 4096 exceeds every model abft-lens loads
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its live Trainable
 
 
@@ -68,8 +69,8 @@ class TrainableConfig:
             raise AbftLensError(f"TrainableConfig.targets={self.targets!r}: each must be one of {TARGETS}.",
                                 "give at least one of 'q' and 'k'.")
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
-            raise AbftLensError(f"TrainableConfig.lora_r={self.lora_r!r} must be a positive integer.",
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or not 0 < self.lora_r <= MAX_LORA_R:
+            raise AbftLensError(f"TrainableConfig.lora_r={self.lora_r!r} must be an integer in 1..{MAX_LORA_R}.",
                                 "pass a LoRA rank such as 16 (--lora-r 16).")
         if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float))
                                                 and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
