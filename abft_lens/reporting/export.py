@@ -40,7 +40,8 @@ from einops import rearrange
 
 from abft_lens.errors import AbftLensError
 from abft_lens.backends import hf_cache
-from abft_lens.training.run_folder import METRICS_FILE, read_run_config, read_run_json, read_trained
+from abft_lens.run_files import METRICS_FILE, TRAINED_FILE, read_run_json
+from abft_lens.training.run_folder import read_run_config, read_trained
 from abft_lens.reporting.formatting import format_value
 
 ADAPTER_DIR = "adapter"
@@ -175,7 +176,7 @@ def _parse_trained(trained: dict[str, torch.Tensor]) -> dict[tuple[int, str, str
     for key, tensor in trained.items():
         match = _KEY.match(key)
         if match is None:
-            raise AbftLensError(f"trained.safetensors holds an unexpected tensor {key!r}.",
+            raise AbftLensError(f"{TRAINED_FILE} holds an unexpected tensor {key!r}.",
                                 "export runs written by this version of abft-lens.")
         layer, name, lora = int(match[1]), match[2], match[3]
         role = lora or ("bias" if name.startswith(("b_", "_b_")) else "weight")

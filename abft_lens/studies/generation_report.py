@@ -13,8 +13,9 @@ from typing import Sequence
 from torch import Tensor
 
 from abft_lens.errors import AbftLensError
-from abft_lens.studies.generation import (GENERATION_FILE, QK_NAMES, Perplexity, continuations, hidden_features,
-                                         perplexity, read_prefix_file)
+from abft_lens.run_files import GENERATION_FILE
+from abft_lens.studies.generation import (QK_NAMES, Perplexity, continuations, hidden_features, perplexity,
+                                         read_prefix_file)
 from abft_lens.studies.mauve import auto_buckets, mauve_available, mauve_score
 from abft_lens.backends.provenance import LoadedModel, model_info
 

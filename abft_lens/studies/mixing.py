@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from abft_lens.errors import AbftLensError
 from abft_lens.backends.provenance import LoadedModel, model_info
-from abft_lens.training.run_folder import TRAINED_FILE, read_run_config, read_run_json, read_trained
+from abft_lens.run_files import POST_TEST_FILE, TRAINED_FILE, read_run_json
+from abft_lens.training.run_folder import read_run_config, read_trained
 
 METRIC = "accuracy"
 
@@ -299,7 +300,7 @@ def mix_runs(
     bar.close()
     runs_info = {}
     for key, path in runs.items():
-        post = read_run_json(path, "post_test.json", keys=("metrics",))
+        post = read_run_json(path, POST_TEST_FILE, keys=("metrics",))
         post = post["metrics"].get(METRIC) if post is not None else None
         runs_info[key] = {"run_dir": str(path), "method": metas[key]["train"]["method"],
                           "trainable": metas[key]["train"]["trainable"]["kind"], "post_test_accuracy": post,
