@@ -153,7 +153,7 @@ def _read_run(run_dir: Path) -> tuple[dict, dict | None]:
 def _base_hf_dir(model: dict, run_dir: Path) -> Path:
     """The Hugging Face folder the run's hooked model was read from; the embedded models' caches are rebuilt."""
     name, hf_dir = model.get("name"), model.get("hf_dir")
-    if hf_dir and (Path(hf_dir) / "config.json").is_file():
+    if hf_dir and hf_cache.is_hf_folder(hf_dir):
         return Path(hf_dir)
     if name == hf_cache.EMBEDDED_NAME:
         return hf_cache.embedded_hf_dir()[0]
