@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from abft_lens.backends import qk
 from abft_lens.run_files import FORE_TEST_FILE, POST_TEST_FILE, read_log, read_run_json
 
 
@@ -68,25 +69,6 @@ class Comparison:
 
 
 # ------------------------------------------------------------------------------------------- compare_run
-
-
-def _qk_snapshot(model) -> list[tuple[Tensor, Tensor]]:
-    """Detached float32 copies of every layer's ``(W_Q [head, d_model, d_head], W_K [kv_head, d_model, d_head])``.
-
-    Under grouped-query attention the stored ``_W_K`` (one slice per kv head) is copied, not the repeated
-    ``W_K`` property, so a K change is counted once per kv head.
-    """
-    from abft_lens.backends.bridge import is_bridge, qk_weights
-
-    if is_bridge(model):  # 4-bit base: dequantized weights plus the attached adapters' delta
-        return qk_weights(model)
-    weights = []
-    for block in model.blocks:
-        attn = block.attn
-        gqa = "_W_K" in dict(attn.named_parameters(recurse=False))
-        key = getattr(attn, "_W_K" if gqa else "W_K")
-        weights.append((attn.W_Q.detach().float().clone(), key.detach().float().clone()))
-    return weights
 
 
 def _weight_change(before: list[tuple[Tensor, Tensor]], after: list[tuple[Tensor, Tensor]]) -> Float[Tensor, "layer 2"]:
@@ -182,12 +164,12 @@ def compare_run(
         example_heads = [(layer, head) for layer, head, _ in before["label_attention"].top(3)]
     example_heads = [(int(layer), int(head)) for layer, head in example_heads]
     pattern_before = example_patterns(model, prompts[0], example_heads)
-    weights_before = _qk_snapshot(model)
+    weights_before = qk.layer_qk(model)
 
     load_run(run_dir, model)
     after = head_scores(model, task, **options)
     pattern_after = example_patterns(model, prompts[0], example_heads)
-    weight_change = _weight_change(weights_before, _qk_snapshot(model))
+    weight_change = _weight_change(weights_before, qk.layer_qk(model))
 
     tokenizer = model.tokenizer
     example = {

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from abft_lens.backends import qk
 from abft_lens.backends.loading import LoadedModel, load_model
 from abft_lens.backends.provenance import describe_model
 from abft_lens.data.prompts import prompt_builder
@@ -45,13 +46,11 @@ from abft_lens.run_files import (CONFIG_FILE, GENERALIZATION_FILE, GENERATION_FI
                                  is_finished, is_run_folder, read_run_json)
 from abft_lens.reporting.study_folder import baseline_path
 from abft_lens.reporting.study_render import write_study_tables
-from abft_lens.studies.generation_report import MauveExtra, MauveTest, qk_names
-from abft_lens.studies.mixing import base_tensors, set_tensors
+from abft_lens.studies.generation_report import MauveExtra, MauveTest
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe
 from abft_lens.studies.study_state import StudyState
-from abft_lens.training.runs import load_run, run_training
+from abft_lens.training.runs import give_back, load_run, run_training
 from abft_lens.training.train import query_label_shares
-from abft_lens.training.trainable import attached
 
 __all__ = ["run_study", "restore_base", "shared_evaluation", "run_prior_cell"]
 
@@ -99,7 +98,7 @@ def _run_model_cells(state: StudyState, model_name: str, cells: list[Cell], reci
             state.update(cell, state="failed", error=_message(error), attempts=state.record(cell)["attempts"] + 1)
         bar.update(len(cells))
         return
-    base = base_tensors(model, qk_names(model))
+    base = qk.snapshot(model)
     for cell in cells:
         bar.set_description_str(f"study {cell.key}")
         _run_cell(state, cell, model, base, recipes.get(cell.method.name if cell.method.kind != "prior" else "prior"),
@@ -143,15 +142,9 @@ def _run_cell(state: StudyState, cell: Cell, model: LoadedModel, base: dict, rec
 def restore_base(model: LoadedModel, base: dict[str, torch.Tensor]) -> None:
     """Back to the base model: close a Trainable left attached (a failed or interrupted cell), drop hooks,
     write the saved W_Q/W_K (and bias) tensors back bit-identically."""
-    live = attached(model)
-    if live is not None:
-        try:
-            live.merge()
-        except ValueError:  # already merged or removed
-            pass
+    give_back(model, base)
     if hasattr(model, "reset_hooks"):
         model.reset_hooks()
-    set_tensors(model, base)
 
 
 def finished(state: StudyState, cell: Cell) -> bool:

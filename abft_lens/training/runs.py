@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 
 from abft_lens.version import __version__
+from abft_lens.backends import qk
 from abft_lens.backends.bridge import is_bridge
 from abft_lens.training import distributed
 from abft_lens.training.callbacks import Checkpointer, FiniteCheck, JsonlLogger, ProgressBar, ValidationGuard
@@ -53,8 +54,6 @@ from abft_lens.training.run_folder import (RunLock, check_finite, check_same_bas
 from abft_lens.training.train import StepResult, TrainConfig, Trainer, validation_prompts
 from abft_lens.training.adapters import attach
 from abft_lens.training.trainable import Trainable, TrainableConfig, attached
-
-QK_TENSORS = ("W_Q", "W_K", "_W_K", "b_Q", "b_K", "_b_K")  # what a hooked model's trainable set can change
 
 
 @dataclass
@@ -170,7 +169,7 @@ def run_training(model: LoadedModel, task: ICLTask, config: TrainConfig, options
         for extra in run.options.extras if run.main else ():
             extra.before(model)
         fore = fore_test(run)
-        base, previous = base_tensors(model), attached(model)
+        base, previous = qk.snapshot(model), attached(model)
         try:
             trainer, guard = start_training(run)
             steps, seconds = train(run, trainer, guard)
@@ -346,24 +345,13 @@ def save_run(run: PreparedRun, result: RunResult) -> None:
         run.dist.barrier()  # the folder is complete when any rank returns
 
 
-def base_tensors(model) -> dict[str, torch.Tensor] | None:
-    """Copies of the tensors a hooked model's trainable set can change (W_Q/W_K and their biases); None for a
-    bridge, whose 4-bit weights training never rewrites."""
-    if is_bridge(model):
-        return None
-    return {name: p.detach().clone() for name, p in model.named_parameters()
-            if ".attn." in name and name.rsplit(".", 1)[-1] in QK_TENSORS}
-
-
-def give_back(model, base: dict[str, torch.Tensor] | None, previous: Trainable | None = None) -> None:
+def give_back(model, base: dict[str, torch.Tensor], previous: Trainable | None = None) -> None:
     """End the trainable set a run attached (not ``previous``, the one attached before it) and put the base
-    tensors back: a bridge's adapters are removed; a hooked model gets ``base`` copied in."""
+    tensors back: a bridge's adapters are removed; a hooked model gets ``base`` (a :func:`qk.snapshot`) copied in."""
     trainable = attached(model)
     if trainable is not None and trainable is not previous and trainable.is_open:
         trainable.remove() if is_bridge(model) else trainable.merge()
-    with torch.no_grad():
-        for name, value in (base or {}).items():
-            model.get_parameter(name).copy_(value)
+    qk.restore(model, base)
 
 
 def _evaluate(run: PreparedRun, desc: str) -> EvalResult:
@@ -401,6 +389,6 @@ def load_run(run_dir: str | Path, model: LoadedModel) -> TrainConfig:
 
 
 __all__ = ["RunOptions", "RunResult", "PreparedRun", "run_training", "prepare_run", "open_run_folder", "fore_test",
-           "start_training", "train", "finish_training", "post_test", "save_run", "base_tensors", "give_back",
+           "start_training", "train", "finish_training", "post_test", "save_run", "give_back",
            "apply_trained",
            "load_run", "TrainableConfig", "StepResult"]
