@@ -15,6 +15,7 @@ from pathlib import Path
 
 from abft_lens.evaluation.generalization import evaluate_datasets, generalization_summary
 from abft_lens.io import read_json, write_json
+from abft_lens.run_files import CONFIG_FILE, read_run_json
 from abft_lens.backends.loading import load_model
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--robustness", type=Path, default=None, help="bench/robustness_demo.py results of the run")
     parser.add_argument("--output", type=Path, default=Path("bench/results/calibration_demo.json"))
     args = parser.parse_args()
-    meta = read_json(args.run_dir / "config.json")
+    meta = read_run_json(args.run_dir, CONFIG_FILE)
     trained = meta["task"]["name"]
     model = load_model(meta["model"]["name"])
     rows, seconds = {}, {}

@@ -11,7 +11,6 @@ step and the validation curve; and the mean ± std of the after-accuracy over se
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,8 @@ from pathlib import Path
 
 from gemma_demo import paired
 
-from abft_lens.io import read_json, write_json
+from abft_lens.io import write_json
+from abft_lens.run_files import CONFIG_FILE, METRICS_FILE, is_finished, read_log, read_run_json
 
 
 def main() -> None:
@@ -33,13 +33,13 @@ def main() -> None:
     run_dirs = list(args.reuse)
     for seed in args.seeds:
         run_dir = args.runs / f"demo-seed{seed}"
-        if not (run_dir / "metrics.json").is_file():
+        if not is_finished(run_dir):
             subprocess.run([cli, "demo", "--seed", str(seed), "--run-dir", str(run_dir)], check=True)
         run_dirs.append(run_dir)
     runs = []
     for run_dir in run_dirs:
-        metrics, config = read_json(run_dir / "metrics.json"), read_json(run_dir / "config.json")
-        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        metrics, config = read_run_json(run_dir, METRICS_FILE), read_run_json(run_dir, CONFIG_FILE)
+        log = read_log(run_dir)
         runs.append({"run_dir": str(run_dir), "seed": config["train"]["seed"],
                      "before": metrics["fore"]["accuracy"], "after": metrics["post"]["accuracy"],
                      "paired": paired(run_dir), "kept_step": metrics.get("best_validation_step"),

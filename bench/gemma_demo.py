@@ -27,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-from abft_lens.io import read_json, write_json
+from abft_lens.io import write_json
+from abft_lens.run_files import CONFIG_FILE, FORE_TEST_FILE, METRICS_FILE, POST_TEST_FILE, read_log, read_run_json
 from abft_lens.evaluation.metrics import mcnemar_exact
 
 
 def paired(run_dir: Path) -> dict:
-    fore = read_json(run_dir / "fore_test.json")["per_prompt"]
-    post = read_json(run_dir / "post_test.json")["per_prompt"]
+    fore = read_run_json(run_dir, FORE_TEST_FILE)["per_prompt"]
+    post = read_run_json(run_dir, POST_TEST_FILE)["per_prompt"]
     assert len(fore) == len(post) and all(a["gold"] == b["gold"] for a, b in zip(fore, post))
     before = [p["prediction"] == p["gold"] for p in fore]
     after = [p["prediction"] == p["gold"] for p in post]
@@ -98,9 +99,9 @@ def main() -> None:
                                                    "load_average_after": os.getloadavg()}
         record["stdout"] = done.stdout.splitlines()
 
-    metrics = read_json(args.run_dir / "metrics.json")
-    config = read_json(args.run_dir / "config.json")
-    log = list(_jsonl(args.run_dir / "log.jsonl"))
+    metrics = read_run_json(args.run_dir, METRICS_FILE)
+    config = read_run_json(args.run_dir, CONFIG_FILE)
+    log = read_log(args.run_dir)
     steps = [line for line in log if line.get("event") == "step"]
     record |= {
         "run_dir": str(args.run_dir),
@@ -116,15 +117,6 @@ def main() -> None:
     if not args.no_zero_shot:
         record["zero_shot_base"] = zero_shot(metrics.get("n_test") or record["paired"]["n"], batch_size=8)
     print(f"wrote {write_json(args.output, record)}")
-
-
-def _jsonl(path: Path):
-    import json
-
-    with open(path) as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import torch
 from abft_lens.studies.generation import _encode, continuations
 from abft_lens.studies.mauve import auto_buckets, mauve_score
 from abft_lens.studies.generation_report import generation_report
-from abft_lens.io import read_json, write_json
+from abft_lens.io import write_json
+from abft_lens.run_files import CONFIG_FILE, read_run_json
 from abft_lens.backends.loading import load_model
 from abft_lens.training.runs import load_run
 from abft_lens.data.tasks import load_task
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("bench/results/generation_demo.json"))
     args = parser.parse_args()
     load_before = os.getloadavg()
-    meta = read_json(args.run_dir / "config.json")
+    meta = read_run_json(args.run_dir, CONFIG_FILE)
     sentences = [words for words in (example.text.split() for example in load_task(meta["task"]["name"]).test)
                  if len(words) >= args.min_words][: args.n]
     if len(sentences) < args.n:

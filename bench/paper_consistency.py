@@ -19,14 +19,12 @@ import argparse
 import time
 from pathlib import Path
 
+from abft_lens.backends import qk
 from abft_lens.backends.loading import load_model
 from abft_lens.data.tasks import load_task
 from abft_lens.io import atomic_write_text, read_json, write_json
 from abft_lens.evaluation.robustness import demonstration_sensitivity, template_sensitivity, unseen_label_test
 from abft_lens.training.runs import load_run
-from abft_lens.studies.study import restore_base
-from abft_lens.studies.mixing import base_tensors
-from abft_lens.studies.generation_report import qk_names
 
 
 def measure(model, task, args) -> dict:
@@ -72,7 +70,7 @@ def main() -> None:
     if data.get("settings") != settings:
         data = {"dataset": task.name, "model": metas[0]["model"]["name"], "settings": settings, "states": {}}
     model = load_model(metas[0]["model"]["name"])
-    base = base_tensors(model, qk_names(model))
+    base = qk.snapshot(model)
     for name, run in [("vanilla", None)] + [(f"{meta['train']['method']} ({run.parent.name}/{run.name})", run)
                                             for meta, run in zip(metas, args.run_dirs)]:
         if name in data["states"]:
@@ -80,7 +78,7 @@ def main() -> None:
         if run is not None:
             load_run(run, model)
         data["states"][name] = measure(model, task, args)
-        restore_base(model, base)
+        qk.restore(model, base)
         write_json(args.output, data)
     atomic_write_text(args.output.with_suffix(".md"), markdown(data))
     print(markdown(data), end="")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from gemma_demo import paired, time_v
 
-from abft_lens.io import read_json, write_json
+from abft_lens.io import write_json
+from abft_lens.run_files import METRICS_FILE, read_log, read_run_json
 
 VARIANTS = {"4bit-lora16": ["--quantized"], "float32-lora16": []}
 
@@ -58,8 +59,8 @@ def main() -> None:
         if done.returncode:
             sys.stderr.write(done.stderr[-4000:])
             raise SystemExit(done.returncode)
-        metrics = read_json(run_dir / "metrics.json")
-        log = [line for line in map(__import__("json").loads, (run_dir / "log.jsonl").read_text().splitlines()) if line]
+        metrics = read_run_json(run_dir, METRICS_FILE)
+        log = read_log(run_dir)
         record["runs"][name] = {
             "command": " ".join(["abft-lens"] + command[1:]),
             "process": time_v(done.stderr) | {"load_average_before": load_before, "load_average_after": os.getloadavg()},

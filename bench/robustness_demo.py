@@ -15,6 +15,7 @@ from pathlib import Path
 
 from abft_lens.evaluation.generalization import evaluate_datasets, generalization_summary
 from abft_lens.io import read_json, write_json
+from abft_lens.run_files import CONFIG_FILE, read_run_json
 from abft_lens.backends.loading import load_model
 from abft_lens.evaluation.robustness import contextual_bias, demonstration_sensitivity, template_sensitivity, unseen_label_test
 from abft_lens.training.runs import load_run
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", type=Path, default=Path("bench/results/robustness_demo.json"))
     args = parser.parse_args()
-    meta = read_json(args.run_dir / "config.json")
+    meta = read_run_json(args.run_dir, CONFIG_FILE)
     task = load_task(meta["task"]["name"])
     model = load_model(meta["model"]["name"])
     start = time.perf_counter()

@@ -22,6 +22,7 @@ from abft_lens.evaluation.metrics import mcnemar_exact
 from abft_lens.io import atomic_write_text
 from abft_lens.reporting.study_folder import read_study
 from abft_lens.reporting.study_tables import display
+from abft_lens.run_files import CONFIG_FILE, LOG_FILE, METRICS_FILE, read_log, read_run_json
 
 def guard_choice(validation: list[dict], metric: str) -> dict:
     """The validation record the guard keeps when it selects on ``metric`` (ties: true-label probability, then the
@@ -46,13 +47,13 @@ def gate_choice(validation: list[dict], n_prompts: int, metric: str, max_p: floa
 
 def cell_diagnostics(study_dir: Path, record: dict) -> dict | None:
     run = study_dir / record["path"]
-    if record["state"] != "done" or not (run / "log.jsonl").is_file():
+    if record["state"] != "done" or not (run / LOG_FILE).is_file():
         return None
-    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    events = read_log(run)
     validation = [e for e in events if e["event"] == "validation"]
     steps = [e for e in events if e["event"] == "step"]
-    metrics = json.loads((run / "metrics.json").read_text())
-    train = json.loads((run / "config.json").read_text())["train"]
+    metrics = read_run_json(run, METRICS_FILE)
+    train = read_run_json(run, CONFIG_FILE)["train"]
     by_acc, by_f1 = guard_choice(validation, "accuracy"), guard_choice(validation, "macro_f1")
     return {
         "dataset": record["dataset"], "method": record["method"], "seed": record["seed"],

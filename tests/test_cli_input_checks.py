@@ -338,7 +338,8 @@ def test_training_that_diverges_stops_with_one_message(env, capsys):
 
 
 def test_resume_while_another_process_trains_is_refused_and_a_stale_lock_is_taken_over(env, capsys):
-    from abft_lens.training.run_folder import LOCK_FILE, RunLock
+    from abft_lens.run_files import LOCK_FILE
+    from abft_lens.training.run_folder import RunLock
 
     run = env.run("interrupted")
     for name in ("metrics.json", "post_test.json", "trained.safetensors"):

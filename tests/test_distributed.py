@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from abft_lens.training.distributed import DistributedContext
-from abft_lens.training.runs import TRAINED_FILE
+from abft_lens.run_files import TRAINED_FILE
 
 WORLD = 2
 # float tolerance of 2-process vs 1-process weights: gradients are summed in another order

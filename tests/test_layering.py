@@ -1,7 +1,7 @@
 """The package's architecture, enforced: layers in the order data flows, no cycles, no private names shared.
 
 Layers, lowest first (a module may import from its own layer and the layers below, never above):
-foundation (``arguments``, ``errors``, ``io``, ``resources``, ``version``) → ``backends`` → ``data`` → ``interp`` → ``evaluation`` →
+foundation (``arguments``, ``errors``, ``io``, ``resources``, ``run_files``, ``version``) → ``backends`` → ``data`` → ``interp`` → ``evaluation`` →
 ``training`` → ``reporting`` → ``studies`` → the entry points (``cli``, ``__main__``, the lazy ``__init__``).
 Every import counts, also one inside a function: a lazy import is still a dependency.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "abft_lens"
-FOUNDATION = ("arguments", "errors", "io", "resources", "version")
+FOUNDATION = ("arguments", "errors", "io", "resources", "run_files", "version")
 LAYERS = ("backends", "data", "interp", "evaluation", "training", "reporting", "studies")
 ENTRY = ("cli", "__main__", "__init__")
 MAX_LINES = 420

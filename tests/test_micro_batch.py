@@ -21,7 +21,8 @@ from abft_lens.backends.loading import EMBEDDED_NAME, load_model
 from abft_lens.data.prompts import prompt_builder
 from abft_lens.data.tasks import load_task
 from abft_lens.errors import AbftLensError
-from abft_lens.training.runs import TRAINED_FILE, run_training
+from abft_lens.run_files import TRAINED_FILE
+from abft_lens.training.runs import run_training
 from abft_lens.training.train import TrainConfig, Trainer
 from abft_lens.training.trainable import TrainableConfig
 

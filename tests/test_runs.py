@@ -17,7 +17,8 @@ import abft_lens.training.runs as runs
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import evaluate
 from abft_lens.backends.loading import load_model
-from abft_lens.training.runs import TRAINED_FILE, load_run, run_training
+from abft_lens.run_files import TRAINED_FILE
+from abft_lens.training.runs import load_run, run_training
 from abft_lens.data.tasks import load_task
 from abft_lens.training.train import TrainConfig
 from abft_lens.training.adapters import attach
@@ -429,7 +430,8 @@ def test_the_lock_holds_the_pid_while_training_and_refuses_a_second_owner(task, 
     import subprocess
     import sys
 
-    from abft_lens.training.run_folder import LOCK_FILE, RunLock
+    from abft_lens.run_files import LOCK_FILE
+    from abft_lens.training.run_folder import RunLock
 
     run_dir = tmp_path / "run"
     seen = []

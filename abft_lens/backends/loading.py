@@ -20,8 +20,8 @@ import torch
 
 from abft_lens.backends.provenance import (LoadedModel, ModelInfo, attach_info, model_info, tokenizer_adds_bos,
                                            use_own_tokenizer)
-from abft_lens.backends.hf_cache import (EMBEDDED_NAME, GEMMA_NAME, QWEN_NAME, embedded_hf_dir, gemma_hf_dir,
-                                        gguf_hf_dir, qwen_hf_dir)
+from abft_lens.backends.hf_cache import (EMBEDDED_NAME, GEMMA_NAME, HF_CONFIG_FILE, QWEN_NAME, embedded_hf_dir,
+                                        gemma_hf_dir, gguf_hf_dir, is_hf_folder, qwen_hf_dir)
 from abft_lens.backends.relayout import relayout_for_forward
 from abft_lens.backends.tiny import tiny_model, tiny_tokenizer
 from abft_lens.backends.tl import HookedTransformer, HookedTransformerConfig, quiet_deprecation
@@ -100,7 +100,7 @@ def _hf_route(spec: str) -> tuple[Path, str, bool] | None:
 def _check_hf_folder(path: Path) -> None:
     """A local model folder holds config.json, weights and tokenizer files (what save_pretrained writes)."""
     fix = "point --model at a folder written by save_pretrained (config.json, weights, tokenizer files)."
-    if not (path / "config.json").is_file():
+    if not is_hf_folder(path):
         raise AbftLensError(f"{path} is a folder but holds no config.json, so it is not a Hugging Face model folder.", fix)
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise AbftLensError(f"could not read the Hugging Face model folder {path}: it holds no weights "
@@ -198,13 +198,13 @@ def _tl_config_dict(hf_dir: Path) -> dict:
     """
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
 
-    hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
+    hf_config = json.loads((Path(hf_dir) / HF_CONFIG_FILE).read_text())
     if hf_config.get("architectures") == ["Gemma3ForCausalLM"]:  # TL 3.9 knows Gemma-3 only by official name
         cfg_dict = _gemma3_tl_config(hf_config)
         cfg_dict["tokenizer_name"] = str(hf_dir)
         return cfg_dict
     with tempfile.TemporaryDirectory(prefix="abft-lens-config-") as neutral:
-        shutil.copyfile(Path(hf_dir) / "config.json", Path(neutral) / "config.json")
+        shutil.copyfile(Path(hf_dir) / HF_CONFIG_FILE, Path(neutral) / HF_CONFIG_FILE)
         cfg_dict = convert_hf_model_config(neutral)
     cfg_dict["tokenizer_name"] = str(hf_dir)
     return cfg_dict

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
-from abft_lens.io import read_json
+from abft_lens.io import write_json
 from abft_lens.backends.provenance import LoadedModel
 from abft_lens.data.tasks import PAPER_DATASETS, load_task
+from abft_lens.run_files import CALIBRATION_FILE, GENERALIZATION_FILE, ROBUSTNESS_FILE, read_run_json
 
-CALIBRATION_FILE = "calibration.json"
-
-__all__ = ["evaluate_datasets", "generalization_summary", "generalization_record", "RunExtras", "CALIBRATION_FILE"]
+__all__ = ["evaluate_datasets", "generalization_summary", "generalization_record", "RunExtras"]
 
 
 def evaluate_datasets(
@@ -113,17 +112,16 @@ class RunExtras:
     def before(self, model: LoadedModel) -> None:
         """The ``fore`` halves, on the base model, in the run folder ``run_training`` has prepared."""
         for name, compute in self._jobs():
-            path = self.run_dir / name
-            cached = read_json(path) if self.resume and path.is_file() else None
+            cached = read_run_json(self.run_dir, name) if self.resume else None
             if name not in self.fore:  # given by the caller (a study's shared baselines), or computed here
                 self.fore[name] = cached["fore"] if cached and "fore" in cached else compute(model)
-            from abft_lens.io import write_json
+            write_json(self.run_dir / name, {**self._meta(name), "fore": self.fore[name]})
 
-            write_json(path, {**self._meta(name), "fore": self.fore[name]})
+    def after_files(self) -> list[str]:
+        """The files :meth:`after` completes with a ``post`` half (``calibration.json`` has none)."""
+        return [name for name, _ in self._jobs() if name != CALIBRATION_FILE]
 
     def after(self, model: LoadedModel) -> list[tuple[str, str]]:
-        from abft_lens.io import write_json
-
         rows = []
         for name, compute in self._jobs():
             if name == CALIBRATION_FILE:  # the base model only: nothing to compute after training
@@ -137,7 +135,7 @@ class RunExtras:
                 continue
             post = compute(model)
             record = {**self._meta(name), "fore": self.fore[name], "post": post}
-            if name == "generalization.json":
+            if name == GENERALIZATION_FILE:
                 record.update({f"{p}_summary": generalization_summary(
                     {t: m["accuracy"] for t, m in record[p].items()}, self.task.name) for p in ("fore", "post")})
                 rows += [(f"{key.replace('_', '-')} accuracy",
@@ -157,11 +155,11 @@ class RunExtras:
 
         jobs = []
         if self.test_type != "Normal":
-            jobs.append(("robustness.json", lambda model: robustness_report(
+            jobs.append((ROBUSTNESS_FILE, lambda model: robustness_report(
                 model, self.task, self.test_type, k=self.k, n_queries=self.robustness_queries,
                 n_test=self.robustness_n_test, batch_size=self.batch_size, progress=self.progress)))
         if self.generalization:
-            jobs.append(("generalization.json", lambda model: {
+            jobs.append((GENERALIZATION_FILE, lambda model: {
                 name: result.metrics for name, result in evaluate_datasets(
                     model, self._indices(), k=self.k, n_test=self.generalization_n_test, batch_size=self.batch_size,
                     progress=self.progress).items()}))
@@ -187,7 +185,7 @@ class RunExtras:
         return {self.task.name: result.metrics}
 
     def _meta(self, name: str) -> dict:
-        if name == "generalization.json":
+        if name == GENERALIZATION_FILE:
             return {"trained_dataset": self.task.name, "k": self.k, "n_test": self.generalization_n_test}
         if name == CALIBRATION_FILE:
             from abft_lens.evaluation.robustness import CONTENT_FREE

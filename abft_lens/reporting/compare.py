@@ -6,7 +6,6 @@ report can be rebuilt without a model. ``compare_run`` (below) computes it from 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,9 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from abft_lens.backends import qk
+from abft_lens.run_files import FORE_TEST_FILE, POST_TEST_FILE, read_log, read_run_json
 
 
 @dataclass
@@ -67,25 +69,6 @@ class Comparison:
 
 
 # ------------------------------------------------------------------------------------------- compare_run
-
-
-def _qk_snapshot(model) -> list[tuple[Tensor, Tensor]]:
-    """Detached float32 copies of every layer's ``(W_Q [head, d_model, d_head], W_K [kv_head, d_model, d_head])``.
-
-    Under grouped-query attention the stored ``_W_K`` (one slice per kv head) is copied, not the repeated
-    ``W_K`` property, so a K change is counted once per kv head.
-    """
-    from abft_lens.backends.bridge import is_bridge, qk_weights
-
-    if is_bridge(model):  # 4-bit base: dequantized weights plus the attached adapters' delta
-        return qk_weights(model)
-    weights = []
-    for block in model.blocks:
-        attn = block.attn
-        gqa = "_W_K" in dict(attn.named_parameters(recurse=False))
-        key = getattr(attn, "_W_K" if gqa else "W_K")
-        weights.append((attn.W_Q.detach().float().clone(), key.detach().float().clone()))
-    return weights
 
 
 def _weight_change(before: list[tuple[Tensor, Tensor]], after: list[tuple[Tensor, Tensor]]) -> Float[Tensor, "layer 2"]:
@@ -162,7 +145,7 @@ def compare_run(
     from abft_lens.data.prompts import prompt_builder, test_prompts
     from abft_lens.interp.heads import head_scores
     from abft_lens.backends.loading import load_model_like
-    from abft_lens.training.run_folder import read_run_config, read_run_json, read_trained
+    from abft_lens.training.run_folder import read_run_config, read_trained
     from abft_lens.training.runs import load_run
     from abft_lens.data.tasks import load_task
 
@@ -181,20 +164,13 @@ def compare_run(
         example_heads = [(layer, head) for layer, head, _ in before["label_attention"].top(3)]
     example_heads = [(int(layer), int(head)) for layer, head in example_heads]
     pattern_before = example_patterns(model, prompts[0], example_heads)
-    weights_before = _qk_snapshot(model)
+    weights_before = qk.layer_qk(model)
 
     load_run(run_dir, model)
     after = head_scores(model, task, **options)
     pattern_after = example_patterns(model, prompts[0], example_heads)
-    weight_change = _weight_change(weights_before, _qk_snapshot(model))
+    weight_change = _weight_change(weights_before, qk.layer_qk(model))
 
-    accuracy = {}
-    for key, name in (("fore", "fore_test.json"), ("post", "post_test.json")):
-        saved = read_run_json(run_dir, name, keys=("metrics",))
-        accuracy[key] = saved["metrics"] if saved is not None else None
-    log_path = run_dir / "log.jsonl"
-    lines = log_path.read_text().splitlines() if log_path.is_file() else []
-    trace = [json.loads(line) for line in lines if line.strip()]
     tokenizer = model.tokenizer
     example = {
         "tokens": [tokenizer.decode([token]) for token in prompts[0].token_ids],
@@ -206,5 +182,15 @@ def compare_run(
     return Comparison(
         before={name: scores.scores for name, scores in before.items()},
         after={name: scores.scores for name, scores in after.items()},
-        weight_change=weight_change, accuracy=accuracy, trace=trace, run=config, prompt_example=example,
+        weight_change=weight_change, accuracy=saved_accuracy(run_dir), trace=read_log(run_dir), run=config,
+        prompt_example=example,
     )
+
+
+def saved_accuracy(run_dir: Path) -> dict:
+    """The run's fore/post test metrics, ``{"fore": ..., "post": ...}`` (None for a test it skipped)."""
+    accuracy = {}
+    for key, name in (("fore", FORE_TEST_FILE), ("post", POST_TEST_FILE)):
+        saved = read_run_json(run_dir, name, keys=("metrics",))
+        accuracy[key] = saved["metrics"] if saved is not None else None
+    return accuracy

@@ -29,24 +29,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from einops import rearrange
 
 from abft_lens.errors import AbftLensError
-from abft_lens.backends import hf_cache
-from abft_lens.training.run_folder import METRICS_FILE, read_run_config, read_run_json, read_trained
+from abft_lens.backends import hf_cache, qk
+from abft_lens.run_files import METRICS_FILE, TRAINED_FILE, read_run_json
+from abft_lens.training.run_folder import read_run_config, read_trained
 from abft_lens.reporting.formatting import format_value
 
 ADAPTER_DIR = "adapter"
 RUN_INFO_FILE = "abft_lens_run.json"
-_KEY = re.compile(r"^blocks\.(\d+)\.attn\.(W_Q|_W_K|W_K|b_Q|_b_K|b_K)(?:\.(lora_A|lora_B))?$")
-_PROJ = {"W_Q": "q_proj", "_W_K": "k_proj", "W_K": "k_proj", "b_Q": "q_proj", "_b_K": "k_proj", "b_K": "k_proj"}
 
 # Base models this project knows by name: (Hub id of the original checkpoint, licence line, YAML licence fields)
 _GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
@@ -152,7 +149,7 @@ def _read_run(run_dir: Path) -> tuple[dict, dict | None]:
 def _base_hf_dir(model: dict, run_dir: Path) -> Path:
     """The Hugging Face folder the run's hooked model was read from; the embedded models' caches are rebuilt."""
     name, hf_dir = model.get("name"), model.get("hf_dir")
-    if hf_dir and (Path(hf_dir) / "config.json").is_file():
+    if hf_dir and hf_cache.is_hf_folder(hf_dir):
         return Path(hf_dir)
     if name == hf_cache.EMBEDDED_NAME:
         return hf_cache.embedded_hf_dir()[0]
@@ -173,13 +170,13 @@ def _parse_trained(trained: dict[str, torch.Tensor]) -> dict[tuple[int, str, str
     """``{(layer, proj, role): tensor}``, role in weight / bias / lora_A / lora_B, proj q_proj / k_proj."""
     parsed = {}
     for key, tensor in trained.items():
-        match = _KEY.match(key)
-        if match is None:
-            raise AbftLensError(f"trained.safetensors holds an unexpected tensor {key!r}.",
+        parts = qk.parse_name(key)
+        if parts is None:
+            raise AbftLensError(f"{TRAINED_FILE} holds an unexpected tensor {key!r}.",
                                 "export runs written by this version of abft-lens.")
-        layer, name, lora = int(match[1]), match[2], match[3]
-        role = lora or ("bias" if name.startswith(("b_", "_b_")) else "weight")
-        parsed[(layer, _PROJ[name], role)] = tensor
+        layer, attr, lora = parts
+        role = lora or ("bias" if qk.is_bias(attr) else "weight")
+        parsed[(layer, qk.HF_PROJ[attr], role)] = tensor
     return parsed
 
 
@@ -215,9 +212,9 @@ def _merge(model, parsed: dict, scale: float, run_dir: Path) -> list[str]:
                 delta = scale * (parsed[(layer, proj, "lora_B")] @ tensor)
                 target, value, name = linear.weight, linear.weight + delta.to(linear.weight.dtype), "weight"
             elif role == "weight":
-                target, value, name = linear.weight, rearrange(tensor, "n m h -> (n h) m"), "weight"
+                target, value, name = linear.weight, qk.hf_layout(tensor), "weight"
             else:
-                target, value, name = linear.bias, rearrange(tensor, "n h -> (n h)"), "bias"
+                target, value, name = linear.bias, qk.hf_layout(tensor), "bias"
             if target is None or tuple(value.shape) != tuple(target.shape):
                 got = None if target is None else tuple(target.shape)
                 raise AbftLensError(

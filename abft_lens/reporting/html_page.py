@@ -23,8 +23,6 @@ from abft_lens.io import atomic_write_text
 if TYPE_CHECKING:
     pass
 
-COMPARISON_FILE = "comparison.json"
-REPORT_FILE = "report.html"
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 _CSS = """

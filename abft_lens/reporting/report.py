@@ -22,7 +22,8 @@ from abft_lens.io import check_output_file, read_json, write_json
 if TYPE_CHECKING:
     from abft_lens.reporting.compare import Comparison
 
-from abft_lens.reporting.html_page import (AttentionItem, FigureItem, Report, Section, COMPARISON_FILE, REPORT_FILE)
+from abft_lens.reporting.html_page import AttentionItem, FigureItem, Report, Section
+from abft_lens.run_files import COMPARISON_FILE, REPORT_FILE, has_trained
 
 SCORE_ORDER = tuple(viz.SCORE_LABELS)
 
@@ -206,13 +207,13 @@ def report_from_run(run_dir: str | Path, *, output: str | Path | None = None, n_
     :func:`abft_lens.reporting.compare.compare_run` (``n_prompts`` prompts; extra keyword arguments go to it) and saves
     it. With ``png=True`` also exports every figure into ``<output stem>_png/``.
     """
-    from abft_lens.training.run_folder import TRAINED_FILE, read_run_config, read_trained
+    from abft_lens.training.run_folder import read_run_config, read_trained
 
     run_dir = Path(run_dir)
     read_run_config(run_dir)
     if output is not None:
         check_output_file(output)
-    if (run_dir / TRAINED_FILE).is_file():
+    if has_trained(run_dir):
         read_trained(run_dir)  # a diverged (NaN) run gets no report
     comparison_path = run_dir / COMPARISON_FILE
     reused = comparison_path.is_file()

@@ -3,13 +3,13 @@ read from each run's ``log.jsonl`` (its ``event: validation`` lines)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from abft_lens.reporting.study_tables import ModelResults, display
+from abft_lens.run_files import read_log
 from abft_lens.reporting.viz import style_figure
 
 __all__ = ["accuracy_figure", "validation_figure", "validation_curve"]
@@ -36,17 +36,14 @@ def accuracy_figure(results: ModelResults) -> go.Figure | None:
     return style_figure(fig, title=f"{results.model}: accuracy per dataset, one point per seed", height=420)
 
 
-def validation_curve(log_path) -> list[dict]:
+def validation_curve(run_dir) -> list[dict]:
     """The validation lines of a run's ``log.jsonl`` (empty when it has none)."""
-    if not log_path.is_file():
-        return []
-    return [record for record in map(json.loads, filter(str.strip, log_path.read_text().splitlines()))
-            if record.get("event") == "validation"]
+    return [record for record in read_log(run_dir) if record.get("event") == "validation"]
 
 
 def validation_figure(results: ModelResults, metric: str = "accuracy") -> go.Figure | None:
     """Validation ``metric`` (%) against the optimizer step, one panel per dataset, one line per run."""
-    curves = [(run, validation_curve(run["run_dir"] / "log.jsonl")) for run in results.runs]
+    curves = [(run, validation_curve(run["run_dir"])) for run in results.runs]
     curves = [(run, points) for run, points in curves if points]
     if not curves:
         return None

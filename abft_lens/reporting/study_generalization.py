@@ -11,18 +11,14 @@ every paper dataset, on the same prompts (``--generalization-n-test`` per datase
 
 from __future__ import annotations
 
-from abft_lens.io import read_json
-from abft_lens.reporting.study_tables import ModelResults, trained_parameters
+from abft_lens.run_files import GENERALIZATION_FILE, METRICS_FILE, read_run_json, trained_parameters
+from abft_lens.reporting.study_tables import ModelResults
 from abft_lens.reporting.tables import mean_std
 
 __all__ = ["generalization_rows", "generalization_grid_rows"]
 
-GENERALIZATION_FILE = "generalization.json"
-
-
 def _finished(run: dict) -> dict | None:
-    path = run["run_dir"] / GENERALIZATION_FILE
-    general = read_json(path) if path.is_file() else None
+    general = read_run_json(run["run_dir"], GENERALIZATION_FILE)
     return general if general is not None and "post_summary" in general else None
 
 
@@ -38,7 +34,7 @@ def generalization_rows(results: ModelResults) -> list[dict]:
         entry = by_method.setdefault(run["method"], {"id": {}, "ood": {}, "seconds": [], "parameters": None})
         entry["id"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["in_domain"]
         entry["ood"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["out_of_domain"]
-        metrics = read_json(run["run_dir"] / "metrics.json") if (run["run_dir"] / "metrics.json").is_file() else {}
+        metrics = read_run_json(run["run_dir"], METRICS_FILE) or {}
         if metrics.get("train_seconds") is not None:
             entry["seconds"].append(metrics["train_seconds"])
         entry["parameters"] = entry["parameters"] or trained_parameters(run["run_dir"])

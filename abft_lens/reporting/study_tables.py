@@ -26,8 +26,6 @@ mean ± std over seeds; and per trained dataset, every evaluated dataset's accur
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.label_prior import label_distribution, prior_shift
 from abft_lens.evaluation.paired import Paired, SignTest, correct, holm, paired, query_sign_test
 from abft_lens.io import read_json
+from abft_lens.run_files import METRICS_FILE, POST_TEST_FILE, read_run_json
 from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KINDS, baseline_path, dataset_name,
                                               read_study, run_path)
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
@@ -190,8 +189,8 @@ def _model_results(study_dir: Path, plan: dict, done: dict, model: str) -> Model
                          _read(baseline_path(study_dir, model, dataset, kind, k=k, n_test=n_test, seed=seed)), seed)
                     continue
                 run_dir = run_path(study_dir, model, dataset, method, seed)
-                if _add(results, method, dataset, _read(run_dir / "post_test.json"), seed):
-                    metrics = _read(run_dir / "metrics.json") or {}
+                if _add(results, method, dataset, read_run_json(run_dir, POST_TEST_FILE), seed):
+                    metrics = read_run_json(run_dir, METRICS_FILE) or {}
                     results.cells[(method, dataset)].kept_steps.append(metrics.get("best_validation_step"))
                     results.runs.append({"method": method, "dataset": dataset, "seed": seed, "run_dir": run_dir})
                     results.costs.setdefault(method, []).append(dict(record.get("metrics") or {},
@@ -297,16 +296,6 @@ def head_to_head(results: ModelResults) -> list[dict]:
 
 def _read(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
-
-
-def trained_parameters(run_dir: Path) -> int | None:
-    """Number of trained scalars in a run's ``trained.safetensors`` (read from its header; no tensor loaded)."""
-    path = run_dir / "trained.safetensors"
-    if not path.is_file():
-        return None
-    with open(path, "rb") as file:
-        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
 
 
 def cost_rows(results: ModelResults) -> list[dict]:

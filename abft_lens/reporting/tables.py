@@ -26,9 +26,10 @@ from typing import Iterable, Sequence
 
 from abft_lens.data.tasks import STAICC_DATASETS
 from abft_lens.errors import AbftLensError
-from abft_lens.evaluation.generalization import CALIBRATION_FILE, generalization_summary
+from abft_lens.evaluation.generalization import generalization_summary
 from abft_lens.io import atomic_write_text
-from abft_lens.training.run_folder import read_run_config, read_run_json
+from abft_lens.run_files import CALIBRATION_FILE, FORE_TEST_FILE, GENERALIZATION_FILE, POST_TEST_FILE, read_run_json
+from abft_lens.training.run_folder import read_run_config
 
 __all__ = ["ResultTable", "table_from_runs", "mean_std", "BASE_METHOD", "CC_METHOD", "DISPLAY", "DATASET_ORDER"]
 
@@ -184,6 +185,6 @@ def table_from_runs(run_dirs: Iterable[str | Path], metric: str = "accuracy") ->
 
 def _read_run(run_dir: Path) -> tuple[dict, dict | None, dict | None, dict | None, dict | None]:
     parts = [read_run_json(run_dir, name, keys=keys) for name, keys in (
-        ("fore_test.json", ("task", "metrics")), ("post_test.json", ("task", "metrics")), ("generalization.json", ()),
+        (FORE_TEST_FILE, ("task", "metrics")), (POST_TEST_FILE, ("task", "metrics")), (GENERALIZATION_FILE, ()),
         (CALIBRATION_FILE, ()))]
     return (read_run_config(run_dir), *parts)

@@ -54,11 +54,9 @@ from abft_lens.backends.provenance import LoadedModel
 from abft_lens.data.prompts import left_pad, length_sorted_batches, pad_token_id
 
 __all__ = ["continuations", "generate_batch", "hidden_features", "perplexity", "Perplexity", "read_prefix_file",
-           "GENERATION_FILE", "QK_NAMES", "POOLINGS"]
+           "POOLINGS"]
 
 POOLINGS = ("last", "mean")
-GENERATION_FILE = "generation.json"
-QK_NAMES = ("W_Q", "W_K", "_W_K", "b_Q", "b_K", "_b_K")
 
 
 # ------------------------------------------------------------------------------------------- prefixes

@@ -12,9 +12,11 @@ from typing import Sequence
 
 from torch import Tensor
 
+from abft_lens.backends import qk
 from abft_lens.errors import AbftLensError
-from abft_lens.studies.generation import (GENERATION_FILE, QK_NAMES, Perplexity, continuations, hidden_features,
-                                         perplexity, read_prefix_file)
+from abft_lens.io import write_json
+from abft_lens.run_files import GENERATION_FILE
+from abft_lens.studies.generation import Perplexity, continuations, hidden_features, perplexity, read_prefix_file
 from abft_lens.studies.mauve import auto_buckets, mauve_available, mauve_score
 from abft_lens.backends.provenance import LoadedModel, model_info
 
@@ -108,12 +110,6 @@ def generation_report(base_model: LoadedModel, tuned_model: LoadedModel, prefixe
 # ------------------------------------------------------------------------------- the train-time test
 
 
-def qk_names(model) -> list[str]:
-    """Names of every attention W_Q/W_K (and bias) parameter: the tensors ABFT/E2E training can change."""
-    return [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in QK_NAMES
-            and ".attn." in name]
-
-
 MAX_NEW_TOKENS = 2048  # a bound for a quick before/after check; the context bounds it further (check_fits)
 
 
@@ -147,23 +143,18 @@ class MauveTest:
 
     def before(self, model: LoadedModel) -> GenerationSide:
         self.check_fits(model)
-        from abft_lens.studies.mixing import base_tensors
-
-        self.base_weights = base_tensors(model, qk_names(model))
+        self.base_weights = qk.snapshot(model)
         self.base = generate_side(model, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
                                   seed=self.seed, progress=self.progress, label="base")
         return self.base
 
     def after(self, model: LoadedModel, run_dir: str | Path | None = None) -> GenerationReport:
-        from abft_lens.io import write_json
-        from abft_lens.studies.mixing import restored, set_tensors
-
         if self.base is None:
             raise RuntimeError("MauveTest.after() needs before() on the base model first")
         tuned = generate_side(model, self.prefixes, self.held_out, max_new_tokens=self.max_new_tokens,
                               seed=self.seed, progress=self.progress, label="tuned")
-        with restored(model, list(self.base_weights)):
-            set_tensors(model, self.base_weights)
+        with qk.restored(model, list(self.base_weights)):
+            qk.restore(model, self.base_weights)
             report = score_generations(model, self.prefixes, self.base, tuned, self.references,
                                        pooling=self.pooling, progress=self.progress,
                                        info={"max_new_tokens": self.max_new_tokens, "sampling_seed": self.seed,
@@ -174,7 +165,7 @@ class MauveTest:
 
 
 __all__ = ["generation_report", "score_generations", "generate_side", "GenerationReport", "GenerationSide",
-           "MauveTest", "MauveExtra", "held_out_texts", "qk_names"]
+           "MauveTest", "MauveExtra", "held_out_texts"]
 
 
 class MauveExtra:

@@ -16,18 +16,24 @@ from __future__ import annotations
 
 import html
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from abft_lens.errors import AbftLensError
+from abft_lens.backends import qk
 from abft_lens.backends.provenance import LoadedModel, model_info
-from abft_lens.training.run_folder import TRAINED_FILE, read_run_config, read_run_json, read_trained
+from abft_lens.data.prompts import prompt_builder, test_prompts
+from abft_lens.data.tasks import load_task
+from abft_lens.evaluation.evaluator import evaluate_prompts
+from abft_lens.run_files import POST_TEST_FILE, TRAINED_FILE, read_run_json
+from abft_lens.training.adapters import attach
+from abft_lens.training.run_folder import read_run_config, read_trained
+from abft_lens.training.train import TrainConfig
 
 METRIC = "accuracy"
 
@@ -46,18 +52,15 @@ def trained_tensors(run_dir: str | Path, model: LoadedModel) -> dict[str, Tensor
     ``model`` must hold the base weights; it is left bit-identical (full runs: the touched tensors are
     copied back; LoRA runs: the adapters are removed again).
     """
-    from abft_lens.training.train import TrainConfig
-    from abft_lens.training.adapters import attach
-
     run_dir = Path(run_dir)
     meta = run_meta(run_dir)
     config = TrainConfig.from_dict(meta["train"])
     tensors = read_trained(run_dir)  # readable and finite, before the model is touched
     trainable = attach(model, config.trainable)
-    names = [name.rsplit(".lora_", 1)[0] for name, _ in trainable.named_parameters()]
+    names = [qk.effective_name(name) for name, _ in trainable.named_parameters()]
     full = config.trainable.kind == "full"
-    if full:  # load_state_dict writes into the model's own parameters: keep the base to put it back
-        base = {name: model.get_parameter(name).detach().clone() for name in dict.fromkeys(names)}
+    # load_state_dict writes into a full run's own parameters: keep the base to put it back
+    base = qk.snapshot(model, list(dict.fromkeys(names))) if full else {}
     try:
         try:
             trainable.load_state_dict(tensors)
@@ -68,34 +71,9 @@ def trained_tensors(run_dir: str | Path, model: LoadedModel) -> dict[str, Tensor
     finally:
         if full:
             trainable.merge()
-            with torch.no_grad():
-                for name, value in base.items():
-                    model.get_parameter(name).copy_(value)
+            qk.restore(model, base)
         else:
             trainable.remove()
-
-
-def base_tensors(model, names: Sequence[str]) -> dict[str, Tensor]:
-    """CPU copies of the model's current values of ``names``."""
-    return {name: model.get_parameter(name).detach().to("cpu", copy=True) for name in names}
-
-
-@contextmanager
-def restored(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    """Snapshot ``names``; whatever happens inside, write the snapshot back bit-identically on exit."""
-    saved = base_tensors(model, names)
-    try:
-        yield saved
-    finally:
-        set_tensors(model, saved)
-
-
-def set_tensors(model, values: Mapping[str, Tensor]) -> None:
-    """Copy ``values`` into the model's parameters of the same names, in place."""
-    with torch.no_grad():
-        for name, value in values.items():
-            param = model.get_parameter(name)
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def mixed_tensors(base: Mapping[str, Tensor], first: Mapping[str, Tensor], second: Mapping[str, Tensor],
@@ -246,13 +224,43 @@ def mix_runs(
     it is left bit-identical. ``task`` defaults to the runs' dataset (a StaICC name, loaded with
     :func:`~abft_lens.data.tasks.load_task`), ``k`` to the runs' k. Grids default to :func:`lambda_grid`.
     """
-    from abft_lens.evaluation.evaluator import evaluate_prompts
-    from abft_lens.data.prompts import prompt_builder
-    from abft_lens.data.prompts import test_prompts
-    from abft_lens.data.tasks import load_task
-
     runs = {"e2e": Path(run_e2e), "abft": Path(run_abft)}
     metas = {key: run_meta(path) for key, path in runs.items()}
+    k, task = _shared_settings(model, runs, metas, k, task)
+    lambdas_e2e = list(lambda_grid() if lambdas_e2e is None else lambdas_e2e)
+    lambdas_abft = list(lambda_grid() if lambdas_abft is None else lambdas_abft)
+    if not lambdas_e2e or not lambdas_abft:
+        raise AbftLensError("the lambda grid is empty.", "give at least one value per axis.")
+
+    trained = {key: trained_tensors(path, model) for key, path in runs.items()}
+    if set(trained["e2e"]) != set(trained["abft"]):
+        only_e, only_a = sorted(set(trained["e2e"]) - set(trained["abft"])), sorted(set(trained["abft"]) - set(trained["e2e"]))
+        raise AbftLensError(f"the runs train different tensors: only in {runs['e2e']}: {only_e[:4]}, only in "
+                            f"{runs['abft']}: {only_a[:4]}.", "mix runs with the same trainable set (targets, bias).")
+    builder = prompt_builder(model, task)
+    prompts = test_prompts(builder, k, n_test)
+    names_mixed = sorted(trained["e2e"])
+    points = [(e, a) for e in lambdas_e2e for a in lambdas_abft]
+    metrics: dict[str, list[list[float]]] = {}
+    bar = tqdm(total=len(points), desc="mixing", unit="point", disable=not progress)
+    with qk.restored(model, names_mixed) as base:
+        for index, (e, a) in enumerate(points):
+            qk.restore(model, mixed_tensors(base, trained["e2e"], trained["abft"], e, a))
+            result = evaluate_prompts(model, builder, prompts, batch_size=batch_size)
+            i, j = divmod(index, len(lambdas_abft))
+            for name, value in result.metrics.items():
+                metrics.setdefault(name, [[math.nan] * len(lambdas_abft) for _ in lambdas_e2e])[i][j] = value
+            bar.update(1)
+    bar.close()
+    info = {"model": model_info(model).name, "task": task.name, "k": k, "n_test": len(prompts),
+            "tensors": len(names_mixed)}
+    return MixResult(lambdas_e2e, lambdas_abft, torch.tensor(metrics[METRIC], dtype=torch.float64), metrics,
+                     _runs_info(runs, metas), info)
+
+
+def _shared_settings(model: LoadedModel, runs: dict[str, Path], metas: dict[str, dict], k: int | None, task):
+    """``(k, task)`` of the mix: both runs' own (which must agree) unless given; the runs must come from the
+    loaded model."""
     names = {key: meta["model"]["name"] for key, meta in metas.items()}
     if names["e2e"] != names["abft"]:
         raise AbftLensError(f"the runs come from different base models: {runs['e2e']} from {names['e2e']!r}, "
@@ -272,41 +280,19 @@ def mix_runs(
             raise AbftLensError(f"the runs were trained on different datasets ({sorted(task_names)}).",
                                 "pass the dataset to evaluate on (--dataset).")
         task = load_task(task_names.pop())
-    lambdas_e2e = list(lambda_grid() if lambdas_e2e is None else lambdas_e2e)
-    lambdas_abft = list(lambda_grid() if lambdas_abft is None else lambdas_abft)
-    if not lambdas_e2e or not lambdas_abft:
-        raise AbftLensError("the lambda grid is empty.", "give at least one value per axis.")
+    return k, task
 
-    trained = {key: trained_tensors(path, model) for key, path in runs.items()}
-    if set(trained["e2e"]) != set(trained["abft"]):
-        only_e, only_a = sorted(set(trained["e2e"]) - set(trained["abft"])), sorted(set(trained["abft"]) - set(trained["e2e"]))
-        raise AbftLensError(f"the runs train different tensors: only in {runs['e2e']}: {only_e[:4]}, only in "
-                            f"{runs['abft']}: {only_a[:4]}.", "mix runs with the same trainable set (targets, bias).")
-    builder = prompt_builder(model, task)
-    prompts = test_prompts(builder, k, n_test)
-    names_mixed = sorted(trained["e2e"])
-    points = [(e, a) for e in lambdas_e2e for a in lambdas_abft]
-    metrics: dict[str, list[list[float]]] = {}
-    bar = tqdm(total=len(points), desc="mixing", unit="point", disable=not progress)
-    with restored(model, names_mixed) as base:
-        for index, (e, a) in enumerate(points):
-            set_tensors(model, mixed_tensors(base, trained["e2e"], trained["abft"], e, a))
-            result = evaluate_prompts(model, builder, prompts, batch_size=batch_size)
-            i, j = divmod(index, len(lambdas_abft))
-            for name, value in result.metrics.items():
-                metrics.setdefault(name, [[math.nan] * len(lambdas_abft) for _ in lambdas_e2e])[i][j] = value
-            bar.update(1)
-    bar.close()
-    runs_info = {}
+
+def _runs_info(runs: dict[str, Path], metas: dict[str, dict]) -> dict[str, dict]:
+    """What the result records of each run: its folder, method, trainable kind and post-test accuracy."""
+    info = {}
     for key, path in runs.items():
-        post = read_run_json(path, "post_test.json", keys=("metrics",))
-        post = post["metrics"].get(METRIC) if post is not None else None
-        runs_info[key] = {"run_dir": str(path), "method": metas[key]["train"]["method"],
-                          "trainable": metas[key]["train"]["trainable"]["kind"], "post_test_accuracy": post,
-                          "post_test_n": metas[key].get("n_test")}
-    info = {"model": name, "task": task.name, "k": k, "n_test": len(prompts), "tensors": len(names_mixed)}
-    return MixResult(lambdas_e2e, lambdas_abft, torch.tensor(metrics[METRIC], dtype=torch.float64), metrics,
-                     runs_info, info)
+        post = read_run_json(path, POST_TEST_FILE, keys=("metrics",))
+        info[key] = {"run_dir": str(path), "method": metas[key]["train"]["method"],
+                     "trainable": metas[key]["train"]["trainable"]["kind"],
+                     "post_test_accuracy": post["metrics"].get(METRIC) if post is not None else None,
+                     "post_test_n": metas[key].get("n_test")}
+    return info
 
 
-__all__ = ["MixResult", "mix_runs", "lambda_grid", "trained_tensors", "mixed_tensors", "restored", "set_tensors"]
+__all__ = ["MixResult", "mix_runs", "lambda_grid", "trained_tensors", "mixed_tensors"]

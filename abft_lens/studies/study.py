@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from abft_lens.backends import qk
 from abft_lens.backends.loading import LoadedModel, load_model
 from abft_lens.backends.provenance import describe_model
 from abft_lens.data.prompts import prompt_builder
@@ -41,15 +42,15 @@ from abft_lens.evaluation.label_prior import prior_reweighted
 from abft_lens.evaluation.robustness import calibrated_evaluate
 from abft_lens.io import read_json, write_json
 from abft_lens.resources import peak_rss_mib, reset_peak_rss
+from abft_lens.run_files import (CONFIG_FILE, GENERALIZATION_FILE, GENERATION_FILE, METRICS_FILE, has_after,
+                                 is_finished, is_run_folder, read_run_json)
 from abft_lens.reporting.study_folder import baseline_path
 from abft_lens.reporting.study_render import write_study_tables
-from abft_lens.studies.generation_report import MauveExtra, MauveTest, qk_names
-from abft_lens.studies.mixing import base_tensors, set_tensors
+from abft_lens.studies.generation_report import MauveExtra, MauveTest
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_plan_fits
 from abft_lens.studies.study_state import StudyState
-from abft_lens.training.runs import load_run, run_training
+from abft_lens.training.runs import give_back, load_run, run_training
 from abft_lens.training.train import query_label_shares
-from abft_lens.training.trainable import attached
 
 __all__ = ["run_study", "restore_base", "shared_evaluation", "run_prior_cell"]
 
@@ -104,7 +105,7 @@ def _run_model_cells(state: StudyState, model_name: str, cells: list[Cell], reci
             state.update(cell, state="failed", error=_message(error), attempts=state.record(cell)["attempts"] + 1)
         bar.update(len(cells))
         return
-    base = base_tensors(model, qk_names(model))
+    base = qk.snapshot(model)
     for cell in cells:
         bar.set_description_str(f"study {cell.key}")
         _run_cell(state, cell, model, base, recipes.get(cell.method.name if cell.method.kind != "prior" else "prior"),
@@ -148,15 +149,9 @@ def _run_cell(state: StudyState, cell: Cell, model: LoadedModel, base: dict, rec
 def restore_base(model: LoadedModel, base: dict[str, torch.Tensor]) -> None:
     """Back to the base model: close a Trainable left attached (a failed or interrupted cell), drop hooks,
     write the saved W_Q/W_K (and bias) tensors back bit-identically."""
-    live = attached(model)
-    if live is not None:
-        try:
-            live.merge()
-        except ValueError:  # already merged or removed
-            pass
+    give_back(model, base)
     if hasattr(model, "reset_hooks"):
         model.reset_hooks()
-    set_tensors(model, base)
 
 
 def finished(state: StudyState, cell: Cell) -> bool:
@@ -164,7 +159,7 @@ def finished(state: StudyState, cell: Cell) -> bool:
     if state.record(cell)["state"] != "done":
         return False
     path = cell.path(state.out, k=state.plan.k, n_test=state.plan.n_test)
-    return (path / "metrics.json").is_file() if cell.method.trained else path.is_file()
+    return is_finished(path) if cell.method.trained else path.is_file()
 
 
 # --------------------------------------------------------------------------------------------------- baselines
@@ -218,21 +213,21 @@ def run_trained_cell(model: LoadedModel, cell: Cell, out: Path, recipe: TrainRec
     vanilla = shared_evaluation(model, task, out, cell.model, "vanilla", n_test=recipe.n_test, **shared) \
         if recipe.fore_test else None
     extras = _extras(task, run_dir, config.k, recipe)
-    if extras is not None and recipe.generalization and not (run_dir / "generalization.json").is_file():
+    if extras is not None and recipe.generalization and not (run_dir / GENERALIZATION_FILE).is_file():
         n_test = recipe.generalization_n_test or recipe.n_test
         extra = (task.index,) if task.index is not None and task.index not in PAPER_DATASETS else ()
-        extras.fore["generalization.json"] = {  # the shared vanilla results: RunExtras.before reuses them
+        extras.fore[GENERALIZATION_FILE] = {  # the shared vanilla results: RunExtras.before reuses them
             other.name: shared_evaluation(model, other, out, cell.model, "vanilla", n_test=n_test, **shared).metrics
             for other in map(load_task, PAPER_DATASETS + extra)}
     mauve = MauveTest(recipe.mauve_prefix, max_new_tokens=recipe.mauve_max_new_tokens, progress=progress) \
         if recipe.mauve_prefix else None
-    if not (run_dir / "metrics.json").is_file():
+    if not is_finished(run_dir):
         run_extras = [step for step in (extras, None if mauve is None else MauveExtra(mauve, run_dir)) if step]
         run_training(model, task, config, run_dir=run_dir, n_test=recipe.n_test, fore_test=recipe.fore_test,
                      post_test=recipe.post_test, save_model=recipe.save_model,
-                     resume=(run_dir / "config.json").is_file(), checkpoint_every=recipe.checkpoint_every,
+                     resume=is_run_folder(run_dir), checkpoint_every=recipe.checkpoint_every,
                      batch_size=recipe.batch_size, progress=progress, fore_result=vanilla, extras=run_extras)
-        if not (run_dir / "metrics.json").is_file():
+        if not is_finished(run_dir):
             raise AbftLensError(f"training of {run_dir} stopped before the end.", "run the study again to resume it.")
     elif _unfinished_extras(run_dir, extras, mauve):  # stopped after training, before its extra evaluations
         for step in (mauve, extras):
@@ -253,7 +248,7 @@ def _extras(task: ICLTask, run_dir: Path, k: int, recipe: TrainRecipe) -> RunExt
 
 
 def _after(model: LoadedModel, run_dir: Path, extras: RunExtras | None, mauve: MauveTest | None) -> None:
-    if not (run_dir / "metrics.json").is_file():
+    if not is_finished(run_dir):
         raise AbftLensError(f"training of {run_dir} stopped before the end.", "run the study again to resume it.")
     if extras is not None:
         extras.after(model)
@@ -262,23 +257,16 @@ def _after(model: LoadedModel, run_dir: Path, extras: RunExtras | None, mauve: M
 
 
 def _unfinished_extras(run_dir: Path, extras: RunExtras | None, mauve: MauveTest | None) -> bool:
-    names = []
-    if extras is not None:
-        names += (["robustness.json"] if extras.test_type != "Normal" else []) + \
-                 (["generalization.json"] if extras.generalization else [])
-    missing = [name for name in names if "post" not in _read(run_dir / name)]
-    return bool(missing) or (mauve is not None and not (run_dir / "generation.json").is_file())
-
-
-def _read(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+    names = extras.after_files() if extras is not None else []
+    missing = [name for name in names if not has_after(run_dir, name)]
+    return bool(missing) or (mauve is not None and not (run_dir / GENERATION_FILE).is_file())
 
 
 def run_summary(run_dir: Path) -> dict:
     """What ``study.json`` keeps of a finished run: post metrics, fore accuracy, the kept validation step (and
     the metric that chose it), training seconds, optimizer steps and training prompts per second (forward and
     backward passes of one prompt, over the whole run)."""
-    metrics, config = read_json(run_dir / "metrics.json"), read_json(run_dir / "config.json")["train"]
+    metrics, config = read_run_json(run_dir, METRICS_FILE), read_run_json(run_dir, CONFIG_FILE)["train"]
     summary = dict(metrics.get("post") or {})
     seconds, steps = metrics.get("train_seconds"), metrics.get("steps")
     prompts = config["train_samples"] * config["epochs"]

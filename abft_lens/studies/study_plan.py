@@ -23,6 +23,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from abft_lens.backends.hf_cache import is_hf_folder
 from abft_lens.data.tasks import PAPER_DATASETS, STAICC_DATASETS, load_task, staicc_index
 from abft_lens.errors import AbftLensError
 from abft_lens.reporting.study_folder import (SEEDED_BASELINE_KINDS, TRAINED_KINDS, baseline_path, dataset_name,
@@ -185,7 +186,7 @@ def check_model(spec: str) -> None:
     elif spec.split(":")[0] in ("tiny", "tiny-mha"):
         load_model(spec)  # milliseconds; checks the options
     elif path.suffix == ".gguf" or path.exists() or spec.startswith((".", "/", "~")):
-        if not (path.is_file() and path.suffix == ".gguf") and not (path / "config.json").is_file():
+        if not (path.is_file() and path.suffix == ".gguf") and not is_hf_folder(path):
             raise AbftLensError(f"model {spec!r} is neither a .gguf file nor a Hugging Face folder (config.json).",
                                 "check the path in --models.")
     else:

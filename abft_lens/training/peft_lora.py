@@ -32,6 +32,7 @@ import torch
 from einops import repeat
 from torch import Tensor, nn
 
+from abft_lens.backends import qk
 from abft_lens.backends.bridge import ADAPTER, lora_layer, qk_weights
 from abft_lens.training.trainable import Slot, Trainable, attached, register_attached
 
@@ -87,8 +88,6 @@ class PeftLoraTrainable(Trainable):
         lora_config = LoraConfig(r=config.lora_r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                                  target_modules=[module_names[id(c.original_component)] for c in components.values()])
         inject_adapter_in_model(lora_config, base, adapter_name=ADAPTER)
-        gqa = (model.cfg.n_key_value_heads or self.n_heads) < self.n_heads
-        weight_names = {"q": "W_Q", "k": "_W_K" if gqa else "W_K"}
         gen = torch.Generator().manual_seed(config.lora_init_seed)
         self._components = components
         self._out_masks: dict[tuple[int, str], Tensor | None] = {}
@@ -100,10 +99,10 @@ class PeftLoraTrainable(Trainable):
                 bound = 1.0 / math.sqrt(a.shape[1])
                 a.copy_((torch.rand(a.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound)
                 b.zero_()
-            prefix = f"blocks.{layer}.attn.{weight_names[t]}"
             for role, param in (("lora_A", a), ("lora_B", b)):
                 param.requires_grad_(True)
-                self._slots.append(Slot(f"{prefix}.{role}", layer, t, role, param))
+                self._slots.append(Slot(qk.tensor_name(layer, qk.attr_names(model, layer)[t], role), layer, t, role,
+                                        param))
             self._hooks.append(lora.lora_A[ADAPTER].register_forward_pre_hook(
                 lambda module, inputs, key=(layer, t): self._keep_input(key, inputs)))
             self._hooks.append(lora.lora_B[ADAPTER].register_forward_hook(
@@ -140,7 +139,7 @@ class PeftLoraTrainable(Trainable):
     def merged_state_dict(self) -> dict[str, Tensor]:
         """Effective W_Q / W_K (or _W_K) per layer: dequantized 4-bit weights plus the LoRA delta, float32."""
         weights = qk_weights(self.model)  # per layer (W_Q, W_K)
-        return {slot.name.rsplit(".", 1)[0]: weights[slot.layer][0 if slot.target == "q" else 1].contiguous()
+        return {qk.effective_name(slot.name): weights[slot.layer][0 if slot.target == "q" else 1].contiguous()
                 for slot in self._live_slots()}
 
     def _close(self, leave_parametrized: bool) -> None:

@@ -1,7 +1,9 @@
-"""A run folder on disk: what makes a folder an abft-lens run, reading its files safely, and one process per folder.
+"""A run folder on disk: reading its config and tensors safely, the folder checks, and one process per folder.
 
-- :func:`is_run_folder`: a folder holding ``config.json``; :func:`read_run_config` reads and checks that file,
-  :func:`read_run_json` any other JSON file of the run, :func:`read_trained` the trained tensors. A damaged
+The file names, :func:`~abft_lens.run_files.is_run_folder`, :func:`~abft_lens.run_files.read_run_json` and the
+completeness tests are :mod:`abft_lens.run_files`'s.
+
+- :func:`read_run_config` reads and checks ``config.json``, :func:`read_trained` the trained tensors. A damaged
   file (empty, truncated, not JSON, not safetensors, NaN/inf tensors) is one :class:`AbftLensError` naming the
   file, never a ``JSONDecodeError`` or ``SafetensorError`` traceback.
 - :func:`check_run_dir`: whether a ``--run-dir`` can take a new (or resumed) run, checked before any model
@@ -26,38 +28,11 @@ from pathlib import Path
 from torch import Tensor
 
 from abft_lens.errors import AbftLensError
-from abft_lens.io import atomic_write_text, read_json, write_json
+from abft_lens.io import atomic_write_text, write_json
+from abft_lens.run_files import (CONFIG_FILE, DAMAGED_FIX, LOCK_FILE, TRAINED_FILE, has_trained, is_finished,
+                                 is_run_folder, read_run_json)
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-TRAINED_FILE = "trained.safetensors"
-METRICS_FILE = "metrics.json"
-LOCK_FILE = "run.lock"
-_RETRAIN = "restore the file from a copy, or train the run again."
-
-
-def is_run_folder(path: str | Path) -> bool:
-    """True for a folder holding a ``config.json`` (written first by every run, complete or not)."""
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
-def read_run_json(run_dir: str | Path, name: str, keys: tuple[str, ...] = ()):
-    """The JSON file ``name`` of a run folder, or None when it does not exist; an unreadable file, or an object
-    without ``keys``, is an :class:`AbftLensError`."""
-    path = Path(run_dir) / name
-    if not path.is_file():
-        return None
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise AbftLensError(f"{path} is damaged: not readable as JSON ({type(error).__name__}: {error}).",
-                            _RETRAIN) from None
-    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
-    if missing:
-        raise AbftLensError(f"{path} is damaged: it lacks {', '.join(map(repr, missing))}.", _RETRAIN)
-    return data
 
 
 def read_run_config(run_dir: str | Path, *, trained: bool = False) -> dict:
@@ -75,13 +50,13 @@ def read_run_config(run_dir: str | Path, *, trained: bool = False) -> dict:
     if not all(isinstance(meta[key], dict) and (key == "train" or isinstance(meta[key].get("name"), str))
                for key in ("train", "model", "task")):
         raise AbftLensError(f"{run_dir / CONFIG_FILE} is damaged: its train/model/task sections are malformed.",
-                            _RETRAIN)
+                            DAMAGED_FIX)
     try:
         TrainConfig.from_dict(meta["train"])
     except (AbftLensError, TypeError) as error:
         raise AbftLensError(f"{run_dir / CONFIG_FILE} holds training options this version cannot use: "
-                            f"{str(error).splitlines()[0]}", _RETRAIN) from None
-    if trained and not (run_dir / TRAINED_FILE).is_file():
+                            f"{str(error).splitlines()[0]}", DAMAGED_FIX) from None
+    if trained and not has_trained(run_dir):
         raise AbftLensError(f"{run_dir} holds no {TRAINED_FILE} (trained with --dont_save_model, or unfinished).",
                             "re-run training without --dont_save_model.")
     return meta
@@ -110,7 +85,7 @@ def read_trained(run_dir: str | Path) -> dict[str, Tensor]:
         tensors = load_file(path)
     except Exception as error:  # safetensors raises its own SafetensorError (and OSError) for damaged files
         raise AbftLensError(f"{path} is damaged: not a safetensors file ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0][:200]}).", _RETRAIN) from None
+                            f"{str(error).splitlines()[0][:200]}).", DAMAGED_FIX) from None
     check_finite(tensors, str(path))
     return tensors
 
@@ -147,7 +122,7 @@ def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
         if not resume:
             raise AbftLensError(f"{run_dir} already holds a run; abft-lens never overwrites one.",
                                 "choose another --run-dir, or pass --resume to continue an interrupted run.")
-        if (run_dir / METRICS_FILE).is_file():
+        if is_finished(run_dir):
             raise AbftLensError(f"the run in {run_dir} is already complete.", "start a new --run-dir.")
         return
     if resume:
@@ -263,6 +238,5 @@ def _alive(pid_text: str) -> bool:
     return True
 
 
-__all__ = ["CONFIG_FILE", "TRAINED_FILE", "METRICS_FILE", "LOCK_FILE", "is_run_folder", "read_run_json",
-           "read_run_config", "read_trained", "non_finite", "check_finite", "check_same_base", "check_run_dir",
+__all__ = ["read_run_config", "read_trained", "non_finite", "check_finite", "check_same_base", "check_run_dir",
            "start_or_resume", "truncate_log", "clear_folder", "remove_empty_folder", "RunLock"]

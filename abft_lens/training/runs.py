@@ -1,14 +1,7 @@
 """A training run end to end, and its folder on disk.
 
-``run_training`` evaluates before (fore test), trains, evaluates after (post test) and writes a run folder:
-
-- ``config.json``        the resolved :class:`~abft_lens.training.train.TrainConfig`, model and task descriptions
-- ``log.jsonl``          one line per optimizer step (``event: step``) and per validation (``event: validation``)
-- ``fore_test.json``, ``post_test.json``  full evaluation results (per-prompt probabilities)
-- ``metrics.json``       before/after metrics, best validation step, timings
-- ``trained.safetensors`` the trained tensors only (W_Q/W_K or LoRA adapters), unless ``save_model=False``
-- ``checkpoint.pt``      trainer + optimizer + controller + guard state while the run is in progress
-- ``run.lock``           the pid of the process training there, while it trains (one process per folder)
+``run_training`` evaluates before (fore test), trains, evaluates after (post test) and writes a run folder
+(its files: :mod:`abft_lens.run_files`).
 
 Stages, in order (each a function of a :class:`PreparedRun`): :func:`prepare_run` checks every input (the
 options, the folder, the task's sizes, the label words) before anything is written; :func:`open_run_folder`
@@ -42,6 +35,7 @@ from typing import Sequence
 import torch
 
 from abft_lens.version import __version__
+from abft_lens.backends import qk
 from abft_lens.backends.bridge import is_bridge
 from abft_lens.training import distributed
 from abft_lens.training.callbacks import Checkpointer, FiniteCheck, JsonlLogger, ProgressBar, ValidationGuard
@@ -52,14 +46,14 @@ from abft_lens.io import atomic_write_bytes, write_json
 from abft_lens.backends.provenance import LoadedModel, describe_model, model_info
 from abft_lens.data.tasks import ICLTask
 from abft_lens.training.checks import check_run_fits_task
-from abft_lens.training.run_folder import (TRAINED_FILE, RunLock, check_finite, check_same_base, check_run_dir,
-                                           clear_folder, read_run_config, read_run_json, read_trained,
-                                           remove_empty_folder, start_or_resume, truncate_log)
+from abft_lens.run_files import (CHECKPOINT_FILE, FORE_TEST_FILE, LOG_FILE, METRICS_FILE, POST_TEST_FILE,
+                                 TRAINED_FILE, read_run_json)
+from abft_lens.training.run_folder import (RunLock, check_finite, check_same_base, check_run_dir, clear_folder,
+                                           read_run_config, read_trained, remove_empty_folder, start_or_resume,
+                                           truncate_log)
 from abft_lens.training.train import StepResult, TrainConfig, Trainer, validation_prompts
 from abft_lens.training.adapters import attach
 from abft_lens.training.trainable import Trainable, TrainableConfig, attached
-
-QK_TENSORS = ("W_Q", "W_K", "_W_K", "b_Q", "b_K", "_b_K")  # what a hooked model's trainable set can change
 
 
 @dataclass
@@ -175,7 +169,7 @@ def run_training(model: LoadedModel, task: ICLTask, config: TrainConfig, options
         for extra in run.options.extras if run.main else ():
             extra.before(model)
         fore = fore_test(run)
-        base, previous = base_tensors(model), attached(model)
+        base, previous = qk.snapshot(model), attached(model)
         try:
             trainer, guard = start_training(run)
             steps, seconds = train(run, trainer, guard)
@@ -248,12 +242,12 @@ def fore_test(run: PreparedRun) -> EvalResult | None:
     if not (run.options.fore_test and run.main):
         return None
     if run.resuming and run.run_dir is not None:
-        saved = read_run_json(run.run_dir, "fore_test.json", keys=("metrics",))
+        saved = read_run_json(run.run_dir, FORE_TEST_FILE, keys=("metrics",))
         if saved is not None:
             return EvalResult.from_dict(saved)
     result = run.options.fore_result if run.options.fore_result is not None else _evaluate(run, "fore test")
     if run.run_dir is not None:
-        write_json(run.run_dir / "fore_test.json", result.to_dict())
+        write_json(run.run_dir / FORE_TEST_FILE, result.to_dict())
     return result
 
 
@@ -263,12 +257,12 @@ def start_training(run: PreparedRun) -> tuple[Trainer, ValidationGuard | None]:
     if run.dist is not None:
         run.dist.barrier()  # the fore test (rank 0) precedes training on every rank
     trainer = Trainer(run.model, run.builder, run.config, dist=run.dist)
-    config, log_path = run.config, _path(run, "log.jsonl")
+    config, log_path = run.config, _path(run, LOG_FILE)
     guard = None
     if config.validate_every and config.validation_examples and run.main:
         guard = ValidationGuard(validation_prompts(run.builder, config), config.validate_every,
                                 batch_size=run.options.batch_size, log_path=log_path)
-    checkpoint = _path(run, "checkpoint.pt")
+    checkpoint = _path(run, CHECKPOINT_FILE)
     if run.resuming and run.on_main(checkpoint.is_file):
         state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         trainer.load_state_dict(state["trainer"])
@@ -290,11 +284,11 @@ def train(run: PreparedRun, trainer: Trainer, guard: ValidationGuard | None) -> 
     steps: list[dict] = []
     chain = [FiniteCheck(), lambda _, result: steps.append(result.to_dict())]
     if run.writes:
-        chain.append(JsonlLogger(_path(run, "log.jsonl")))
+        chain.append(JsonlLogger(_path(run, LOG_FILE)))
     if guard is not None:
         chain.append(guard)
     if run.writes:
-        chain.append(Checkpointer(_path(run, "checkpoint.pt"), run.options.checkpoint_every, guard))
+        chain.append(Checkpointer(_path(run, CHECKPOINT_FILE), run.options.checkpoint_every, guard))
     chain += list(run.options.callbacks)
     bar = ProgressBar(run.config.total_steps, trainer.completed_steps, desc=run.config.method) \
         if run.options.progress and run.main else None
@@ -340,35 +334,24 @@ def save_run(run: PreparedRun, result: RunResult) -> None:
 
             atomic_write_bytes(run.run_dir / TRAINED_FILE, save(result.trained, metadata={"format": "pt"}))
         if result.post is not None:
-            write_json(run.run_dir / "post_test.json", result.post.to_dict())
-        write_json(run.run_dir / "metrics.json", {
+            write_json(run.run_dir / POST_TEST_FILE, result.post.to_dict())
+        write_json(run.run_dir / METRICS_FILE, {
             "fore": result.fore.metrics if result.fore else None, "post": result.post.metrics if result.post else None,
             "best_validation_step": result.best_step, "kept_best": run.config.keep_best,
             "train_seconds": round(result.train_seconds, 2), "steps": run.config.total_steps,
         })
-        _path(run, "checkpoint.pt").unlink(missing_ok=True)
+        _path(run, CHECKPOINT_FILE).unlink(missing_ok=True)
     if run.dist is not None:
         run.dist.barrier()  # the folder is complete when any rank returns
 
 
-def base_tensors(model) -> dict[str, torch.Tensor] | None:
-    """Copies of the tensors a hooked model's trainable set can change (W_Q/W_K and their biases); None for a
-    bridge, whose 4-bit weights training never rewrites."""
-    if is_bridge(model):
-        return None
-    return {name: p.detach().clone() for name, p in model.named_parameters()
-            if ".attn." in name and name.rsplit(".", 1)[-1] in QK_TENSORS}
-
-
-def give_back(model, base: dict[str, torch.Tensor] | None, previous: Trainable | None = None) -> None:
+def give_back(model, base: dict[str, torch.Tensor], previous: Trainable | None = None) -> None:
     """End the trainable set a run attached (not ``previous``, the one attached before it) and put the base
-    tensors back: a bridge's adapters are removed; a hooked model gets ``base`` copied in."""
+    tensors back: a bridge's adapters are removed; a hooked model gets ``base`` (a :func:`qk.snapshot`) copied in."""
     trainable = attached(model)
     if trainable is not None and trainable is not previous and trainable.is_open:
         trainable.remove() if is_bridge(model) else trainable.merge()
-    with torch.no_grad():
-        for name, value in (base or {}).items():
-            model.get_parameter(name).copy_(value)
+    qk.restore(model, base)
 
 
 def _evaluate(run: PreparedRun, desc: str) -> EvalResult:
@@ -406,6 +389,6 @@ def load_run(run_dir: str | Path, model: LoadedModel) -> TrainConfig:
 
 
 __all__ = ["RunOptions", "RunResult", "PreparedRun", "run_training", "prepare_run", "open_run_folder", "fore_test",
-           "start_training", "train", "finish_training", "post_test", "save_run", "base_tensors", "give_back",
+           "start_training", "train", "finish_training", "post_test", "save_run", "give_back",
            "apply_trained",
-           "load_run", "TRAINED_FILE", "TrainableConfig", "StepResult"]
+           "load_run", "TrainableConfig", "StepResult"]

@@ -38,6 +38,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from abft_lens.backends import qk
 from abft_lens.backends.tl import HookedTransformer
 from abft_lens.errors import AbftLensError
 from abft_lens.training.routing import install_router
@@ -172,7 +173,7 @@ class Trainable:
         self.model, self.config = model, config
         cfg = model.cfg
         self.n_layers, self.n_heads, self.d_head = cfg.n_layers, cfg.n_heads, cfg.d_head
-        self.group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)  # query heads per kv head
+        self.group = qk.group_size(cfg)  # query heads per kv head
         self._fixed: Bool[Tensor, "layer head"] | None = None
         if config.heads is not None:
             bad = sorted(p for p in config.heads if p[0] >= self.n_layers or p[1] >= self.n_heads)
@@ -191,11 +192,6 @@ class Trainable:
         self._wire()
 
     # --- wiring -------------------------------------------------------------------------------------------
-    def _attn_names(self, layer: int) -> dict[str, str]:
-        """Model attribute names of the weight/bias of each target (``_W_K``/``_b_K`` under GQA); before wiring."""
-        gqa = "_W_K" in dict(self.model.blocks[layer].attn.named_parameters(recurse=False))
-        return {"q": "W_Q", "k": "_W_K" if gqa else "W_K", "bq": "b_Q", "bk": "_b_K" if gqa else "b_K"}
-
     def _wire(self) -> None:
         model, config = self.model, self.config
         if getattr(model.cfg, "load_in_4bit", False):
@@ -209,25 +205,26 @@ class Trainable:
         for p in model.parameters():
             p.requires_grad_(False)
         gen = torch.Generator().manual_seed(config.lora_init_seed)
-        weight_names = [self._attn_names(layer) for layer in range(self.n_layers)]
+        weight_names = [qk.attr_names(model, layer) for layer in range(self.n_layers)]  # before any parametrization
         for layer in range(self.n_layers):
             attn, names = self.model.blocks[layer].attn, weight_names[layer]
             for t in config.targets:
-                w_name, prefix = names[t], f"blocks.{layer}.attn."
+                w_name = names[t]
                 if config.kind == "full":
-                    self._add(Slot(prefix + w_name, layer, t, "weight", getattr(attn, w_name)))
+                    self._add(Slot(qk.tensor_name(layer, w_name), layer, t, "weight", getattr(attn, w_name)))
                 else:
                     lora = LoraDelta(getattr(attn, w_name).detach(), config.lora_r, config.lora_scale, gen)
                     parametrize.register_parametrization(attn, w_name, lora)
                     self._loras[(layer, t)] = lora
                     self._lora_attr[(layer, t)] = w_name
-                    for role in ("lora_A", "lora_B"):
-                        self._slots.append(Slot(f"{prefix}{w_name}.{role}", layer, t, role, getattr(lora, role)))
+                    for role in qk.LORA_ROLES:
+                        self._slots.append(Slot(qk.tensor_name(layer, w_name, role), layer, t, role,
+                                                getattr(lora, role)))
                 if config.bias:
-                    b = getattr(attn, names["b" + t])
-                    self._add(Slot(prefix + names["b" + t], layer, t, "bias", b))
+                    b, b_name = getattr(attn, names["b" + t]), qk.tensor_name(layer, names["b" + t])
+                    self._add(Slot(b_name, layer, t, "bias", b))
                     if config.kind == "lora":
-                        self._bias_backup[prefix + names["b" + t]] = b.detach().clone()
+                        self._bias_backup[b_name] = b.detach().clone()
         self._hooks += install_router(model, config.targets, weight_names, self._route_mask)
         self._refresh_masks()
 
@@ -372,7 +369,7 @@ class Trainable:
         """Effective trained model tensors (W_Q, _W_K or W_K, biases) as CPU copies, without merging: exports."""
         out = {}
         for s in self._live_slots():
-            name = s.name.rsplit(".lora_", 1)[0]
+            name = qk.effective_name(s.name)
             attn = self.model.blocks[s.layer].attn
             out[name] = getattr(attn, name.rsplit(".", 1)[1]).detach().to("cpu", copy=True).contiguous()
         return out

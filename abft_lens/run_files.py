@@ -1,0 +1,105 @@
+"""The files of a run folder: every file name, the small readers, and whether a run is finished.
+
+This module is the one place that spells a run folder's file names; everything else imports them. A run folder
+(:func:`abft_lens.training.runs.run_training` writes it, the extras and reports add to it):
+
+- ``config.json``         the resolved training options, model and task descriptions (written first)
+- ``log.jsonl``           one line per optimizer step (``event: step``) and per validation (``event: validation``)
+- ``fore_test.json``, ``post_test.json``  full evaluation results (per-prompt probabilities)
+- ``metrics.json``        before/after metrics, best validation step, timings (written last: the run is complete)
+- ``trained.safetensors`` the trained tensors only (W_Q/W_K or LoRA adapters), unless the model is not saved
+- ``checkpoint.pt``       trainer, optimizer, controller and guard state while the run is in progress
+- ``run.lock``            the pid of the process training there, while it trains (one process per folder)
+- ``robustness.json``, ``generalization.json``, ``calibration.json``  the extra evaluations (``fore``/``post``)
+- ``generation.json``     the MAUVE test; ``comparison.json`` and ``report.html``: ``abft-lens report``
+
+Checked readers of the richer files (config.json, the trained tensors) need the training layer and live in
+:mod:`abft_lens.training.run_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from abft_lens.errors import AbftLensError
+from abft_lens.io import read_json
+
+__all__ = ["CONFIG_FILE", "LOG_FILE", "FORE_TEST_FILE", "POST_TEST_FILE", "METRICS_FILE", "TRAINED_FILE",
+           "CHECKPOINT_FILE", "LOCK_FILE", "ROBUSTNESS_FILE", "GENERALIZATION_FILE", "CALIBRATION_FILE",
+           "GENERATION_FILE", "COMPARISON_FILE", "REPORT_FILE", "DAMAGED_FIX", "is_run_folder", "is_finished",
+           "has_trained", "has_after", "read_run_json", "read_log", "trained_parameters"]
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+FORE_TEST_FILE = "fore_test.json"
+POST_TEST_FILE = "post_test.json"
+METRICS_FILE = "metrics.json"
+TRAINED_FILE = "trained.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = "run.lock"
+ROBUSTNESS_FILE = "robustness.json"
+GENERALIZATION_FILE = "generalization.json"
+CALIBRATION_FILE = "calibration.json"
+GENERATION_FILE = "generation.json"
+COMPARISON_FILE = "comparison.json"
+REPORT_FILE = "report.html"
+DAMAGED_FIX = "restore the file from a copy, or train the run again."
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """True for a folder holding a ``config.json`` (written first by every run, complete or not)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """True when the training of the run completed: ``metrics.json`` is the last file a run writes."""
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def has_trained(run_dir: str | Path) -> bool:
+    """True when the run saved its trained tensors (runs with ``--dont_save_model`` have none)."""
+    return (Path(run_dir) / TRAINED_FILE).is_file()
+
+
+def read_run_json(run_dir: str | Path, name: str, keys: tuple[str, ...] = ()):
+    """The JSON file ``name`` of a run folder, or None when it does not exist; an unreadable file, or an object
+    without ``keys``, is an :class:`AbftLensError`."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AbftLensError(f"{path} is damaged: not readable as JSON ({type(error).__name__}: {error}).",
+                            DAMAGED_FIX) from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise AbftLensError(f"{path} is damaged: it lacks {', '.join(map(repr, missing))}.", DAMAGED_FIX)
+    return data
+
+
+def has_after(run_dir: str | Path, name: str) -> bool:
+    """True when the extra evaluation file ``name`` holds its ``post`` half (the trained model's)."""
+    data = read_run_json(run_dir, name)
+    return isinstance(data, dict) and "post" in data
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The lines of the run's ``log.jsonl`` as dicts (empty when the run has no log)."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trained_parameters(run_dir: str | Path) -> int | None:
+    """Number of trained scalars in a run's ``trained.safetensors`` (read from its header; no tensor loaded),
+    None when the run saved none."""
+    if not has_trained(run_dir):
+        return None
+    with open(Path(run_dir) / TRAINED_FILE, "rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
