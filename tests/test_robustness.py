@@ -121,15 +121,6 @@ def test_demonstration_sensitivity_runs_on_the_tiny_model(tiny_loaded, sst2):
     assert result.consistency == pytest.approx(rb.consistency(predictions))
 
 
-def test_lcg_sampler_matches_staicc(sst2):
-    from StaICC.util.dataset_interface import demonstration_sampler
-
-    reference = demonstration_sampler(4, 300, 50)
-    ours = rb._LcgSampler(42)
-    assert [ours.sample(4, 300) for _ in range(50)] == [reference[i] for i in range(50)]
-    assert [ours.sample(4, 300) for _ in range(20)] == [reference._get_next_sample() for _ in range(20)]
-
-
 def test_unseen_label_prompts_never_show_the_query_label(tiny_loaded, sst2):
     demos = rb.unseen_label_demonstrations(sst2, 4)
     fixed = sst2.test_demonstrations(4)

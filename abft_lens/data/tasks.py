@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+from abft_lens.data.stable_random import LcgSampler
 from abft_lens.errors import AbftLensError
 
 
@@ -86,11 +86,10 @@ class ICLTask:
         """StaICC's fixed demonstration indices: prompt ``j`` uses query ``j % len(test)`` and
         ``demonstration[i]`` for i in the returned ``[j]`` list; ``repeats * len(test)`` prompts in all."""
         self.check_test_prompts(k)
-        if (k, repeats) not in self._test_demos:
-            from StaICC.util.dataset_interface import demonstration_sampler
-
-            sampler = demonstration_sampler(k, len(self.demonstration), repeats * len(self.test), seed=self.seed)
-            self._test_demos[(k, repeats)] = [sampler[j] for j in range(len(sampler))]
+        if (k, repeats) not in self._test_demos:  # StaICC's demonstration_sampler, in O(k^2) per query
+            sampler, size = LcgSampler(self.seed), len(self.demonstration)
+            self._test_demos[(k, repeats)] = [sampler.sample(k, size, allow_repetition=k > size)
+                                              for _ in range(repeats * len(self.test))]
         return self._test_demos[(k, repeats)]
 
     def describe(self) -> dict:
@@ -225,6 +224,8 @@ def load_custom_task(
     Label words get a leading space if they lack one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AbftLensError(f"dataset file {path} is a folder.", "pass the CSV or JSONL file inside it.")
     if not path.is_file():
         raise AbftLensError(f"dataset file {path} does not exist.", "check the path.")
     try:
@@ -248,11 +249,7 @@ def load_custom_task(
                             "needs at least two.", "add examples of the other labels, or pass every label word.")
     unplaced = examples.pop("")
     if unplaced:
-        from StaICC.util.stable_random import stable_random
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            order = stable_random(seed).shuffle_list(list(range(len(unplaced))))
+        order = LcgSampler(seed).shuffle(range(len(unplaced)))  # StaICC's shuffle_list, in O(n log n)
         n = len(order)
         examples["calibration"] += [unplaced[i] for i in order[: n // 4]]
         examples["demonstration"] += [unplaced[i] for i in order[n // 4: n * 3 // 4]]
@@ -285,8 +282,14 @@ def _read_rows(path: Path):
     else:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
-            for number, record in enumerate(reader, start=2):  # line 1 is the header
-                yield _fields(record, path, number)
+            number = 1  # the header
+            try:
+                for number, record in enumerate(reader, start=2):
+                    yield _fields(record, path, number)
+            except csv.Error as error:  # e.g. a field over csv's limit of 131,072 characters
+                raise AbftLensError(f"{path}, after line {number}: not readable as CSV ({error}).",
+                                    "fix the row (a field over 131,072 characters is far beyond any model's "
+                                    "context: shorten it; an unclosed quote swallows the rest of the file).") from None
 
 
 def _fields(record: dict, path: Path, number: int) -> tuple[str, object, str, int]:
@@ -294,6 +297,10 @@ def _fields(record: dict, path: Path, number: int) -> tuple[str, object, str, in
     if missing:
         raise AbftLensError(f"{path}, line {number}: missing field(s) {', '.join(missing)}.",
                             "every row needs a non-empty 'text' and 'label'.")
+    nested = [key for key in ("text", "label", "split") if isinstance(record.get(key), (dict, list, bool))]
+    if nested:
+        raise AbftLensError(f"{path}, line {number}: field {nested[0]!r} is a {type(record[nested[0]]).__name__}, "
+                            "not text.", f"write '{nested[0]}' as a string (labels may also be an index).")
     return str(record["text"]), record["label"], str(record.get("split") or "").strip().lower(), number
 
 

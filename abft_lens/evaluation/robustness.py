@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from abft_lens.data.stable_random import LcgSampler
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate_prompts, label_probabilities
 from abft_lens.evaluation.metrics import classification_metrics
@@ -222,7 +223,7 @@ def unseen_label_demonstrations(task: ICLTask, k: int = 4, repeats: int = 2) -> 
         if sum(other != label for other in labels) < k:
             raise AbftLensError(f"{task.name} has fewer than k={k} demonstrations without label "
                                 f"{task.label_words[label]!r}, so no unseen-label prompt exists.", "use a smaller k.")
-    sampler = _LcgSampler(task.seed)
+    sampler = LcgSampler(task.seed)
     result = [sampler.sample(k, len(labels)) for _ in range(repeats * len(task.test))]
     for j, indices in enumerate(result):
         query_label = task.test[j % len(task.test)].label
@@ -230,32 +231,6 @@ def unseen_label_demonstrations(task: ICLTask, k: int = 4, repeats: int = 2) -> 
             indices = sampler.sample(k, len(labels))
         result[j] = indices
     return result
-
-
-class _LcgSampler:
-    """StaICC's ``stable_random`` LCG and ``sample_index_set`` without replacement, bit for bit, without the
-    deep copy of ``range(n)`` per draw that makes StaICC's own take about a minute for the unseen-label redraws."""
-
-    A, B, C = 1664525, 1013904223, 2**32
-
-    def __init__(self, seed: int):
-        self.state = seed
-
-    def sample(self, k: int, n: int) -> list[int]:
-        chosen: list[int] = []
-        removed: list[int] = []  # sorted
-        for j in range(k):
-            self.state = (self.state * self.A + self.B) % self.C
-            value = int(self.state / self.C * (n - j))
-            for r in removed:  # the value at position `value` of range(n) with `removed` popped
-                if r <= value:
-                    value += 1
-                else:
-                    break
-            chosen.append(value)
-            removed.append(value)
-            removed.sort()
-        return chosen
 
 
 def unseen_label_prompts(builder: PromptBuilder, k: int = 4, n: int | None = None) -> list[ICLPrompt]:
