@@ -34,7 +34,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
     from abft_lens.studies.mixing import lambda_grid, mix_runs, run_meta
     from abft_lens.training.run_folder import read_trained
     from abft_lens.backends.loading import load_model
-    from abft_lens.data.tasks import load_task
+    from abft_lens.data.tasks import load_task, task_from_description
 
     for path, option in ((args.output, "--output"), (args.html, "--html")):
         if path is not None:
@@ -45,7 +45,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
         read_trained(run_dir)  # readable and finite, before the model loads
     task = load_task(args.dataset) if args.dataset is not None else None
     if task is not None or len({meta["task"]["name"] for meta in metas}) == 1:
-        checked = task if task is not None else load_task(metas[0]["task"]["name"])
+        checked = task if task is not None else task_from_description(metas[0]["task"])
         checked.check_test_prompts(args.k or metas[0]["train"]["k"], args.n_test)
     spec = args.model or metas[0]["model"]["name"]
     dtype = args.dtype or metas[0]["model"].get("dtype") or "float32"

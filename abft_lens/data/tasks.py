@@ -9,6 +9,7 @@ demonstrations come from StaICC's own seed-42 generator, so results are comparab
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -56,6 +57,7 @@ class ICLTask:
     test: list[Example]
     index: int | None = None
     seed: int = 42
+    source: dict | None = None  # a custom file's path, sha256 and loader options (None: StaICC)
     _test_demos: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -100,6 +102,7 @@ class ICLTask:
             "template": self.template.to_dict(),
             "splits": {"calibration": len(self.calibration), "demonstration": len(self.demonstration),
                        "test": len(self.test)},
+            **({"source": dict(self.source)} if self.source else {}),
         }
 
 
@@ -145,6 +148,40 @@ def check_task(task) -> None:
     if not isinstance(task, ICLTask):
         shown = repr(task) if isinstance(task, (str, int, float)) else type(task).__name__
         raise AbftLensError(f"{shown} is not an ICLTask.", "load it first, e.g. task = abft_lens.load_task('sst2').")
+
+
+def task_from_description(described: dict, dataset: str | None = None) -> ICLTask:
+    """The task a run folder's ``config.json["task"]`` (:meth:`ICLTask.describe`) names: the StaICC dataset, or
+    the custom file it was trained on, checked against its recorded sha256. ``dataset`` (a path) points at the
+    file when it moved; it must hold the same data.
+
+    A custom file is never replaced by a StaICC dataset of the same name (a file ``sst2.csv`` is not SST-2).
+    """
+    source = described.get("source")
+    if source is None and described.get("index") is None and dataset is None:
+        raise AbftLensError(f"the run was trained on a custom dataset {described.get('name')!r} whose file it does "
+                            "not record (a run folder written before abft-lens recorded data files).",
+                            "pass the file it was trained on with --dataset FILE (task= in Python).")
+    if source is None:
+        return load_task(dataset if dataset is not None else described["index"])
+    path = Path(dataset).expanduser() if dataset is not None else Path(source["path"])
+    if not path.is_file():
+        raise AbftLensError(f"the run's data file {source['path']} is not there any more.",
+                            "pass the file it was trained on with --dataset FILE (task= in Python).")
+    if file_sha256(path) != source["sha256"]:
+        raise AbftLensError(f"{path} is not the data the run was trained on (its sha256 differs from the "
+                            f"recorded {source['sha256'][:12]}...).", "pass the original file with --dataset FILE.")
+    template = Template(**source["template"]) if source.get("template") else None
+    return load_custom_task(path, label_words=source.get("label_words"), template=template, name=described["name"],
+                            seed=source.get("seed", 42))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_task(name_or_path: str | int, **custom) -> ICLTask:
@@ -254,11 +291,15 @@ def load_custom_task(
         examples["calibration"] += [unplaced[i] for i in order[: n // 4]]
         examples["demonstration"] += [unplaced[i] for i in order[n // 4: n * 3 // 4]]
         examples["test"] += [unplaced[i] for i in order[n * 3 // 4:]]
+    source = {"path": str(path.resolve()), "sha256": file_sha256(path), "seed": seed,
+              "label_words": list(label_words) if label_words else None,
+              "template": template.to_dict() if template else None}
     return ICLTask(
         name=name or path.stem,
         label_words=tuple(" " + w for w in words),
         template=template or Template(),
         seed=seed,
+        source=source,
         **examples,
     )
 

@@ -129,8 +129,8 @@ def compare_run(
             ``load_model_like(config["model"])`` (4-bit when the run was). **It is trained in place**
             (``load_run`` merges the run's tensors into it, or leaves a 4-bit base's adapters attached): a
             caller passing ``model`` gets it back trained.
-        task: the run's task; default ``load_task(config["task"]["name"])`` (pass it for custom files whose
-            name is not a loadable path).
+        task: the run's task; default the one its config.json names (a custom file is found by its recorded
+            path and checked against its sha256: pass the task when the file moved).
         n_prompts, k: the first ``n_prompts`` fixed test prompts with ``k`` demonstrations (default: the
             run's k) feed the ICL scores, identical before and after.
         batch_size, n_seqs, seq_len, progress: passed to :func:`~abft_lens.interp.heads.head_scores`.
@@ -147,13 +147,13 @@ def compare_run(
     from abft_lens.backends.loading import load_model_like
     from abft_lens.training.run_folder import read_run_config, read_trained
     from abft_lens.training.runs import load_run
-    from abft_lens.data.tasks import load_task
+    from abft_lens.data.tasks import task_from_description
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir, trained=True)
     read_trained(run_dir)  # readable and finite, before a model loads
     model = model if model is not None else load_model_like(config["model"])
-    task = task if task is not None else load_task(config["task"]["name"])
+    task = task if task is not None else task_from_description(config["task"])
     k = int(config["train"].get("k", 4)) if k is None else k
     builder = prompt_builder(model, task)
     prompts = test_prompts(builder, k, n_prompts)

@@ -15,6 +15,7 @@ base tensors are written back bit-identically when the sweep ends, also on an er
 from __future__ import annotations
 
 import html
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.backends import qk
 from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.data.prompts import prompt_builder, test_prompts
-from abft_lens.data.tasks import load_task
+from abft_lens.data.tasks import task_from_description
 from abft_lens.evaluation.evaluator import evaluate_prompts
 from abft_lens.run_files import POST_TEST_FILE, TRAINED_FILE, read_run_json
 from abft_lens.training.adapters import attach
@@ -221,8 +222,9 @@ def mix_runs(
     """Accuracy of ``θ₀ + λ_E·Δ_E + λ_A·Δ_A`` on the first ``n_test`` fixed test prompts, over a λ grid.
 
     ``model`` must hold the base model both runs were trained from (its name must match their config.json);
-    it is left bit-identical. ``task`` defaults to the runs' dataset (a StaICC name, loaded with
-    :func:`~abft_lens.data.tasks.load_task`), ``k`` to the runs' k. Grids default to :func:`lambda_grid`.
+    it is left bit-identical. ``task`` defaults to the runs' dataset (the StaICC dataset or the custom file their
+    config.json records, checked by its sha256: :func:`~abft_lens.data.tasks.task_from_description`), ``k`` to
+    the runs' k. Grids default to :func:`lambda_grid`.
     """
     runs = {"e2e": Path(run_e2e), "abft": Path(run_abft)}
     metas = {key: run_meta(path) for key, path in runs.items()}
@@ -275,11 +277,12 @@ def _shared_settings(model: LoadedModel, runs: dict[str, Path], metas: dict[str,
             raise AbftLensError(f"the runs were trained with different k ({sorted(ks)}).", "pass k explicitly (--k).")
         k = ks.pop()
     if task is None:
-        task_names = {meta["task"]["name"] for meta in metas.values()}
-        if len(task_names) != 1:
-            raise AbftLensError(f"the runs were trained on different datasets ({sorted(task_names)}).",
+        tasks = {json.dumps([meta["task"]["name"], meta["task"].get("source", {}).get("sha256")])
+                 for meta in metas.values()}
+        if len(tasks) != 1:
+            raise AbftLensError(f"the runs were trained on different datasets ({sorted(tasks)}).",
                                 "pass the dataset to evaluate on (--dataset).")
-        task = load_task(task_names.pop())
+        task = task_from_description(next(iter(metas.values()))["task"])
     return k, task
 
 
