@@ -35,6 +35,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
            "float32 weights and Adam state")
     a("--lr", type=float, default=None, help="Adam learning rate (default 2e-5, or 1e-4 with LoRA)")
     a("--seed", "--random_seed", dest="seed", type=int, default=0)
+    _objective_arguments(parser)
+    _guard_arguments(parser)
+    _run_arguments(parser)
+
+
+def _objective_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loss, the penalty controller, the induction filter and the trainable set."""
+    a = parser.add_argument
     a("--award", "--correct_label_award", dest="award", type=float, default=None, help="B (default 1.0; ABFT only)")
     a("--penalty", "--wrong_label_penalty", dest="penalty", type=float, default=None,
       help="A, initial (default 0.5; ABFT only)")
@@ -51,6 +59,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lora-r", "--lora_r", dest="lora_r", type=int, default=None,
       help="LoRA rank on W_Q/W_K (0, the default: full matrices; 16 with --quantized)")
     a("--train-bias", dest="train_bias", action="store_true", help="also train b_Q/b_K")
+
+
+def _guard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The validation guard and the training prompts' sampling."""
+    a = parser.add_argument
     a("--validation-examples", dest="validation_examples", type=int, default=None,
       help="calibration examples held out for the validation guard (default 0: none)")
     a("--validation-prompts", dest="validation_prompts", type=positive_int, default=None,
@@ -67,6 +80,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--balance-query-labels", dest="balance_query_labels", action="store_true", default=None,
       help="training prompts whose queries take every label equally often (ours, not the paper's; default: the "
            "calibration split's label shares)")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Tests, the run folder, the 4-bit base and the extra evaluations."""
+    a = parser.add_argument
     a("--n-test", dest="n_test", type=positive_int, default=None,
       help=f"first N fixed test prompts for fore/post tests (default {DEFAULT_N_TEST}; --preset paper: 1024)")
     a("--no-fore-test", "--no_fore_test", dest="no_fore_test", action="store_true")

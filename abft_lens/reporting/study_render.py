@@ -114,6 +114,18 @@ def table1_grids(results: ModelResults) -> list[Grid]:
     pairs = _pairs_grid(results)
     if pairs is not None:
         grids.append(pairs)
+    grids.append(_balance_grid(results))
+    steps = _steps_grid(results)
+    if steps is not None:
+        grids.append(steps)
+    cost = _cost_grid(results)
+    if cost is not None:
+        grids.append(cost)
+    return grids
+
+
+def _balance_grid(results: ModelResults) -> Grid:
+    datasets = results.datasets
     balance = [["gold majority-label rate"] + [_percent(results.majority.get(d), digits=1) for d in datasets]]
     for method in results.methods:
         row = [method]
@@ -125,24 +137,23 @@ def table1_grids(results: ModelResults) -> list[Grid]:
             row.append(_percent(sum(cell.shares) / len(cell.shares), digits=1)
                        + (f" ⚠ {cell.collapsed}/{len(cell.shares)}" if cell.collapsed else ""))
         balance.append(row)
-    grids.append(Grid("Label balance (%)", "share of prompts given the most frequent predicted label, mean over "
-                      f"seeds; ⚠ n/N: runs flagged as collapsed (share above {100 * COLLAPSE_SHARE:.0f} %, or more "
-                      f"than {100 * COLLAPSE_MARGIN:.0f} points above the gold majority-label rate, and above "
-                      "vanilla's own share by a point).",
-                      ["Method"] + [display(d) for d in datasets], balance))
+    return Grid("Label balance (%)", "share of prompts given the most frequent predicted label, mean over "
+                f"seeds; ⚠ n/N: runs flagged as collapsed (share above {100 * COLLAPSE_SHARE:.0f} %, or more "
+                f"than {100 * COLLAPSE_MARGIN:.0f} points above the gold majority-label rate, and above "
+                "vanilla's own share by a point).", ["Method"] + [display(d) for d in datasets], balance)
+
+
+def _steps_grid(results: ModelResults) -> Grid | None:
     steps = []
     for method in results.methods:
-        kept = [results.cells.get((method, d)) for d in datasets]
+        kept = [results.cells.get((method, d)) for d in results.datasets]
         if any(cell is not None and any(s is not None for s in cell.kept_steps) for cell in kept):
             steps.append([method] + ["–" if cell is None else ", ".join("–" if s is None else str(s)
                                                                        for s in cell.kept_steps) for cell in kept])
-    if steps:
-        grids.append(Grid("Validation guard", "the step each seed's run kept (0: the untrained model).",
-                          ["Method"] + [display(d) for d in datasets], steps))
-    cost = _cost_grid(results)
-    if cost is not None:
-        grids.append(cost)
-    return grids
+    if not steps:
+        return None
+    return Grid("Validation guard", "the step each seed's run kept (0: the untrained model).",
+                ["Method"] + [display(d) for d in results.datasets], steps)
 
 
 def _tests_grid(results: ModelResults) -> Grid:
