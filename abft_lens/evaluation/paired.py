@@ -19,7 +19,6 @@ of a query nor the seeds of a method are independent samples, so the unit of a t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -75,12 +74,9 @@ class SignTest:
 
 
 def sign_test(better: int, worse: int) -> float:
-    """Exact two-sided sign test: ``better`` successes of ``better + worse`` under Binomial(n, 1/2)."""
-    n = better + worse
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    """Exact two-sided sign test: ``better`` successes of ``better + worse`` under Binomial(n, 1/2) (the same
+    binomial as McNemar's exact test, which is a sign test on the discordant pairs)."""
+    return mcnemar_exact(better, worse)
 
 
 def query_sign_test(first: Sequence[Sequence[bool]], second: Sequence[Sequence[bool]],
