@@ -12,10 +12,11 @@ micro-batch of one prompt is exactly the per-sample loop. A step returns a :clas
 ``compute_dtype="bfloat16"`` runs the forward pass under ``torch.autocast`` (matmuls in bfloat16, norms, the
 residual stream, weights, gradients and Adam state in float32); attention rows are upcast before the loss.
 
-ABFT loss: :func:`abft_lens.training.objectives.abft_loss` on the last attention row of every head (the unembedding
-is skipped). E2E loss: cross-entropy of the query's gold label token over the whole vocabulary at the last
-position. Both log the same quantities (E2E computes the ABFT terms without gradient), so runs compare step
-for step.
+ABFT loss: :func:`abft_lens.training.objectives.abft_loss` on the last attention row of every head; the forward
+stops at the last layer's attention pattern (no W_O, MLP, final norm or unembedding after it:
+:func:`abft_lens.interp.capture.forward_to_last_pattern`). E2E loss: cross-entropy of the query's gold label
+token over the whole vocabulary at the last position. Both log the same quantities (E2E computes the ABFT
+terms without gradient), so runs compare step for step.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Literal, Sequence
 
 import torch
-from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.interp.capture import capture_attention_rows, forward_to_last_pattern
 from abft_lens.backends import cpu
 from abft_lens.backends.forward import forward_residual
 from abft_lens.errors import AbftLensError
@@ -289,7 +290,10 @@ class Trainer:
         e2e = self.config.method == "E2E"
         with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.config.compute_dtype == "bfloat16"):
             with capture_attention_rows(self.model, detach=e2e) as rows:
-                residual = forward_residual(self.model, tokens, mask)
+                if e2e:  # logits at the last position; ABFT stops once the last pattern is captured
+                    residual = forward_residual(self.model, tokens, mask)
+                else:
+                    forward_to_last_pattern(self.model, tokens, mask, rows)
             logits = self.model.unembed(self.model.ln_final(residual[:, -1:, :]))[:, 0] if e2e else None
         last_rows = rows.stacked()  # [batch, layer, head, key]
         if last_rows.dtype not in (torch.float32, torch.float64):  # bfloat16 under autocast
