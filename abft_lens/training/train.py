@@ -38,6 +38,7 @@ from abft_lens.data.tasks import ICLTask
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.checks import check_train_config
 from abft_lens.training.presets import contradictions, preset
+from abft_lens.training.step_cost import Dims, pick_micro_batch, trained_elements
 from abft_lens.training.trainable import Trainable, TrainableConfig
 
 Method = Literal["ABFT", "E2E"]
@@ -57,8 +58,9 @@ class TrainConfig:
     ``select_max_p``: when set, a trained step can be kept only if, on the validation prompts, it answers
     significantly more prompts right than step 0 (paired exact McNemar, p < ``select_max_p``, more gained than
     lost); otherwise the base is kept. Ours, not the paper's: a guard on few prompts otherwise keeps noise.
-    ``micro_batch_size``: prompts per forward pass (None: 8 on CPU, the whole pseudo-batch on CUDA; 1: the
-    per-sample loop). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
+    ``micro_batch_size``: prompts per forward pass (1: the per-sample loop; None: on CPU the largest size whose
+    estimated peak memory stays within 1.3x the per-sample step's, :func:`resolve_micro_batch`; on CUDA the whole
+    pseudo-batch). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
     ``balance_query_labels`` (ours): the training prompts' queries take every label equally often (see
     :func:`abft_lens.data.prompts.sample_prompts`); off, they follow the calibration split's label shares.
     ``preset``: the named regime the config was made from (:meth:`paper`, :meth:`demo`; None: none); a config
@@ -176,13 +178,17 @@ class Trainer:
     ``step(batch)`` runs one pseudo-batch; ``run()`` runs every remaining step and calls the callbacks.
     ``state_dict()`` / ``load_state_dict()`` capture everything a resumed run needs.
 
+    ``micro_batch``: ``(size, reason)`` decided elsewhere (a run's ``config.json``); default
+    :func:`resolve_micro_batch`, kept as :attr:`micro_batch_size` and :attr:`micro_batch_reason`.
+
     ``dist`` (a :class:`abft_lens.training.distributed.DistributedContext`, or None for one process): data parallel
     training. Each rank runs its share ``batch[rank::world_size]`` of every pseudo-batch; gradients, loss
     totals and head counts are summed over ranks before the optimizer step, so every rank applies the same
     update and every :class:`StepResult` is the global one.
     """
 
-    def __init__(self, model, builder: PromptBuilder, config: TrainConfig, dist=None):
+    def __init__(self, model, builder: PromptBuilder, config: TrainConfig, dist=None,
+                 micro_batch: tuple[int, str] | None = None):
         self.model = model
         self.builder = builder
         self.config = config
@@ -198,6 +204,8 @@ class Trainer:
         self.label_token_ids = torch.tensor(builder.label_token_ids)
         self.pad_id = pad_token_id(builder.tokenizer)
         self._device = torch.device(model.cfg.device)
+        self.micro_batch_size, self.micro_batch_reason = micro_batch or resolve_micro_batch(
+            model, config, [prompt.n_tokens for prompt in self.prompts], dist)
         if config.compute_dtype == "bfloat16" and self._device.type == "cpu" and not cpu.native_bf16():
             log.warning("bfloat16 training on a CPU without bfloat16 instructions (no AVX512-BF16 or AMX; torch "
                         "reports %s): its bfloat16 matmuls are emulated, slower than float32 (about 50x on AVX2); "
@@ -221,13 +229,6 @@ class Trainer:
             return [[prompt] for prompt in share]
         ordered = sorted(share, key=lambda prompt: prompt.n_tokens)
         return [ordered[start:start + size] for start in range(0, len(ordered), size)]
-
-    @property
-    def micro_batch_size(self) -> int:
-        """The configured micro-batch size, or the default: 8 on CPU, the whole pseudo-batch on CUDA."""
-        if self.config.micro_batch_size is not None:
-            return self.config.micro_batch_size
-        return self.config.pseudo_batch_size if self._device.type == "cuda" else 8
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, batch: Sequence[ICLPrompt], epoch: int = 0) -> StepResult:
@@ -341,6 +342,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.completed_steps = int(state["completed_steps"])
+
+
+def resolve_micro_batch(model, config: TrainConfig, lengths: Sequence[int], dist=None) -> tuple[int, str]:
+    """``(micro-batch size, reason)`` of a run whose training prompts are ``lengths`` tokens long: the configured
+    size, or :func:`abft_lens.training.step_cost.pick_micro_batch` for this process's share of a pseudo-batch."""
+    if config.micro_batch_size is not None:
+        return config.micro_batch_size, f"given: micro_batch_size={config.micro_batch_size}"
+    share = -(-config.pseudo_batch_size // (dist.world_size if dist is not None else 1))
+    dims, trainable = Dims.of(model), config.trainable
+    elements = trained_elements(dims, trainable.kind, trainable.targets, bias=trainable.bias, lora_r=trainable.lora_r)
+    return pick_micro_batch(model, lengths, share, elements, device=torch.device(model.cfg.device).type,
+                            bfloat16=config.compute_dtype == "bfloat16")
 
 
 def training_pool(task: ICLTask, config: TrainConfig):
