@@ -311,6 +311,15 @@ class Trainer:
             participating.append(terms.participating.cpu())
         return samples, torch.stack(participating)
 
+    @torch.no_grad()
+    def filter_decisions(self, prompts: Sequence[ICLPrompt]) -> torch.Tensor:
+        """Bool ``[prompt, layer, head]``: which heads pass the induction filter for each of ``prompts`` under
+        the current weights and compute dtype (the decisions a step would make; nothing is trained)."""
+        decisions = {}
+        for chunk in self.micro_batches(prompts):
+            decisions.update(zip(map(id, chunk), self._micro_batch_loss(chunk, self.controller.penalty)[1]))
+        return torch.stack([decisions[id(prompt)] for prompt in prompts])
+
     # ------------------------------------------------------------------------------------------ loop
     def run(self, callbacks: Sequence[Callback] = ()) -> None:
         """Run every step not yet completed (a resumed trainer continues where its state left off)."""
