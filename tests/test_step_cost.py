@@ -7,15 +7,13 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from abft_lens.backends.loading import load_model
-from abft_lens.data.prompts import prompt_builder
+from abft_lens.data.prompts import pad_token_id, prompt_builder
+from abft_lens.data.prompts import test_prompts as fixed_test_prompts  # not collected as a test
 from abft_lens.data.tasks import load_task
 from abft_lens.evaluation.evaluator import label_probabilities
-from abft_lens.data.prompts import pad_token_id
-from abft_lens.data.prompts import test_prompts as fixed_test_prompts
 from abft_lens.training.run_folder import saved_micro_batch
 from abft_lens.training.runs import run_training
 from abft_lens.training.step_cost import (MEMORY_BUDGET, Dims, abft_step_flops, activation_bytes, backward_flops,
