@@ -31,9 +31,11 @@ it attention), an ABFT step 43.0 GFLOP (forward 20.0, backward 23.0; issue 19 es
   T·(6·d + 8·h·e + 4·f) + 3·h·T² (residual in/out of both norms and the attention output; q, k, v repeated to
   h heads, their rotary copies and z; the gated MLP's gate, activation, up and product; scores, masked scores
   and pattern); 4 bytes each in float32, 3 under bfloat16 autocast (matmul outputs bfloat16, norms and softmax
-  float32); times :data:`ACTIVATION_OVERHEAD` (2: the backward's gradient buffers beside the saved
-  activations, and the allocator's slack; SmolLM2 measured 290-360 MiB per 94-token prompt in micro-batches
-  of 4-16 against the 180 MiB counted, issue 19).
+  float32); times :data:`ACTIVATION_OVERHEAD` (1.3: the backward's gradient buffers beside the saved
+  activations, and the allocator's slack). Calibration, issue 19's SmolLM2 peaks (16 SST-2 prompts, the longest
+  133 tokens, so every micro-batch's widest one is padded to 133): each prompt added 290-357 MiB in
+  micro-batches of 4, 8 and 16 over the per-sample loop's 1568 MiB, against 271 MiB counted here at 133
+  tokens; with 1.3 the estimate is 352 MiB a prompt, 1526 MiB per sample, 2582 MiB at 4 (measured 2580).
 - fixed: the process (:data:`RUNTIME_MIB`: Python, torch, the tokenizer and the data), the model's parameters
   and buffers, 3 float32 copies of the trained tensors (gradient, Adam's two moments), and under bfloat16
   autocast the bfloat16 copies of the matmul weights that the backward keeps.
@@ -57,7 +59,7 @@ __all__ = ["Dims", "forward_flops", "backward_flops", "abft_step_flops", "eval_f
 
 MEMORY_BUDGET = 1.3  # default: a step's peak RSS at most 1.3x the per-sample step's
 RUNTIME_MIB = 400.0  # a Python process with torch, transformers, the tokenizer and a task loaded (measured ~400)
-ACTIVATION_OVERHEAD = 2.0  # measured / counted activation memory on SmolLM2 (issue 19's micro-batch peaks)
+ACTIVATION_OVERHEAD = 1.3  # measured / counted activation memory on SmolLM2 (issue 19's micro-batch peaks)
 _MIB = 2**20
 
 
