@@ -1,11 +1,12 @@
-"""Attention capture: same values as run_with_cache, but with the graph; hooks cleaned up; stop_at_layer."""
+"""Attention capture: same values as run_with_cache, but with the graph; hooks cleaned up; stop_at_layer; the
+forward that stops at the last captured pattern (ABFT's)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from abft_lens.interp.capture import capture_attention_rows, pattern_hook_name
+from abft_lens.interp.capture import capture_attention_rows, forward_to_last_pattern, pattern_hook_name
 from abft_lens.backends.forward import forward_residual
 
 
@@ -175,3 +176,42 @@ def test_forward_residual_rejects_bad_arguments(tiny_gqa):
         forward_residual(tiny_gqa, tokens, attention_mask=torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="integer tensor"):
         forward_residual(tiny_gqa, tokens.float())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_mha"])
+def test_forward_to_last_pattern_gives_the_full_forwards_rows_and_gradient_bit_for_bit(fixture, request):
+    """ABFT's forward: the rows and a loss's W_Q/W_K gradients equal a full forward's exactly; the last block's
+    pattern·V (hook_z) and MLP never run; no hook is left behind."""
+    model = request.getfixturevalue(fixture)
+    tokens = _tokens(model, batch=3)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0  # a left-padded prompt
+    fired = []
+    last = model.cfg.n_layers - 1
+    for name in (f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_mlp_out"):
+        model.hook_dict[name].add_hook(lambda x, *, hook: fired.append(hook.name), is_permanent=True)
+
+    def rows_and_grads(stop: bool):
+        with capture_attention_rows(model) as store:
+            forward_to_last_pattern(model, tokens, mask, store) if stop else forward_residual(model, tokens, mask)
+        rows = store.stacked()
+        loss = (rows * torch.linspace(0, 1, rows.shape[-1])).sum()
+        weights = [block.attn.W_Q for block in model.blocks]
+        return rows, torch.autograd.grad(loss, weights)
+
+    full_rows, full_grads = rows_and_grads(stop=False)
+    assert fired == [f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_mlp_out"]
+    fired.clear()
+    rows, grads = rows_and_grads(stop=True)
+    assert fired == []
+    assert torch.equal(rows, full_rows) and all(torch.equal(a, b) for a, b in zip(grads, full_grads))
+    model.reset_hooks(including_permanent=True)
+    assert _active_fwd_hooks(model) == []
+
+
+def test_forward_to_last_pattern_outside_its_capture_is_refused(tiny_gqa):
+    with capture_attention_rows(tiny_gqa, layers=[0]) as store:
+        pass
+    with pytest.raises(RuntimeError, match="not captured"):
+        forward_to_last_pattern(tiny_gqa, _tokens(tiny_gqa), None, store)
+    assert _active_fwd_hooks(tiny_gqa) == []

@@ -189,3 +189,70 @@ def test_demo_defaults_and_a_tiny_demo_run(tmp_path, capsys):
     validations = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validations if v["event"] == "validation"] == [0, 2]
     assert "best validation step" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- --dtype auto
+
+
+@pytest.mark.parametrize("native, picked", [(True, "bfloat16"), (False, "float32")])
+def test_dtype_auto_picks_bfloat16_where_it_is_native_and_says_why(native, picked, tmp_path, monkeypatch):
+    """``--dtype auto`` follows :func:`abft_lens.backends.cpu.native_bf16` (monkeypatched: the test does not
+    depend on this CPU); config.json records the pick and its reason; the weights stay float32."""
+    from abft_lens.backends import cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    run_dir = tmp_path / "run"
+    assert cli(QUICK + ["--dtype", "auto", "--device", "cpu", "--run-dir", run_dir]) == 0
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["train"]["compute_dtype"] == ("bfloat16" if native else None)
+    assert meta["model"]["dtype"] == "float32"
+    resolved = meta["resolved"]["compute_dtype"]
+    assert resolved["value"] == picked and resolved["reason"].startswith("--dtype auto: ")
+    assert ("this CPU has native bfloat16" in resolved["reason"]) is native
+    assert "memory budget" in meta["resolved"]["micro_batch_size"]["reason"]
+
+
+def test_dtype_auto_on_cuda_and_with_a_4bit_base(monkeypatch):
+    from abft_lens.cli import common
+    from abft_lens.backends import cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    parse = build_parser().parse_args
+    args = parse(QUICK + ["--dtype", "auto"])
+    monkeypatch.setattr(common, "resolve_device", lambda name: "cuda")
+    assert common.resolve_dtype(args) == "--dtype auto: bfloat16 on CUDA" and args.dtype == "bfloat16"
+    args = parse(QUICK + ["--dtype", "auto", "--quantized"])
+    assert common.resolve_dtype(args).startswith("--dtype auto with --quantized: float32") and args.dtype == "float32"
+    args = parse(QUICK + ["--dtype", "float32"])
+    assert common.resolve_dtype(args) is None and args.dtype == "float32"
+
+
+def test_demo_stays_float32_and_eval_records_the_auto_pick(tmp_path, monkeypatch):
+    from abft_lens.backends import cpu
+    from abft_lens.cli.train_command import train_config_from_args
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    assert train_config_from_args(build_parser().parse_args(["demo"])).compute_dtype is None
+    output = tmp_path / "eval.json"
+    assert cli(["eval", "--model", "tiny", "--n-test", "4", "--dtype", "auto", "--device", "cpu",
+                "--output", output]) == 0
+    info = json.loads(output.read_text())
+    assert info["dtype"] == "bfloat16" and info["dtype_reason"].startswith("--dtype auto: this CPU has native")
+
+
+def test_study_dtype_auto_is_resolved_once_for_its_settings_and_runs(monkeypatch, tmp_path):
+    """A study records the dtype ``auto`` picked (its settings name a real dtype), and its trained cells'
+    recipes carry the reason to their config.json."""
+    from abft_lens.backends import cpu
+    from abft_lens.cli.common import resolve_dtype
+    from abft_lens.cli.study_command import recipe_for, settings_from_args
+    from abft_lens.studies.study_plan import parse_methods
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    args = build_parser().parse_args(["study", "--out", str(tmp_path / "s"), "--dtype", "auto", "--device", "cpu",
+                                      "--methods", "ABFT"])
+    resolve_dtype(args)
+    settings = settings_from_args(args)
+    assert settings["dtype"] == "bfloat16" and "dtype_reason" not in settings
+    recipe = recipe_for(args, parse_methods(["ABFT"])[0])
+    assert recipe.config.compute_dtype == "bfloat16" and recipe.dtype_reason.startswith("--dtype auto: this CPU")

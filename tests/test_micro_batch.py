@@ -229,9 +229,11 @@ def test_bad_micro_batch_or_compute_dtype_is_an_abft_lens_error(bad):
         TrainConfig(**bad)
 
 
-def test_default_micro_batch_is_8_on_cpu_and_round_trips(task):
+def test_default_micro_batch_and_round_trips(task):
+    """The default follows the memory budget (abft_lens.training.step_cost, tests/test_step_cost.py): on tiny,
+    whose activations are small, the whole pseudo-batch of 8."""
     trainer = make_trainer(task, load_model("tiny"), None)
-    assert trainer.micro_batch_size == 8
+    assert trainer.micro_batch_size == 8 and "memory budget" in trainer.micro_batch_reason
     config = TrainConfig(micro_batch_size=4, compute_dtype="bfloat16")
     assert TrainConfig.from_dict(config.to_dict()) == config
     sizes = [len(chunk) for chunk in trainer.micro_batches(trainer.prompts[:11])]

@@ -13,3 +13,15 @@ def native_bf16() -> bool:
     """
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def auto_dtype(device: str) -> tuple[str, str]:
+    """``(dtype name, reason)`` for ``--dtype auto``: ``"bfloat16"`` on CUDA or where :func:`native_bf16` is
+    true, ``"float32"`` otherwise (where bfloat16 matmuls would be emulated, slower than float32)."""
+    if str(device).startswith("cuda"):
+        return "bfloat16", "--dtype auto: bfloat16 on CUDA"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if native_bf16():
+        return "bfloat16", ("--dtype auto: this CPU has native bfloat16 matmuls (AVX512-BF16 or AMX; "
+                            f"torch: {capability})")
+    return "float32", f"--dtype auto: float32, this CPU has no native bfloat16 matmuls (torch: {capability})"

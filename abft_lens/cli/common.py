@@ -9,6 +9,8 @@ import torch
 from abft_lens.errors import AbftLensError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_CHOICES = sorted(DTYPES) + ["auto"]
+DTYPE_HELP = "auto: bfloat16 on CUDA or on a CPU with native bfloat16 matmuls (AVX512-BF16, AMX), else float32"
 
 
 def positive_int(text: str) -> int:
@@ -27,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "a .gguf file or a TransformerLens name")
     parser.add_argument("--dataset", default="sst2", help="StaICC index 0-9 or name (sst2, mr, ...), or a .csv/.jsonl file")
     parser.add_argument("--k", type=positive_int, default=4, help="demonstrations per prompt")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else CPU (torchrun ranks use cuda:LOCAL_RANK under NCCL)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass in evaluation")
@@ -43,6 +45,22 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def resolve_dtype(args: argparse.Namespace) -> str | None:
+    """``--dtype auto`` -> the dtype :func:`abft_lens.backends.cpu.auto_dtype` picks for ``--device``, written
+    back to ``args.dtype`` (so everything downstream sees a real dtype) with the reason in ``args.dtype_reason``;
+    returns the reason (None when a dtype was given). ``--quantized`` keeps float32 (its base computes in its own
+    dtype)."""
+    if args.dtype != "auto":
+        return getattr(args, "dtype_reason", None)
+    from abft_lens.backends.cpu import auto_dtype
+
+    if getattr(args, "quantized", False):
+        args.dtype, args.dtype_reason = "float32", "--dtype auto with --quantized: float32 (the 4-bit base's own compute)"
+    else:
+        args.dtype, args.dtype_reason = auto_dtype(resolve_device(args.device))
+    return args.dtype_reason
 
 
 def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:

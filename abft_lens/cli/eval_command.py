@@ -6,7 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from abft_lens.cli.common import DTYPES, add_model_arguments, positive_int, print_table, resolve_device
+from abft_lens.cli.common import (DTYPES, add_model_arguments, positive_int, print_table, resolve_device,
+                                  resolve_dtype)
 from abft_lens.errors import AbftLensError
 
 
@@ -45,6 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from abft_lens.backends.provenance import describe_model, model_info
 
     task = check_eval_args(args)
+    dtype_reason = resolve_dtype(args)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
                        quantized=args.quantized)
     if args.run is not None:
@@ -66,6 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(model, task, k=args.k, n_test=args.n_test, batch_size=args.batch_size, progress="eval")
     seconds = time.perf_counter() - start
     result.info.update(model=describe_model(model), dataset=task.describe(), seed=task.seed, dtype=args.dtype,
+                       **({"dtype_reason": dtype_reason} if dtype_reason else {}),
                        run=str(args.run) if args.run else None,
                        seconds=round(seconds, 2), prompts_per_second=round(len(result.gold) / seconds, 3))
     print_table(result.summary_rows() + [("prompts", str(len(result.gold))), ("seconds", f"{seconds:.1f}")],

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from abft_lens.cli.common import DTYPES, add_model_arguments, positive_int, print_table, resolve_device
+from abft_lens.cli.common import (DTYPES, add_model_arguments, positive_int, print_table, resolve_device,
+                                  resolve_dtype)
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
@@ -20,6 +21,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
         check_output_file(args.output)
     task = load_task(args.dataset)
     task.check_test_prompts(args.k, args.n_prompts)
+    resolve_dtype(args)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     scores = head_scores(model, task, k=args.k, n_prompts=args.n_prompts, batch_size=args.batch_size,
                          progress=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from abft_lens.cli.common import DTYPES, positive_int, resolve_device
+from abft_lens.cli.common import DTYPE_CHOICES, DTYPE_HELP, DTYPES, positive_int, resolve_device, resolve_dtype
 from abft_lens.cli.train_command import (add_train_arguments, apply_preset, given_options, mauve_test_from_args,
                                          train_config_from_args)
 from abft_lens.errors import AbftLensError
@@ -20,7 +20,7 @@ from abft_lens.training.presets import contradictions, preset
 DEFAULT_METHODS = "vanilla,cc,prior,ABFT,E2E"
 GRID = ("func", "command", "out", "models", "datasets", "methods", "seeds", "spec", "extend")
 NOT_SETTINGS = GRID + ("device", "method", "seed", "run_dir", "resume",  # not part of a study's identity
-                       "preset_filled", "default_preset")
+                       "preset_filled", "default_preset", "dtype_reason")
 FIXED = ("k", "n_test", "dtype", "device", "quantized", "method", "seed", "run_dir", "resume", "calibration_test",
          "preset")
 OPTION_FIX = "use the options of abft-lens train (abft-lens study --help); turn a switch off with --no-<switch>."
@@ -35,7 +35,7 @@ class OptionParser(argparse.ArgumentParser):
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=positive_int, default=4, help="demonstrations per prompt")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass in evaluation")
 
@@ -82,7 +82,8 @@ def recipe_for(args: argparse.Namespace, method):
                        generalization_n_test=namespace.generalization_n_test,
                        robustness_queries=namespace.robustness_queries,
                        mauve_prefix=str(namespace.MAUVE_prefix) if namespace.MAUVE_test else None,
-                       mauve_max_new_tokens=namespace.MAUVE_max_new_tokens)
+                       mauve_max_new_tokens=namespace.MAUVE_max_new_tokens,
+                       dtype_reason=getattr(namespace, "dtype_reason", None))
 
 
 def apply_spec_options(args: argparse.Namespace, options: dict) -> None:
@@ -141,6 +142,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     spec = read_spec(args.spec) if args.spec else {}
     apply_spec_options(args, spec.get("options") or {})
     apply_preset(args)  # the study's own options, resolved once: every variant starts from them
+    resolve_dtype(args)  # --dtype auto: the study's settings record the dtype it picked
     variants = spec.get("variants") or {}
     methods = _first(args.methods, spec.get("methods"), DEFAULT_METHODS.split(",") + list(variants))
     methods = methods.split(",") if isinstance(methods, str) else methods if isinstance(methods, list) else [methods]

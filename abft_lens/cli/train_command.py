@@ -6,7 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from abft_lens.cli.common import DTYPES, add_model_arguments, positive_int, print_table, resolve_device
+from abft_lens.cli.common import (DTYPES, add_model_arguments, positive_int, print_table, resolve_device,
+                                  resolve_dtype)
 from abft_lens.errors import AbftLensError
 from abft_lens.training.presets import DEFAULT_N_TEST, FULL_LR, LORA_LR, PRESETS, contradictions, preset
 
@@ -30,9 +31,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--pseudo-batch-size", "--pseudo_batch_size", dest="pseudo_batch_size", type=positive_int, default=None,
       help="prompts per optimizer step (default 32)")
     a("--micro-batch-size", dest="micro_batch_size", type=positive_int, default=None,
-      help="prompts per forward pass in training (default 8 on CPU, the whole pseudo-batch on CUDA; 1: one at a "
-           "time). Results equal the per-sample loop's; --dtype bfloat16 trains with bfloat16 autocast and "
-           "float32 weights and Adam state")
+      help="prompts per forward pass in training (1: one at a time; default: on CPU the most whose estimated peak "
+           "memory stays within 1.3x a one-prompt step's, on CUDA the whole pseudo-batch; config.json's 'resolved' "
+           "says which and why). Results equal the per-sample loop's; --dtype bfloat16 trains with bfloat16 "
+           "autocast and float32 weights and Adam state; --dtype auto picks bfloat16 where it is native")
     a("--lr", type=float, default=None, help="Adam learning rate (default 2e-5, or 1e-4 with LoRA)")
     a("--seed", "--random_seed", dest="seed", type=int, default=0)
     _objective_arguments(parser)
@@ -179,6 +181,7 @@ def train_config_from_args(args: argparse.Namespace):
     from abft_lens.training.trainable import TrainableConfig
 
     apply_preset(args)
+    resolve_dtype(args)  # --dtype auto: bfloat16 where it is native (the demo's default stays float32)
     for name, needed, option, needs in IGNORED_UNLESS:
         given = getattr(args, name) is not None and name not in getattr(args, "preset_filled", ())
         if given and not needed(args):
@@ -268,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
         post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
         checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, dist=dist,
-        extras=run_extras,
+        extras=run_extras, dtype_reason=getattr(args, "dtype_reason", None),
     )
     if dist is not None and not dist.is_main:
         return 0

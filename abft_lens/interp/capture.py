@@ -7,7 +7,9 @@ activation, so it cannot feed a loss. :func:`capture_attention_rows` registers i
 [0, 1]) and keeps only the needed row of each pattern, still attached to the graph.
 
 :func:`forward_residual` runs the model only as far as the captured layers need (``stop_at_layer``), which
-skips the final norm and the unembedding, the most expensive matmul of a small model. Both work unchanged on
+skips the final norm and the unembedding, the most expensive matmul of a small model;
+:func:`forward_to_last_pattern` stops even earlier, right after the last captured layer's pattern (what ABFT's
+loss reads): that layer's pattern·V, W_O and MLP never run. Both work unchanged on
 a ``TransformerBridge`` (the 4-bit backend of :mod:`abft_lens.backends.bridge`), which fires the same hook names.
 """
 
@@ -20,9 +22,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from abft_lens.backends.forward import forward_residual
 from abft_lens.backends.tl import HookedTransformer, HookPoint
 
-__all__ = ["AttentionRows", "capture_attention_rows", "pattern_hook_name"]
+__all__ = ["AttentionRows", "capture_attention_rows", "forward_to_last_pattern", "pattern_hook_name"]
 
 
 def pattern_hook_name(layer: int) -> str:
@@ -171,3 +174,36 @@ def capture_attention_rows(
     fwd_hooks = [(pattern_hook_name(layer), make_hook(layer)) for layer in chosen]
     with model.hooks(fwd_hooks=fwd_hooks):
         yield store
+
+
+class _PatternsCaptured(Exception):
+    """Raised by :func:`forward_to_last_pattern`'s stop hook: every pattern the capture needs is stored."""
+
+
+def _stop(pattern: Float[Tensor, "batch head query key"], *, hook: HookPoint) -> None:
+    raise _PatternsCaptured
+
+
+def forward_to_last_pattern(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    store: AttentionRows,
+) -> None:
+    """Run the model inside a :func:`capture_attention_rows` context until ``store``'s last layer has fired its
+    pattern hook, and no further: the rest of that block (pattern·V, W_O, the MLP), later blocks, the final norm
+    and the unembedding never run. The captured rows are the ones a full forward gives, bit for bit.
+
+    A hook registered after the capture's own raises a private exception at ``blocks.{last}.attn.hook_pattern``
+    (hooks fire in registration order, so the row is stored first); the exception ends the pass and is caught
+    here. Works on a HookedTransformer and on a bridge (same hook names).
+    """
+    last = max(store.layers)
+    try:
+        with model.hooks(fwd_hooks=[(pattern_hook_name(last), _stop)]):
+            forward_residual(model, tokens, attention_mask, stop_at_layer=last + 1)
+    except _PatternsCaptured:
+        pass
+    if last not in store.captured_layers:
+        raise RuntimeError(f"layer {last}'s attention pattern was not captured before the stop: call "
+                           "forward_to_last_pattern inside the capture_attention_rows context of that store")

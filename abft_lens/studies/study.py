@@ -226,7 +226,8 @@ def run_trained_cell(model: LoadedModel, cell: Cell, out: Path, recipe: TrainRec
         run_training(model, task, config, run_dir=run_dir, n_test=recipe.n_test, fore_test=recipe.fore_test,
                      post_test=recipe.post_test, save_model=recipe.save_model,
                      resume=is_run_folder(run_dir), checkpoint_every=recipe.checkpoint_every,
-                     batch_size=recipe.batch_size, progress=progress, fore_result=vanilla, extras=run_extras)
+                     batch_size=recipe.batch_size, progress=progress, fore_result=vanilla, extras=run_extras,
+                     dtype_reason=recipe.dtype_reason)
         if not is_finished(run_dir):
             raise AbftLensError(f"training of {run_dir} stopped before the end.", "run the study again to resume it.")
     elif _unfinished_extras(run_dir, extras, mauve):  # stopped after training, before its extra evaluations

@@ -268,6 +268,7 @@ class TrainRecipe:
     robustness_queries: int | None = None
     mauve_prefix: str | None = None
     mauve_max_new_tokens: int = 32
+    dtype_reason: str | None = None  # why the dtype is what it is (``--dtype auto``), for the run's config.json
 
     def config_for(self, seed: int) -> TrainConfig:
         return replace(self.config, seed=seed)

@@ -10,6 +10,8 @@ completeness tests are :mod:`abft_lens.run_files`'s.
   loads; a folder holding anything but a run is refused, so nothing of the user's is overwritten.
   :func:`start_or_resume` writes config.json (or checks a resumed run's settings) under the lock;
   :func:`clear_folder` takes back a fresh run refused before its first step.
+- config.json's ``resolved`` (:func:`resolved_block`): the micro-batch size and compute dtype a run used and
+  why; a resumed run takes its micro-batch from there (:func:`saved_micro_batch`).
 - :class:`RunLock`: ``run.lock`` holds the pid of the process training in the folder, under an exclusive
   ``flock``. A second process is refused with one message; the kernel drops the lock when its owner exits
   or dies, so a lock file left behind by a killed process (a stale lock) is taken over by the next run.
@@ -153,6 +155,32 @@ def start_or_resume(run_dir: Path, meta: dict, *, resume: bool) -> bool:
         raise AbftLensError(f"{run_dir} holds a run with different settings; a resumed run must match.",
                             "resume with the settings in its config.json, or start a new --run-dir.")
     return True
+
+
+def resolved_block(model, config, micro_batch: tuple[int, str], dtype_reason: str | None) -> dict:
+    """config.json's ``resolved``: the micro-batch size and compute dtype of a run (``config``: its
+    TrainConfig), each ``{"value", "reason"}``; ``dtype_reason``: the caller's choice (``--dtype auto``), if any."""
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if config.compute_dtype == "bfloat16":
+        dtype, reason = "bfloat16", f"compute_dtype='bfloat16': autocast over the model's {weights} weights"
+    else:
+        dtype, reason = weights, f"compute_dtype=None: the model's dtype ({weights})"
+    return {"micro_batch_size": {"value": micro_batch[0], "reason": micro_batch[1]},
+            "compute_dtype": {"value": dtype, "reason": f"{dtype_reason}; {reason}" if dtype_reason else reason}}
+
+
+def saved_micro_batch(run_dir: Path, config, device) -> tuple[int, str] | None:
+    """The micro-batch an interrupted run in ``run_dir`` trained with, when its ``config`` left it to the
+    default (None otherwise), so that its resumed steps equal the first ones bit for bit: config.json's
+    ``resolved`` value; a folder written before ``resolved`` existed trained with the old default (8 on CPU,
+    the whole pseudo-batch on CUDA)."""
+    if config.micro_batch_size is not None:
+        return None
+    saved = read_run_config(run_dir).get("resolved")
+    if saved is not None:
+        return saved["micro_batch_size"]["value"], "resumed: " + saved["micro_batch_size"]["reason"]
+    cuda = str(device).startswith("cuda")
+    return (config.pseudo_batch_size if cuda else 8), "resumed run written before 'resolved': its default then"
 
 
 def truncate_log(path: Path, completed_steps: int) -> None:

@@ -1,7 +1,8 @@
 """A training run end to end, and its folder on disk.
 
 ``run_training`` evaluates before (fore test), trains, evaluates after (post test) and writes a run folder
-(its files: :mod:`abft_lens.run_files`).
+(its files: :mod:`abft_lens.run_files`; ``config.json`` also records ``resolved``: the micro-batch size and
+compute dtype the run used, each with why).
 
 Stages, in order (each a function of a :class:`PreparedRun`): :func:`prepare_run` checks every input (the
 options, the folder, the task's sizes, the label words) before anything is written; :func:`open_run_folder`
@@ -49,9 +50,10 @@ from abft_lens.training.checks import check_run_fits_task
 from abft_lens.run_files import (CHECKPOINT_FILE, FORE_TEST_FILE, LOG_FILE, METRICS_FILE, POST_TEST_FILE,
                                  TRAINED_FILE, read_run_json)
 from abft_lens.training.run_folder import (RunLock, check_finite, check_same_base, check_run_dir, clear_folder,
-                                           read_run_config, read_trained, remove_empty_folder, start_or_resume,
-                                           truncate_log)
-from abft_lens.training.train import StepResult, TrainConfig, Trainer, validation_prompts
+                                           read_run_config, read_trained, remove_empty_folder, resolved_block,
+                                           saved_micro_batch, start_or_resume, truncate_log)
+from abft_lens.training.train import (StepResult, TrainConfig, Trainer, resolve_micro_batch, training_prompts,
+                                      validation_prompts)
 from abft_lens.training.adapters import attach
 from abft_lens.training.trainable import Trainable, TrainableConfig, attached
 
@@ -64,7 +66,8 @@ class RunOptions:
     ``after(model) -> list of (name, value) rows`` (on the trained model, after the post test), e.g.
     :class:`~abft_lens.evaluation.generalization.RunExtras`. ``fore_result``: the fore test already evaluated
     elsewhere (a study's shared baseline of the same model, task, k and ``n_test``); it is written to
-    ``fore_test.json`` instead of evaluating again.
+    ``fore_test.json`` instead of evaluating again. ``dtype_reason``: why the compute dtype is what it is, when
+    the caller picked it (``--dtype auto``); recorded in ``config.json`` (``resolved.compute_dtype.reason``).
     """
 
     run_dir: str | Path | None = None
@@ -80,6 +83,7 @@ class RunOptions:
     dist: distributed.DistributedContext | None = None
     extras: Sequence = ()
     fore_result: EvalResult | None = None
+    dtype_reason: str | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir) if self.run_dir is not None else None
@@ -159,8 +163,8 @@ def run_training(model: LoadedModel, task: ICLTask, config: TrainConfig, options
 
     ``options`` (or the same names as keyword arguments: ``run_dir``, ``n_test``, ``fore_test``, ``post_test``,
     ``save_model``, ``resume``, ``checkpoint_every``, ``batch_size``, ``progress``, ``callbacks``, ``dist``,
-    ``extras``): see :class:`RunOptions`. ``callbacks`` run on every rank (a stop requested on any rank stops
-    all of them). The model ends as it began; the result holds the trained tensors (:meth:`RunResult.apply_to`).
+    ``extras``, ``fore_result``, ``dtype_reason``): see :class:`RunOptions`. ``callbacks`` run on every rank
+    (a stop requested on any rank stops all of them). The model ends as it began; the result holds the trained tensors (:meth:`RunResult.apply_to`).
     """
     if options is not None and kwargs:
         raise TypeError("run_training: pass either options or keyword arguments, not both")
@@ -197,9 +201,12 @@ def prepare_run(model: LoadedModel, task: ICLTask, config: TrainConfig, options:
         check = lambda: check_run_dir(options.run_dir, resume=options.resume)  # noqa: E731
         dist.on_main(check) if dist is not None else check()
     check_run_fits_task(config, task, options.n_test, tests=options.fore_test or options.post_test)
+    builder = prompt_builder(model, task)
+    micro_batch = resolve_micro_batch(model, config, [p.n_tokens for p in training_prompts(builder, config)], dist)
     meta = {"train": config.to_dict(), "model": describe_model(model), "task": task.describe(),
-            "n_test": options.n_test, "abft_lens_version": __version__}
-    return PreparedRun(model, task, config, options, prompt_builder(model, task), meta, dist)
+            "n_test": options.n_test, "abft_lens_version": __version__,
+            "resolved": resolved_block(model, config, micro_batch, options.dtype_reason)}
+    return PreparedRun(model, task, config, options, builder, meta, dist)
 
 
 @contextlib.contextmanager
@@ -256,7 +263,9 @@ def start_training(run: PreparedRun) -> tuple[Trainer, ValidationGuard | None]:
     checkpoint of a resumed run; the guard has evaluated step 0 (the base)."""
     if run.dist is not None:
         run.dist.barrier()  # the fore test (rank 0) precedes training on every rank
-    trainer = Trainer(run.model, run.builder, run.config, dist=run.dist)
+    resolved = run.meta["resolved"]["micro_batch_size"]  # or, resuming, what the interrupted run used
+    saved = run.resuming and run.on_main(lambda: saved_micro_batch(run.run_dir, run.config, run.model.cfg.device))
+    trainer = Trainer(run.model, run.builder, run.config, run.dist, saved or (resolved["value"], resolved["reason"]))
     config, log_path = run.config, _path(run, LOG_FILE)
     guard = None
     if config.validate_every and config.validation_examples and run.main:
@@ -390,5 +399,4 @@ def load_run(run_dir: str | Path, model: LoadedModel) -> TrainConfig:
 
 __all__ = ["RunOptions", "RunResult", "PreparedRun", "run_training", "prepare_run", "open_run_folder", "fore_test",
            "start_training", "train", "finish_training", "post_test", "save_run", "give_back",
-           "apply_trained",
-           "load_run", "TrainableConfig", "StepResult"]
+           "apply_trained", "load_run", "TrainableConfig", "StepResult"]

@@ -12,10 +12,11 @@ micro-batch of one prompt is exactly the per-sample loop. A step returns a :clas
 ``compute_dtype="bfloat16"`` runs the forward pass under ``torch.autocast`` (matmuls in bfloat16, norms, the
 residual stream, weights, gradients and Adam state in float32); attention rows are upcast before the loss.
 
-ABFT loss: :func:`abft_lens.training.objectives.abft_loss` on the last attention row of every head (the unembedding
-is skipped). E2E loss: cross-entropy of the query's gold label token over the whole vocabulary at the last
-position. Both log the same quantities (E2E computes the ABFT terms without gradient), so runs compare step
-for step.
+ABFT loss: :func:`abft_lens.training.objectives.abft_loss` on the last attention row of every head; the forward
+stops at the last layer's attention pattern (no W_O, MLP, final norm or unembedding after it:
+:func:`abft_lens.interp.capture.forward_to_last_pattern`). E2E loss: cross-entropy of the query's gold label
+token over the whole vocabulary at the last position. Both log the same quantities (E2E computes the ABFT
+terms without gradient), so runs compare step for step.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Literal, Sequence
 
 import torch
-from abft_lens.interp.capture import capture_attention_rows
+from abft_lens.interp.capture import capture_attention_rows, forward_to_last_pattern
 from abft_lens.backends import cpu
 from abft_lens.backends.forward import forward_residual
 from abft_lens.errors import AbftLensError
@@ -37,6 +38,7 @@ from abft_lens.data.tasks import ICLTask
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.checks import check_train_config
 from abft_lens.training.presets import contradictions, preset
+from abft_lens.training.step_cost import Dims, pick_micro_batch, trained_elements
 from abft_lens.training.trainable import Trainable, TrainableConfig
 
 Method = Literal["ABFT", "E2E"]
@@ -56,8 +58,9 @@ class TrainConfig:
     ``select_max_p``: when set, a trained step can be kept only if, on the validation prompts, it answers
     significantly more prompts right than step 0 (paired exact McNemar, p < ``select_max_p``, more gained than
     lost); otherwise the base is kept. Ours, not the paper's: a guard on few prompts otherwise keeps noise.
-    ``micro_batch_size``: prompts per forward pass (None: 8 on CPU, the whole pseudo-batch on CUDA; 1: the
-    per-sample loop). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
+    ``micro_batch_size``: prompts per forward pass (1: the per-sample loop; None: on CPU the largest size whose
+    estimated peak memory stays within 1.3x the per-sample step's, :func:`resolve_micro_batch`; on CUDA the whole
+    pseudo-batch). ``compute_dtype``: None (the model's dtype) or ``"bfloat16"`` (autocast, see above).
     ``balance_query_labels`` (ours): the training prompts' queries take every label equally often (see
     :func:`abft_lens.data.prompts.sample_prompts`); off, they follow the calibration split's label shares.
     ``preset``: the named regime the config was made from (:meth:`paper`, :meth:`demo`; None: none); a config
@@ -175,13 +178,17 @@ class Trainer:
     ``step(batch)`` runs one pseudo-batch; ``run()`` runs every remaining step and calls the callbacks.
     ``state_dict()`` / ``load_state_dict()`` capture everything a resumed run needs.
 
+    ``micro_batch``: ``(size, reason)`` decided elsewhere (a run's ``config.json``); default
+    :func:`resolve_micro_batch`, kept as :attr:`micro_batch_size` and :attr:`micro_batch_reason`.
+
     ``dist`` (a :class:`abft_lens.training.distributed.DistributedContext`, or None for one process): data parallel
     training. Each rank runs its share ``batch[rank::world_size]`` of every pseudo-batch; gradients, loss
     totals and head counts are summed over ranks before the optimizer step, so every rank applies the same
     update and every :class:`StepResult` is the global one.
     """
 
-    def __init__(self, model, builder: PromptBuilder, config: TrainConfig, dist=None):
+    def __init__(self, model, builder: PromptBuilder, config: TrainConfig, dist=None,
+                 micro_batch: tuple[int, str] | None = None):
         self.model = model
         self.builder = builder
         self.config = config
@@ -197,6 +204,8 @@ class Trainer:
         self.label_token_ids = torch.tensor(builder.label_token_ids)
         self.pad_id = pad_token_id(builder.tokenizer)
         self._device = torch.device(model.cfg.device)
+        self.micro_batch_size, self.micro_batch_reason = micro_batch or resolve_micro_batch(
+            model, config, [prompt.n_tokens for prompt in self.prompts], dist)
         if config.compute_dtype == "bfloat16" and self._device.type == "cpu" and not cpu.native_bf16():
             log.warning("bfloat16 training on a CPU without bfloat16 instructions (no AVX512-BF16 or AMX; torch "
                         "reports %s): its bfloat16 matmuls are emulated, slower than float32 (about 50x on AVX2); "
@@ -220,13 +229,6 @@ class Trainer:
             return [[prompt] for prompt in share]
         ordered = sorted(share, key=lambda prompt: prompt.n_tokens)
         return [ordered[start:start + size] for start in range(0, len(ordered), size)]
-
-    @property
-    def micro_batch_size(self) -> int:
-        """The configured micro-batch size, or the default: 8 on CPU, the whole pseudo-batch on CUDA."""
-        if self.config.micro_batch_size is not None:
-            return self.config.micro_batch_size
-        return self.config.pseudo_batch_size if self._device.type == "cuda" else 8
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, batch: Sequence[ICLPrompt], epoch: int = 0) -> StepResult:
@@ -289,7 +291,10 @@ class Trainer:
         e2e = self.config.method == "E2E"
         with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.config.compute_dtype == "bfloat16"):
             with capture_attention_rows(self.model, detach=e2e) as rows:
-                residual = forward_residual(self.model, tokens, mask)
+                if e2e:  # logits at the last position; ABFT stops once the last pattern is captured
+                    residual = forward_residual(self.model, tokens, mask)
+                else:
+                    forward_to_last_pattern(self.model, tokens, mask, rows)
             logits = self.model.unembed(self.model.ln_final(residual[:, -1:, :]))[:, 0] if e2e else None
         last_rows = rows.stacked()  # [batch, layer, head, key]
         if last_rows.dtype not in (torch.float32, torch.float64):  # bfloat16 under autocast
@@ -305,6 +310,15 @@ class Trainer:
             samples.append((terms, cross_entropy))
             participating.append(terms.participating.cpu())
         return samples, torch.stack(participating)
+
+    @torch.no_grad()
+    def filter_decisions(self, prompts: Sequence[ICLPrompt]) -> torch.Tensor:
+        """Bool ``[prompt, layer, head]``: which heads pass the induction filter for each of ``prompts`` under
+        the current weights and compute dtype (the decisions a step would make; nothing is trained)."""
+        decisions = {}
+        for chunk in self.micro_batches(prompts):
+            decisions.update(zip(map(id, chunk), self._micro_batch_loss(chunk, self.controller.penalty)[1]))
+        return torch.stack([decisions[id(prompt)] for prompt in prompts])
 
     # ------------------------------------------------------------------------------------------ loop
     def run(self, callbacks: Sequence[Callback] = ()) -> None:
@@ -337,6 +351,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.completed_steps = int(state["completed_steps"])
+
+
+def resolve_micro_batch(model, config: TrainConfig, lengths: Sequence[int], dist=None) -> tuple[int, str]:
+    """``(micro-batch size, reason)`` of a run whose training prompts are ``lengths`` tokens long: the configured
+    size, or :func:`abft_lens.training.step_cost.pick_micro_batch` for this process's share of a pseudo-batch."""
+    if config.micro_batch_size is not None:
+        return config.micro_batch_size, f"given: micro_batch_size={config.micro_batch_size}"
+    share = -(-config.pseudo_batch_size // (dist.world_size if dist is not None else 1))
+    dims, trainable = Dims.of(model), config.trainable
+    elements = trained_elements(dims, trainable.kind, trainable.targets, bias=trainable.bias, lora_r=trainable.lora_r)
+    return pick_micro_batch(model, lengths, share, elements, device=torch.device(model.cfg.device).type,
+                            bfloat16=config.compute_dtype == "bfloat16")
 
 
 def training_pool(task: ICLTask, config: TrainConfig):
