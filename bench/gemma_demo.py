@@ -29,18 +29,16 @@ from pathlib import Path
 
 from abft_lens.io import write_json
 from abft_lens.run_files import CONFIG_FILE, FORE_TEST_FILE, METRICS_FILE, POST_TEST_FILE, read_log, read_run_json
-from abft_lens.evaluation.metrics import mcnemar_exact
+from abft_lens.evaluation.paired import correct
+from abft_lens.evaluation.paired import paired as paired_change
 
 
 def paired(run_dir: Path) -> dict:
     fore = read_run_json(run_dir, FORE_TEST_FILE)["per_prompt"]
     post = read_run_json(run_dir, POST_TEST_FILE)["per_prompt"]
     assert len(fore) == len(post) and all(a["gold"] == b["gold"] for a, b in zip(fore, post))
-    before = [p["prediction"] == p["gold"] for p in fore]
-    after = [p["prediction"] == p["gold"] for p in post]
-    gained = sum(not b and a for b, a in zip(before, after))
-    lost = sum(b and not a for b, a in zip(before, after))
-    return {"n": len(fore), "gained": gained, "lost": lost, "mcnemar_exact_p": mcnemar_exact(gained, lost),
+    change = paired_change(correct(fore), correct(post))
+    return {"n": len(fore), "gained": change.gained, "lost": change.lost, "mcnemar_exact_p": change.p_value,
             "changed_predictions": sum(p["prediction"] != q["prediction"] for p, q in zip(fore, post))}
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import evaluate_prompts
-from abft_lens.evaluation.metrics import mcnemar_exact
+from abft_lens.evaluation.paired import paired
 from abft_lens.io import append_jsonl, atomic_write_bytes
 from abft_lens.data.prompts import ICLPrompt
 from abft_lens.training.train import StepResult, Trainer
@@ -74,9 +74,8 @@ class ValidationGuard:
         if step == 0:
             self.base_correct = correct
         elif self.base_correct is not None:
-            gained = sum(now and not then for now, then in zip(correct, self.base_correct))
-            lost = sum(then and not now for now, then in zip(correct, self.base_correct))
-            record.update(gained_vs_base=gained, lost_vs_base=lost, p_vs_base=mcnemar_exact(gained, lost))
+            change = paired(self.base_correct, correct)
+            record.update(gained_vs_base=change.gained, lost_vs_base=change.lost, p_vs_base=change.p_value)
         self.history.append(record)
         if self.log_path is not None:
             append_jsonl(self.log_path, record)
