@@ -14,6 +14,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from abft_lens.backends.loading import load_model_like
+from abft_lens.data.prompts import prompt_builder, test_prompts
+from abft_lens.data.tasks import task_from_description
+from abft_lens.interp.heads import head_scores
+from abft_lens.training.run_folder import read_run_config, read_trained
+from abft_lens.training.runs import load_run
 from abft_lens.backends import qk
 from abft_lens.run_files import FORE_TEST_FILE, POST_TEST_FILE, read_log, read_run_json
 
@@ -107,48 +113,28 @@ def example_patterns(model, prompt, heads: Sequence[tuple[int, int]]) -> list:
     return [torch.round(kept[pair], decimals=5).tolist() for pair in heads]
 
 
-def compare_run(
-    run_dir: str | Path,
-    *,
-    model=None,
-    task=None,
-    n_prompts: int = 64,
-    k: int | None = None,
-    batch_size: int = 8,
-    n_seqs: int = 32,
-    seq_len: int = 40,
-    progress: bool = False,
-    example_heads: Sequence[tuple[int, int]] | None = None,
-) -> Comparison:
+def compare_run(run_dir: str | Path, *, model=None, task=None, n_prompts: int = 64, k: int | None = None,
+                batch_size: int = 8, n_seqs: int = 32, seq_len: int = 40, progress: bool = False,
+                example_heads: Sequence[tuple[int, int]] | None = None) -> Comparison:
     """Head scores of a run's base model and of its trained model on the same prompts.
 
     Args:
-        run_dir: a run folder written by :func:`~abft_lens.training.runs.run_training` (config.json, log.jsonl,
-            fore_test.json / post_test.json when tested, trained.safetensors).
+        run_dir: a run folder written by :func:`~abft_lens.training.runs.run_training`, with its trained tensors.
         model: the run's base model (a ``HookedTransformer`` or a bridge, e.g. one built by hand); default
             ``load_model_like(config["model"])`` (4-bit when the run was). **It is trained in place**
             (``load_run`` merges the run's tensors into it, or leaves a 4-bit base's adapters attached): a
             caller passing ``model`` gets it back trained.
         task: the run's task; default the one its config.json names (a custom file is found by its recorded
             path and checked against its sha256: pass the task when the file moved).
-        n_prompts, k: the first ``n_prompts`` fixed test prompts with ``k`` demonstrations (default: the
-            run's k) feed the ICL scores, identical before and after.
-        batch_size, n_seqs, seq_len, progress: passed to :func:`~abft_lens.interp.heads.head_scores`.
+        n_prompts, k: the first ``n_prompts`` fixed test prompts, ``k`` demonstrations (default: the run's).
+        batch_size, n_seqs, seq_len, progress: for :func:`~abft_lens.interp.heads.head_scores`.
         example_heads: heads whose full patterns on the first prompt go to ``prompt_example``; default the
             top 3 heads by ``label_attention`` before training.
 
     Returns:
-        A :class:`Comparison`; ``weight_change`` is ``[n_layers, 2]`` (Frobenius norm of ΔW_Q, ΔW_K; under
-        GQA ΔW_K is taken over the stored kv heads), ``accuracy`` the fore/post test metrics (None when a
-        test was skipped), ``trace`` the lines of log.jsonl.
+        A :class:`Comparison`; ``weight_change`` ``[n_layers, 2]``: Frobenius norms of ΔW_Q, ΔW_K (ΔW_K over
+        the stored kv heads); ``accuracy``: fore/post metrics (None: skipped); ``trace``: log.jsonl's lines.
     """
-    from abft_lens.data.prompts import prompt_builder, test_prompts
-    from abft_lens.interp.heads import head_scores
-    from abft_lens.backends.loading import load_model_like
-    from abft_lens.training.run_folder import read_run_config, read_trained
-    from abft_lens.training.runs import load_run
-    from abft_lens.data.tasks import task_from_description
-
     run_dir = Path(run_dir)
     config = read_run_config(run_dir, trained=True)
     read_trained(run_dir)  # readable and finite, before a model loads
@@ -171,20 +157,12 @@ def compare_run(
     pattern_after = example_patterns(model, prompts[0], example_heads)
     weight_change = _weight_change(weights_before, qk.layer_qk(model))
 
-    tokenizer = model.tokenizer
-    example = {
-        "tokens": [tokenizer.decode([token]) for token in prompts[0].token_ids],
-        "heads": [list(pair) for pair in example_heads],
-        "before": pattern_before,
-        "after": pattern_after,
-        "label_positions": list(prompts[0].label_positions),
-    }
-    return Comparison(
-        before={name: scores.scores for name, scores in before.items()},
-        after={name: scores.scores for name, scores in after.items()},
-        weight_change=weight_change, accuracy=saved_accuracy(run_dir), trace=read_log(run_dir), run=config,
-        prompt_example=example,
-    )
+    example = {"tokens": [model.tokenizer.decode([token]) for token in prompts[0].token_ids],
+               "heads": [list(pair) for pair in example_heads], "before": pattern_before, "after": pattern_after,
+               "label_positions": list(prompts[0].label_positions)}
+    return Comparison(before={name: scores.scores for name, scores in before.items()},
+                      after={name: scores.scores for name, scores in after.items()}, weight_change=weight_change,
+                      accuracy=saved_accuracy(run_dir), trace=read_log(run_dir), run=config, prompt_example=example)
 
 
 def saved_accuracy(run_dir: Path) -> dict:

@@ -85,18 +85,29 @@ def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -
     parsed = _parse_trained(trained)
     needs_bias = any(role == "bias" and tensor.abs().max() > 0 for (_, _, role), tensor in parsed.items())
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer, bias_added = _load_base(base, needs_bias)
+    changed = _merge(model, parsed, trainable.lora_scale, run_dir)
+    if needs_bias:
+        model.config.attention_bias = True
+
+    _write_folder(output, model, tokenizer, peft=peft, parsed=parsed, trainable=trainable, base=base,
+                  info={"run_dir": str(run_dir.resolve()), "config": meta, "metrics": metrics,
+                        "base_hf_dir": str(base), "changed": changed},
+                  card=model_card(meta, metrics, peft=peft, bias_added=bias_added))
+    return ExportResult(output, base, output / ADAPTER_DIR if peft else None, changed, bias_added)
+
+
+def _load_base(base: Path, needs_bias: bool):
+    """The base model's Hugging Face folder as a float32 model and its tokenizer; with ``needs_bias``, attention
+    biases added (zero) where the architecture has none. Returns (model, tokenizer, biases were added)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        overrides = {}
+        overrides, bias_added = {}, False
         if needs_bias:
-            from transformers import AutoConfig
-
             overrides["config"] = AutoConfig.from_pretrained(base)
             bias_added = not getattr(overrides["config"], "attention_bias", False)
             overrides["config"].attention_bias = True
-        else:
-            bias_added = False
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as error:
@@ -104,24 +115,22 @@ def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -
                             "check that the folder still holds the model written by save_pretrained.") from error
     if bias_added:
         _zero_added_biases(model)
-    changed = _merge(model, parsed, trainable.lora_scale, run_dir)
-    if needs_bias:
-        model.config.attention_bias = True
+    return model, tokenizer, bias_added
 
+
+def _write_folder(output: Path, model, tokenizer, *, peft: bool, parsed, trainable, base: Path, info: dict,
+                  card: str) -> None:
+    """Everything into a temporary folder beside ``output``, then one rename: the export is whole or absent."""
     parent = output.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        adapter = None
         if peft:
-            adapter = tmp / ADAPTER_DIR
-            _write_adapter(adapter, parsed, trainable, base)
-        (tmp / RUN_INFO_FILE).write_text(json.dumps({"run_dir": str(run_dir.resolve()), "config": meta,
-                                                      "metrics": metrics, "base_hf_dir": str(base),
-                                                      "changed": changed}, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(meta, metrics, peft=peft, bias_added=bias_added))
+            _write_adapter(tmp / ADAPTER_DIR, parsed, trainable, base)
+        (tmp / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "README.md").write_text(card)
         _check_output(output)  # a folder that appeared while exporting is not overwritten either
         if output.exists():
             output.rmdir()
@@ -129,7 +138,6 @@ def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(output, base, output / ADAPTER_DIR if peft else None, changed, bias_added)
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -114,8 +114,6 @@ def build_report(comparison: "Comparison", *, title: str | None = None, scores: 
                  include_max: bool = True) -> Report:
     """Lay out a :class:`Comparison`: summary and accuracy, training trace, per-layer curves, before/after/
     difference heatmaps of every score, weight change, and circuitsvis attention views of the chosen heads."""
-    import torch
-
     run = comparison.run or {}
     if title is None:
         method = (run.get("train") or {}).get("method", "ABFT")
@@ -136,6 +134,20 @@ def build_report(comparison: "Comparison", *, title: str | None = None, scores: 
                                   png_width=1200)]),
     ]
     names = scores if scores is not None else _score_names(comparison)
+    heatmaps = _heatmaps(comparison, names)
+    sections.append(heatmaps)
+    sections.append(Section("weights", "Weight change", items=[FigureItem(
+        "weight_change", viz.weight_change_plot(comparison.weight_change),
+        "Frobenius norm of the change of W_Q and W_K per layer (all heads of the layer)", png_width=1000)]))
+
+    attention, note = _attention(comparison.prompt_example or {})
+    return Report(title=title, sections=sections, attention=attention, attention_note=note)
+
+
+def _heatmaps(comparison: "Comparison", names: list[str]) -> Section:
+    """Before, after and difference heatmaps of each score; before and after share one colour range."""
+    import torch
+
     heatmaps = Section("heatmaps", "Head scores: before, after, difference", columns=3,
                        intro_html='<p class="note">Layer on y (0 at the top), head on x. Before and after share '
                                   "one colour range; the difference is after − before (blue: up, red: down).</p>")
@@ -155,24 +167,19 @@ def build_report(comparison: "Comparison", *, title: str | None = None, scores: 
             FigureItem(f"{name}_difference", viz.difference_heatmap(before, after, f"{label}: after − before"),
                        png_width=600),
         ]))
-    sections.append(heatmaps)
-    sections.append(Section("weights", "Weight change", items=[FigureItem(
-        "weight_change", viz.weight_change_plot(comparison.weight_change),
-        "Frobenius norm of the change of W_Q and W_K per layer (all heads of the layer)", png_width=1000)]))
+    return heatmaps
 
-    attention, note = [], ""
-    example = comparison.prompt_example or {}
+
+def _attention(example: dict) -> tuple[list, str]:
+    """circuitsvis views of the example prompt's chosen heads before and after, and the note above them."""
     tokens, heads = example.get("tokens"), example.get("heads")
-    if tokens and heads and example.get("before") is not None and example.get("after") is not None:
-        names_shown = [f"L{int(layer)}H{int(head)}" for layer, head in heads]
-        note = (f"One prompt ({len(tokens)} tokens), heads {', '.join(names_shown)}. "
-                "Click a head to enlarge it; hover a cell to read the source and destination tokens.")
-        for stage in ("before", "after"):
-            attention.append(AttentionItem(f"{stage.capitalize()} training",
-                                           viz.attention_view(tokens, example[stage], names_shown)))
-    else:
-        note = "This comparison holds no prompt example, so no attention patterns are shown."
-    return Report(title=title, sections=sections, attention=attention, attention_note=note)
+    if not (tokens and heads and example.get("before") is not None and example.get("after") is not None):
+        return [], "This comparison holds no prompt example, so no attention patterns are shown."
+    names_shown = [f"L{int(layer)}H{int(head)}" for layer, head in heads]
+    note = (f"One prompt ({len(tokens)} tokens), heads {', '.join(names_shown)}. "
+            "Click a head to enlarge it; hover a cell to read the source and destination tokens.")
+    return [AttentionItem(f"{stage.capitalize()} training", viz.attention_view(tokens, example[stage], names_shown))
+            for stage in ("before", "after")], note
 
 
 # --------------------------------------------------------------------------------------------- from run
