@@ -33,10 +33,9 @@ from abft_lens.data.tasks import load_task
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.label_prior import label_distribution, prior_shift
 from abft_lens.evaluation.paired import Paired, SignTest, correct, holm, paired, query_sign_test
-from abft_lens.io import read_json
 from abft_lens.run_files import METRICS_FILE, POST_TEST_FILE, read_run_json
 from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KINDS, baseline_path, dataset_name,
-                                              read_study, run_path)
+                                              read_baseline, read_study, run_path)
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
 
 __all__ = ["StudyTables", "study_tables", "collapse_threshold", "head_to_head", "COLLAPSE_SHARE", "COLLAPSE_MARGIN",
@@ -295,7 +294,7 @@ def head_to_head(results: ModelResults) -> list[dict]:
 
 
 def _read(path: Path) -> dict | None:
-    return read_json(path) if path.is_file() else None
+    return read_baseline(path) if path.is_file() else None
 
 
 def cost_rows(results: ModelResults) -> list[dict]:

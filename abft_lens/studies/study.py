@@ -40,11 +40,11 @@ from abft_lens.evaluation.evaluator import EvalResult, evaluate
 from abft_lens.evaluation.generalization import RunExtras
 from abft_lens.evaluation.label_prior import prior_reweighted
 from abft_lens.evaluation.robustness import calibrated_evaluate
-from abft_lens.io import read_json, write_json
+from abft_lens.io import write_json
 from abft_lens.resources import peak_rss_mib, reset_peak_rss
 from abft_lens.run_files import (CONFIG_FILE, GENERALIZATION_FILE, GENERATION_FILE, METRICS_FILE, has_after,
                                  is_finished, is_run_folder, read_run_json)
-from abft_lens.reporting.study_folder import baseline_path
+from abft_lens.reporting.study_folder import baseline_path, read_baseline
 from abft_lens.reporting.study_render import write_study_tables
 from abft_lens.studies.generation_report import MauveExtra, MauveTest
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_plan_fits
@@ -81,7 +81,8 @@ def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec
         for model_name in plan.models:
             mine = [cell for cell in todo if cell.model == model_name]
             if mine:
-                _run_model_cells(state, model_name, mine, recipes, bar, dtype=dtype, device=device, progress=progress)
+                _run_model_cells(state, model_name, mine, recipes, bar, dtype=dtype, device=device,
+                                 progress=progress)
     finally:
         bar.close()
     write_study_tables(out)
@@ -171,7 +172,7 @@ def shared_evaluation(model: LoadedModel, task: ICLTask, out: Path, model_name: 
     into the study folder and read back afterwards."""
     path = baseline_path(out, model_name, task.name, kind, k=k, n_test=n_test)
     if path.is_file():
-        return EvalResult.from_dict(read_json(path))
+        return EvalResult.from_dict(read_baseline(path))
     run = evaluate if kind == "vanilla" else calibrated_evaluate
     result = run(model, task, k=k, n_test=n_test, batch_size=batch_size,
                  progress=f"{kind} {task.name}" if progress else False)
