@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from abft_lens.reporting import viz
 from abft_lens.errors import AbftLensError
-from abft_lens.io import check_output_file, read_json, write_json
+from abft_lens.io import check_folder, check_output_file, read_json, write_json
 
 if TYPE_CHECKING:
     from abft_lens.reporting.compare import Comparison
@@ -216,6 +216,8 @@ def report_from_run(run_dir: str | Path, *, output: str | Path | None = None, n_
         check_output_file(output)
     comparison_path = run_dir / COMPARISON_FILE
     reused = comparison_path.is_file()
+    if output is None or not reused:  # comparison.json or report.html go into the run folder
+        check_folder(run_dir, "RUN_DIR")
     if has_trained(run_dir):
         read_trained(run_dir)  # a diverged (NaN) run gets no report
     if reused:

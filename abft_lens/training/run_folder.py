@@ -7,8 +7,8 @@ completeness tests are :mod:`abft_lens.run_files`'s.
   file (empty, truncated, not JSON, not safetensors, NaN/inf tensors) is one :class:`AbftLensError` naming the
   file, never a ``JSONDecodeError`` or ``SafetensorError`` traceback.
 - :func:`check_run_dir`: whether a ``--run-dir`` can take a new (or resumed) run, checked before any model
-  loads; a folder holding anything but a run is refused, so nothing of the user's is overwritten. A run to be
-  resumed must have readable files (:func:`read_checkpoint`).
+  loads; a folder holding anything but a run is refused, so nothing of the user's is overwritten, and so is a
+  folder this process may not write. A run to be resumed must have readable files (:func:`read_checkpoint`).
   :func:`start_or_resume` writes config.json (or checks a resumed run's settings) under the lock;
   :func:`clear_folder` takes back a fresh run refused before its first step.
 - :class:`RunLock`: ``run.lock`` holds the pid of the process training in the folder, under an exclusive
@@ -29,7 +29,7 @@ from pathlib import Path
 from torch import Tensor
 
 from abft_lens.errors import AbftLensError
-from abft_lens.io import NUMBER, Maybe, atomic_write_text, shape_problem, write_json
+from abft_lens.io import NUMBER, Maybe, atomic_write_text, check_folder, shape_problem, write_json
 from abft_lens.run_files import (CHECKPOINT_FILE, CONFIG_FILE, DAMAGED_FIX, LOCK_FILE, TRAINED_FILE,
                                  check_run_files, has_trained, is_finished, is_run_folder, read_log, read_run_json)
 
@@ -136,16 +136,11 @@ def check_same_base(run_model: Mapping, model: Mapping, run_dir: str | Path) -> 
 
 def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
     """Refuse a ``--run-dir`` that cannot take this run, before anything loads or is written: a file (or a
-    path under one), a folder holding a run when not resuming (or a complete run, or one with a damaged file,
-    when resuming), a folder holding other files, and ``--resume`` on
+    path under one), a folder this process may not write, a folder holding a run when not resuming (or a
+    complete run, or one with a damaged file, when resuming), a folder holding other files, and ``--resume`` on
     a folder that holds no run."""
     run_dir = Path(run_dir)
-    for path in (run_dir, *run_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "is a file" if path == run_dir else f"lies under {path}, which is a file"
-                raise AbftLensError(f"--run-dir {run_dir} {where}, not a folder.", "choose another --run-dir.")
-            break
+    check_folder(run_dir, "--run-dir")
     if is_run_folder(run_dir):
         if not resume:
             raise AbftLensError(f"{run_dir} already holds a run; abft-lens never overwrites one.",
