@@ -14,7 +14,8 @@ This module is the one place that spells a run folder's file names; everything e
 - ``generation.json``     the MAUVE test; ``comparison.json`` and ``report.html``: ``abft-lens report``
 
 Every JSON file is read through :func:`read_run_json`, which checks its shape (:data:`SHAPES`): a damaged file
-(truncated, empty, binary, wrongly shaped) is one :class:`AbftLensError` naming it.
+(truncated, empty, binary, wrongly shaped) is one :class:`AbftLensError` naming it. :func:`check_not_run_file`
+refuses an output path that is one of a run folder's own files (:data:`OWN_FILES`).
 
 Checked readers of the richer files (config.json, the trained tensors) need the training layer and live in
 :mod:`abft_lens.training.run_folder`.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from abft_lens.errors import AbftLensError
@@ -31,9 +33,9 @@ from abft_lens.io import NUMBER, Maybe, Values, read_checked_json
 
 __all__ = ["CONFIG_FILE", "LOG_FILE", "FORE_TEST_FILE", "POST_TEST_FILE", "METRICS_FILE", "TRAINED_FILE",
            "CHECKPOINT_FILE", "LOCK_FILE", "ROBUSTNESS_FILE", "GENERALIZATION_FILE", "CALIBRATION_FILE",
-           "GENERATION_FILE", "COMPARISON_FILE", "REPORT_FILE", "DAMAGED_FIX", "SHAPES", "EVALUATION",
+           "GENERATION_FILE", "COMPARISON_FILE", "REPORT_FILE", "DAMAGED_FIX", "OWN_FILES", "SHAPES", "EVALUATION",
            "is_run_folder", "is_finished", "has_trained", "has_after", "read_run_json", "read_log", "check_run_files",
-           "trained_parameters"]
+           "check_not_run_file", "trained_parameters"]
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
@@ -52,6 +54,9 @@ REPORT_FILE = "report.html"
 DAMAGED_FIX = "restore the file from a copy, or train the run again."
 FIXES = {COMPARISON_FILE: "delete it: abft-lens report computes it again from the run."}
 LOG_FIX = "delete the damaged line (the log feeds only the report's training trace), or train the run again."
+# every file of a run folder but report.html, which `abft-lens report` itself rewrites
+OWN_FILES = (CONFIG_FILE, LOG_FILE, FORE_TEST_FILE, POST_TEST_FILE, METRICS_FILE, TRAINED_FILE, CHECKPOINT_FILE,
+             LOCK_FILE, ROBUSTNESS_FILE, GENERALIZATION_FILE, CALIBRATION_FILE, GENERATION_FILE, COMPARISON_FILE)
 
 EVALUATION = {"task": str, "k": int, "label_words": [str], "metrics": Values(Maybe(NUMBER)),
               "per_prompt": [{"gold": int, "prediction": int, "label_probs": [NUMBER]}]}  # an EvalResult
@@ -104,6 +109,15 @@ def check_run_files(run_dir: str | Path) -> None:
     for name in SHAPES:
         read_run_json(run_dir, name)
     read_log(run_dir)
+
+
+def check_not_run_file(path: str | Path, option: str = "--output") -> None:
+    """Refuse an output path that is one of a run folder's own files (it would destroy the run)."""
+    path = Path(path)
+    folder = Path(os.path.realpath(path.parent))
+    if path.name in OWN_FILES and is_run_folder(folder):
+        raise AbftLensError(f"{option} {path} is the run folder's own {path.name}; writing there would destroy the "
+                            f"run in {folder}.", f"choose another file name or folder for {option}.")
 
 
 def has_after(run_dir: str | Path, name: str) -> bool:

@@ -30,7 +30,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
-    from abft_lens.io import check_output_file, write_json
+    from abft_lens.io import write_json
+    from abft_lens.reporting.study_folder import check_output
     from abft_lens.studies.mixing import lambda_grid, mix_runs, run_meta
     from abft_lens.training.run_folder import read_trained
     from abft_lens.backends.loading import load_model
@@ -38,7 +39,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
     for path, option in ((args.output, "--output"), (args.html, "--html")):
         if path is not None:
-            check_output_file(path, option)
+            check_output(path, option)
     grid = lambda_grid(args.grid_min, args.grid_max, args.grid_step)
     metas = [run_meta(args.run_e2e), run_meta(args.run_abft)]
     for run_dir in (args.run_e2e, args.run_abft):
@@ -65,12 +66,12 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from abft_lens.io import atomic_write_text, check_output_file
-    from abft_lens.reporting.study_folder import is_study_dir
+    from abft_lens.io import atomic_write_text
+    from abft_lens.reporting.study_folder import check_output, is_study_dir
     from abft_lens.reporting.tables import table_from_runs
 
     if args.output is not None:
-        check_output_file(args.output)
+        check_output(args.output)
     if len(args.run_dirs) == 1 and is_study_dir(args.run_dirs[0]):  # a study folder: its Table 1
         from abft_lens.reporting.study_render import render_table1
         from abft_lens.reporting.study_tables import study_tables

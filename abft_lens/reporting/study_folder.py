@@ -13,20 +13,22 @@ read it, so they can be regenerated from the folder alone:
 
 ``<model>`` and ``<method>`` are :func:`slug` s of the model spec and method name; ``<dataset>`` is the task name.
 :func:`read_study` and :func:`read_baseline` refuse a damaged file with one message naming it;
+:func:`check_output` refuses an output path that is one of a run folder's or a study folder's own files.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from abft_lens.errors import AbftLensError
-from abft_lens.io import NUMBER, Maybe, Values, read_checked_json
-from abft_lens.run_files import EVALUATION
+from abft_lens.io import NUMBER, Maybe, Values, check_output_file, read_checked_json
+from abft_lens.run_files import EVALUATION, check_not_run_file
 
 __all__ = ["STUDY_FILE", "STATES", "BASELINE_KINDS", "SEEDED_BASELINE_KINDS", "TRAINED_KINDS",
            "slug", "dataset_name", "baseline_path", "baseline_files", "run_path", "is_study_dir", "read_study",
-           "read_baseline"]
+           "read_baseline", "check_output"]
 
 STUDY_FILE = "study.json"
 STATES = ("pending", "running", "done", "failed", "interrupted")
@@ -104,3 +106,21 @@ def read_study(path: str | Path) -> dict:
 def read_baseline(path: str | Path) -> dict:
     """A baseline file (an EvalResult's dict), checked."""
     return read_checked_json(path, BASELINE_FIX, EVALUATION)
+
+
+def check_output(path: str | Path, option: str = "--output") -> Path:
+    """:func:`~abft_lens.io.check_output_file`, and refuse an output path that is one of a run folder's own
+    files or a study folder's ``study.json`` or baseline files (the tables may be rewritten:
+    the study rewrites them itself)."""
+    path = check_output_file(path, option)
+    check_not_run_file(path, option)
+    real = Path(os.path.realpath(path.parent)) / path.name
+    for folder in list(real.parents)[:5]:
+        if is_study_dir(folder):
+            parts = real.relative_to(folder).parts
+            if parts == (STUDY_FILE,) or _is_baseline(parts):
+                raise AbftLensError(f"{option} {path} is the study folder's own {'/'.join(parts)}; writing there "
+                                    f"would damage the study in {folder}.",
+                                    f"choose another file name or folder for {option}.")
+            break
+    return path
