@@ -4,6 +4,7 @@ The runner (:mod:`abft_lens.studies.study`) writes the folder; the tables (:mod:
 read it, so they can be regenerated from the folder alone:
 
 - ``OUT/study.json``: the plan and every cell's state, metrics, seconds, error;
+- ``OUT/study.lock``: the pid of the process running the study, while it runs (one study per folder);
 - ``OUT/<model>/<dataset>/vanilla/k<k>-n<n>.json``: the untrained model's evaluation (an EvalResult), shared;
 - ``OUT/<model>/<dataset>/cc/k<k>-n<n>.json``: the same with contextual calibration, shared;
 - ``OUT/<model>/<dataset>/prior/seed-<s>/k<k>-n<n>.json``: the label-prior control of a seed (contextual
@@ -26,11 +27,12 @@ from abft_lens.errors import AbftLensError
 from abft_lens.io import NUMBER, Maybe, Values, check_output_file, read_checked_json
 from abft_lens.run_files import EVALUATION, check_not_run_file
 
-__all__ = ["STUDY_FILE", "STATES", "BASELINE_KINDS", "SEEDED_BASELINE_KINDS", "TRAINED_KINDS",
+__all__ = ["STUDY_FILE", "STUDY_LOCK_FILE", "STATES", "BASELINE_KINDS", "SEEDED_BASELINE_KINDS", "TRAINED_KINDS",
            "slug", "dataset_name", "baseline_path", "baseline_files", "run_path", "is_study_dir", "read_study",
            "read_baseline", "check_output"]
 
 STUDY_FILE = "study.json"
+STUDY_LOCK_FILE = "study.lock"
 STATES = ("pending", "running", "done", "failed", "interrupted")
 BASELINE_KINDS = ("vanilla", "cc")  # evaluated once per (model, dataset, k, n_test), never trained
 SEEDED_BASELINE_KINDS = ("prior",)  # untrained, but one per training seed (it reads the seed's training prompts)
@@ -110,7 +112,7 @@ def read_baseline(path: str | Path) -> dict:
 
 def check_output(path: str | Path, option: str = "--output") -> Path:
     """:func:`~abft_lens.io.check_output_file`, and refuse an output path that is one of a run folder's own
-    files or a study folder's ``study.json`` or baseline files (the tables may be rewritten:
+    files or a study folder's ``study.json``, ``study.lock`` or baseline files (the tables may be rewritten:
     the study rewrites them itself)."""
     path = check_output_file(path, option)
     check_not_run_file(path, option)
@@ -118,7 +120,7 @@ def check_output(path: str | Path, option: str = "--output") -> Path:
     for folder in list(real.parents)[:5]:
         if is_study_dir(folder):
             parts = real.relative_to(folder).parts
-            if parts == (STUDY_FILE,) or _is_baseline(parts):
+            if parts in ((STUDY_FILE,), (STUDY_LOCK_FILE,)) or _is_baseline(parts):
                 raise AbftLensError(f"{option} {path} is the study folder's own {'/'.join(parts)}; writing there "
                                     f"would damage the study in {folder}.",
                                     f"choose another file name or folder for {option}.")

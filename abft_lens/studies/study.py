@@ -48,7 +48,7 @@ from abft_lens.reporting.study_folder import baseline_path, read_baseline
 from abft_lens.reporting.study_render import write_study_tables
 from abft_lens.studies.generation_report import MauveExtra, MauveTest
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_plan_fits
-from abft_lens.studies.study_state import StudyState
+from abft_lens.studies.study_state import StudyState, study_lock
 from abft_lens.training.runs import give_back, load_run, run_training
 from abft_lens.training.train import query_label_shares
 
@@ -68,24 +68,25 @@ def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec
     bad variant fails first. ``extend``: add the plan's cells to a study made with another plan.
     """
     check_plan_fits(plan, _recipes(plan, recipe_for))  # before the folder exists: nothing written when refused
-    state = StudyState.open(out, plan, extend=extend)
-    plan, out = state.plan, state.out
-    recipes = _recipes(plan, recipe_for)
-    state.data["recipes"] = {name: recipe.to_dict() for name, recipe in recipes.items()}
-    state.write()
-    cells = plan.cells()
-    todo = [cell for cell in cells if not finished(state, cell)]
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study", unit="cell",
-               bar_format=BAR_FORMAT, disable=not progress)
-    try:
-        for model_name in plan.models:
-            mine = [cell for cell in todo if cell.model == model_name]
-            if mine:
-                _run_model_cells(state, model_name, mine, recipes, bar, dtype=dtype, device=device,
-                                 progress=progress)
-    finally:
-        bar.close()
-    write_study_tables(out)
+    with study_lock(out):  # one study per folder, for the whole run
+        state = StudyState.open(out, plan, extend=extend)
+        plan, out = state.plan, state.out
+        recipes = _recipes(plan, recipe_for)
+        state.data["recipes"] = {name: recipe.to_dict() for name, recipe in recipes.items()}
+        state.write()
+        cells = plan.cells()
+        todo = [cell for cell in cells if not finished(state, cell)]
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study", unit="cell",
+                   bar_format=BAR_FORMAT, disable=not progress)
+        try:
+            for model_name in plan.models:
+                mine = [cell for cell in todo if cell.model == model_name]
+                if mine:
+                    _run_model_cells(state, model_name, mine, recipes, bar, dtype=dtype, device=device,
+                                     progress=progress)
+        finally:
+            bar.close()
+        write_study_tables(out)
     return state
 
 

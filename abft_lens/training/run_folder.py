@@ -12,7 +12,7 @@ completeness tests are :mod:`abft_lens.run_files`'s.
   :func:`start_or_resume` writes config.json (or checks a resumed run's settings) under the lock;
   :func:`clear_folder` takes back a fresh run refused before its first step.
 - :class:`RunLock`: ``run.lock`` holds the pid of the process training in the folder, under an exclusive
-  ``flock``. A second process is refused with one message; the kernel drops the lock when its owner exits
+  ``flock`` (a study folder's ``study.lock`` is the same lock under another name). A second process is refused with one message; the kernel drops the lock when its owner exits
   or dies, so a lock file left behind by a killed process (a stale lock) is taken over by the next run.
 """
 
@@ -201,15 +201,16 @@ def remove_empty_folder(path: Path) -> None:
 
 
 class RunLock:
-    """An exclusive lock on ``RUN_DIR/run.lock`` (which holds the owner's pid) while one process trains there.
+    """An exclusive lock on ``RUN_DIR/run.lock`` (which holds the owner's pid) while one process trains there;
+    ``name`` locks a folder under another file name (a study's ``study.lock``).
 
     Use as a context manager. ``flock`` is the truth: a second process (or a second lock in this one) is
     refused while the owner lives; a file left by an ended process is taken over. Where the file system has no
     ``flock``, the pid in the file decides (alive: refused; gone: taken over).
     """
 
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: str | Path, name: str = LOCK_FILE):
+        self.path = Path(run_dir) / name
         self._file = None
 
     def __enter__(self) -> RunLock:
