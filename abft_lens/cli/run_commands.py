@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from abft_lens.cli.common import DTYPES, positive_int
@@ -74,10 +75,15 @@ def cmd_table(args: argparse.Namespace) -> int:
         check_output(args.output)
     if len(args.run_dirs) == 1 and is_study_dir(args.run_dirs[0]):  # a study folder: its Table 1
         from abft_lens.reporting.study_render import render_table1
-        from abft_lens.reporting.study_tables import study_tables
+        from abft_lens.reporting.study_tables import MISSING, study_tables
 
-        text = render_table1(study_tables(args.run_dirs[0]), args.format)
+        tables = study_tables(args.run_dirs[0])
+        text = render_table1(tables, args.format)
         print(f"wrote {atomic_write_text(args.output, text)}" if args.output else text, end="\n" if args.output else "")
+        if tables.missing:  # visible on the terminal, whatever the format or the output file
+            n = len(tables.missing)
+            print(f"abft-lens: warning: {n} {'cell' if n == 1 else 'cells'} under Missing cells "
+                  f"({', '.join(tables.missing)}): {MISSING}.", file=sys.stderr)
         return 0
     table = table_from_runs(args.run_dirs, metric=args.metric)
     text = table.render(args.format)

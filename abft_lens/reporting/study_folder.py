@@ -25,11 +25,11 @@ from pathlib import Path
 
 from abft_lens.errors import AbftLensError
 from abft_lens.io import NUMBER, Maybe, Values, check_output_file, read_checked_json
-from abft_lens.run_files import EVALUATION, check_not_run_file
+from abft_lens.run_files import EVALUATION, check_not_run_file, is_finished
 
 __all__ = ["STUDY_FILE", "STUDY_LOCK_FILE", "STATES", "BASELINE_KINDS", "SEEDED_BASELINE_KINDS", "TRAINED_KINDS",
            "slug", "dataset_name", "baseline_path", "baseline_files", "run_path", "is_study_dir", "read_study",
-           "read_baseline", "check_output"]
+           "read_baseline", "cell_files_exist", "check_output"]
 
 STUDY_FILE = "study.json"
 STUDY_LOCK_FILE = "study.lock"
@@ -108,6 +108,13 @@ def read_study(path: str | Path) -> dict:
 def read_baseline(path: str | Path) -> dict:
     """A baseline file (an EvalResult's dict), checked."""
     return read_checked_json(path, BASELINE_FIX, EVALUATION)
+
+
+def cell_files_exist(out: str | Path, record: dict) -> bool:
+    """The files of a cell (its ``study.json`` record) are there: a trained cell's finished run folder, a
+    baseline's file. A done cell without them is redone by the study and shown as missing by the tables."""
+    path = Path(out) / record["path"]
+    return is_finished(path) if record["kind"] in TRAINED_KINDS else path.is_file()
 
 
 def check_output(path: str | Path, option: str = "--output") -> Path:

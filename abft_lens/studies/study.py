@@ -44,7 +44,7 @@ from abft_lens.io import write_json
 from abft_lens.resources import peak_rss_mib, reset_peak_rss
 from abft_lens.run_files import (CONFIG_FILE, GENERALIZATION_FILE, GENERATION_FILE, METRICS_FILE, has_after,
                                  is_finished, is_run_folder, read_run_json)
-from abft_lens.reporting.study_folder import baseline_path, read_baseline
+from abft_lens.reporting.study_folder import baseline_path, cell_files_exist, read_baseline
 from abft_lens.reporting.study_render import write_study_tables
 from abft_lens.studies.generation_report import MauveExtra, MauveTest
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_plan_fits
@@ -158,10 +158,8 @@ def restore_base(model: LoadedModel, base: dict[str, torch.Tensor]) -> None:
 
 def finished(state: StudyState, cell: Cell) -> bool:
     """Done in ``study.json`` and its files still there (a deleted run folder or baseline file runs again)."""
-    if state.record(cell)["state"] != "done":
-        return False
-    path = cell.path(state.out, k=state.plan.k, n_test=state.plan.n_test)
-    return is_finished(path) if cell.method.trained else path.is_file()
+    record = state.record(cell)
+    return record["state"] == "done" and cell_files_exist(state.out, record)
 
 
 # --------------------------------------------------------------------------------------------------- baselines
