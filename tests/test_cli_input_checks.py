@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -261,13 +262,23 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
-def refused(argv: list, words: str, env: Env, capsys) -> None:
-    """Exit 2 with exactly one message (error line + fix line), no traceback, no file created or changed."""
+PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar
+
+
+def stderr_messages(err: str, progress: bool = False) -> list[str]:
+    """The non-empty lines of stderr; ``progress``: without the progress bars of work done before the error."""
+    return [line for line in err.splitlines() if line.strip()
+            and not (progress and PROGRESS.search(line) and not line.startswith(("abft-lens", "  fix")))]
+
+
+def refused(argv: list, words: str, env: Env, capsys, progress: bool = False) -> None:
+    """Exit 2 with exactly one message (error line + fix line), no traceback, no file created or changed.
+    ``progress``: the command may show progress bars before it fails (they are not counted)."""
     before = snapshot(env.tmp)
     capsys.readouterr()
     code = cli(argv)
     err = capsys.readouterr().err
-    messages = [line for line in err.splitlines() if line.strip()]
+    messages = stderr_messages(err, progress)
     assert code == 2, err
     assert "Traceback" not in err
     assert len(messages) == 2 and messages[0].startswith("abft-lens: error: ") and messages[1].startswith("  fix: "), err

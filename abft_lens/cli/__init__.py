@@ -1,7 +1,9 @@
 """``abft-lens``: a thin command line over the Python API.
 
 Every subcommand turns :class:`~abft_lens.errors.AbftLensError` (bad input, missing resources) into one
-message on stderr and exit status 2, without a traceback. Each command lives in its own module, which adds its
+message on stderr and exit status 2, without a traceback; so is an ``OSError`` that no check foresaw (a full
+disk, a folder made read-only while the command ran: :func:`~abft_lens.io.file_system_error`). Any other
+exception is a bug and keeps its traceback. Each command lives in its own module, which adds its
 parser (``add_parsers``) and runs it (``cmd_*``).
 """
 
@@ -13,6 +15,7 @@ import sys
 
 from abft_lens.cli import eval_command, heads_command, run_commands, study_command, train_command
 from abft_lens.errors import AbftLensError
+from abft_lens.io import file_system_error
 
 COMMAND_MODULES = (eval_command, train_command, heads_command, run_commands, study_command)
 # the docstring's first line without its reST markup: "abft-lens: a thin command line over the Python API."
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AbftLensError as error:
         print(f"abft-lens: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"abft-lens: error: {file_system_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("abft-lens: interrupted", file=sys.stderr)

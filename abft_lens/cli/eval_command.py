@@ -15,10 +15,10 @@ def check_eval_args(args: argparse.Namespace):
     """Every check that needs no model (options, output path, the task's sizes, the --run folder); the task."""
     from abft_lens.data.tasks import load_task
     from abft_lens.evaluation.robustness import check_robustness_options
-    from abft_lens.io import check_output_file
+    from abft_lens.reporting.study_folder import check_output
 
     if args.output is not None:
-        check_output_file(args.output)
+        check_output(args.output)
     if args.test_type != "Normal" and args.calibrated:
         raise AbftLensError("--calibrated applies to the Normal evaluation, not to --test-type "
                             f"{args.test_type}.", "drop --calibrated, or drop --test-type.")

@@ -15,10 +15,10 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from abft_lens.backends.loading import load_model
     from abft_lens.backends.provenance import describe_model, model_info
     from abft_lens.data.tasks import load_task
-    from abft_lens.io import check_output_file
+    from abft_lens.reporting.study_folder import check_output
 
     if args.output is not None:
-        check_output_file(args.output)
+        check_output(args.output)
     task = load_task(args.dataset)
     task.check_test_prompts(args.k, args.n_prompts)
     resolve_dtype(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from abft_lens.cli.common import DTYPES, positive_int
@@ -30,7 +31,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
-    from abft_lens.io import check_output_file, write_json
+    from abft_lens.io import write_json
+    from abft_lens.reporting.study_folder import check_output
     from abft_lens.studies.mixing import lambda_grid, mix_runs, run_meta
     from abft_lens.training.run_folder import read_trained
     from abft_lens.backends.loading import load_model
@@ -38,7 +40,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
     for path, option in ((args.output, "--output"), (args.html, "--html")):
         if path is not None:
-            check_output_file(path, option)
+            check_output(path, option)
     grid = lambda_grid(args.grid_min, args.grid_max, args.grid_step)
     metas = [run_meta(args.run_e2e), run_meta(args.run_abft)]
     for run_dir in (args.run_e2e, args.run_abft):
@@ -65,18 +67,23 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from abft_lens.io import atomic_write_text, check_output_file
-    from abft_lens.reporting.study_folder import is_study_dir
+    from abft_lens.io import atomic_write_text
+    from abft_lens.reporting.study_folder import check_output, is_study_dir
     from abft_lens.reporting.tables import table_from_runs
 
     if args.output is not None:
-        check_output_file(args.output)
+        check_output(args.output)
     if len(args.run_dirs) == 1 and is_study_dir(args.run_dirs[0]):  # a study folder: its Table 1
         from abft_lens.reporting.study_render import render_table1
-        from abft_lens.reporting.study_tables import study_tables
+        from abft_lens.reporting.study_tables import MISSING, study_tables
 
-        text = render_table1(study_tables(args.run_dirs[0]), args.format)
+        tables = study_tables(args.run_dirs[0])
+        text = render_table1(tables, args.format)
         print(f"wrote {atomic_write_text(args.output, text)}" if args.output else text, end="\n" if args.output else "")
+        if tables.missing:  # visible on the terminal, whatever the format or the output file
+            n = len(tables.missing)
+            print(f"abft-lens: warning: {n} {'cell' if n == 1 else 'cells'} under Missing cells "
+                  f"({', '.join(tables.missing)}): {MISSING}.", file=sys.stderr)
         return 0
     table = table_from_runs(args.run_dirs, metric=args.metric)
     text = table.render(args.format)

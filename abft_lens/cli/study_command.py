@@ -15,6 +15,7 @@ from abft_lens.cli.common import DTYPE_CHOICES, DTYPE_HELP, DTYPES, positive_int
 from abft_lens.cli.train_command import (add_train_arguments, apply_preset, given_options, mauve_test_from_args,
                                          train_config_from_args)
 from abft_lens.errors import AbftLensError
+from abft_lens.io import check_folder
 from abft_lens.training.presets import contradictions, preset
 
 DEFAULT_METHODS = "vanilla,cc,prior,ABFT,E2E"
@@ -137,8 +138,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                                               parse_seeds, read_spec)
 
     check_study_args(args)
-    if args.out.exists() and not args.out.is_dir():
-        raise AbftLensError(f"--out {args.out} is a file.", "pass a folder for the study (new, or holding a study).")
+    check_folder(args.out, "--out")  # a file, a path under one, a link loop, a folder we may not write
     spec = read_spec(args.spec) if args.spec else {}
     apply_spec_options(args, spec.get("options") or {})
     apply_preset(args)  # the study's own options, resolved once: every variant starts from them

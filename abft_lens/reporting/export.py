@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from abft_lens.errors import AbftLensError
+from abft_lens.io import check_folder
 from abft_lens.backends import hf_cache, qk
 from abft_lens.run_files import METRICS_FILE, TRAINED_FILE, read_run_json
 from abft_lens.training.run_folder import read_run_config, read_trained
@@ -144,6 +145,7 @@ def _write_folder(output: Path, model, tokenizer, *, peft: bool, parsed, trainab
 
 
 def _check_output(output: Path) -> None:
+    check_folder(output, "--output")  # not under a file, no link loop, a folder we may write
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise AbftLensError(f"{output} already exists and is not an empty folder; export never overwrites.",
                             "choose a new --output folder (or remove the old one yourself).")

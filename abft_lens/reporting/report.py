@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from abft_lens.reporting import viz
 from abft_lens.errors import AbftLensError
-from abft_lens.io import check_output_file, read_json, write_json
+from abft_lens.io import check_folder, read_json, write_json
 
 if TYPE_CHECKING:
     from abft_lens.reporting.compare import Comparison
 
 from abft_lens.reporting.html_page import AttentionItem, FigureItem, Report, Section
-from abft_lens.run_files import COMPARISON_FILE, REPORT_FILE, has_trained
+from abft_lens.reporting.study_folder import check_output
+from abft_lens.run_files import COMPARISON_FILE, REPORT_FILE, check_run_files, has_trained
 
 SCORE_ORDER = tuple(viz.SCORE_LABELS)
 
@@ -218,12 +219,15 @@ def report_from_run(run_dir: str | Path, *, output: str | Path | None = None, n_
 
     run_dir = Path(run_dir)
     read_run_config(run_dir)
+    check_run_files(run_dir)  # every file readable, before anything is computed
     if output is not None:
-        check_output_file(output)
-    if has_trained(run_dir):
-        read_trained(run_dir)  # a diverged (NaN) run gets no report
+        check_output(output)
     comparison_path = run_dir / COMPARISON_FILE
     reused = comparison_path.is_file()
+    if output is None or not reused:  # comparison.json or report.html go into the run folder
+        check_folder(run_dir, "RUN_DIR")
+    if has_trained(run_dir):
+        read_trained(run_dir)  # a diverged (NaN) run gets no report
     if reused:
         comparison = load_comparison(comparison_path)
     else:

@@ -13,8 +13,8 @@ from abft_lens.errors import AbftLensError
 from abft_lens.io import atomic_write_text
 from abft_lens.evaluation.label_prior import PRIOR_SHIFT
 from abft_lens.reporting.study_generalization import generalization_grid_rows, generalization_rows
-from abft_lens.reporting.study_tables import (AVERAGE, COLLAPSE_MARGIN, COLLAPSE_SHARE, SIGNIFICANCE, ModelResults,
-                                              StudyTables, cost_rows, display, head_to_head, study_tables)
+from abft_lens.reporting.study_tables import (AVERAGE, COLLAPSE_MARGIN, COLLAPSE_SHARE, MISSING, SIGNIFICANCE,
+                                              ModelResults, StudyTables, cost_rows, display, head_to_head, study_tables)
 
 __all__ = ["Grid", "render_table1", "render_table2", "write_study_tables"]
 
@@ -255,7 +255,7 @@ def render_table1(tables: StudyTables, fmt: str) -> str:
     if fmt == "csv":
         return table1_csv(tables)
     title, line = _heading(tables)
-    failed = [f"failed: {text}" for text in tables.failed]
+    failed = [f"failed: {text}" for text in tables.failed] + [f"{key}: {MISSING}" for key in tables.missing]
     if fmt == "markdown":
         parts = [f"# {title}\n", line + "\n"]
         for results in tables.models:

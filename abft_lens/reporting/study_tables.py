@@ -33,19 +33,19 @@ from abft_lens.data.tasks import load_task
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.label_prior import label_distribution, prior_shift
 from abft_lens.evaluation.paired import Paired, SignTest, correct, holm, paired, query_sign_test
-from abft_lens.io import read_json
 from abft_lens.run_files import METRICS_FILE, POST_TEST_FILE, read_run_json
-from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KINDS, baseline_path, dataset_name,
-                                              read_study, run_path)
+from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KINDS, baseline_path,
+                                              cell_files_exist, dataset_name, read_baseline, read_study, run_path)
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
 
 __all__ = ["StudyTables", "study_tables", "collapse_threshold", "head_to_head", "COLLAPSE_SHARE", "COLLAPSE_MARGIN",
-           "SIGNIFICANCE"]
+           "SIGNIFICANCE", "MISSING"]
 
 COLLAPSE_SHARE = 0.9
 COLLAPSE_MARGIN = 0.2
 COLLAPSE_OVER_VANILLA = 0.01  # and at least this far above vanilla's own top share
 SIGNIFICANCE = 0.05
+MISSING = "done in study.json but its files are gone: run the study again to redo it"
 AVERAGE = "Avg."
 PRIOR = "prior"
 
@@ -140,6 +140,7 @@ class StudyTables:
     failed: list[str]
     unfinished: dict[str, int]
     select_metrics: list[str]
+    missing: list[str] = field(default_factory=list)  # keys of done cells whose files are gone
 
 
 def study_tables(study_dir: str | Path) -> StudyTables:
@@ -148,16 +149,17 @@ def study_tables(study_dir: str | Path) -> StudyTables:
     data = read_study(study_dir)
     plan, records = data["plan"], data["cells"]
     done = {(r["model"], dataset_name(r["dataset"]), r["method"], r["seed"]): r for r in records.values()
-            if r["state"] == "done"}
+            if r["state"] == "done" and cell_files_exist(study_dir, r)}
     models = [_model_results(study_dir, plan, done, model) for model in plan["models"]]
     current = [(key, r) for key, r in records.items() if _in_plan(r, plan)]
     failed = [f"{key}: {r.get('error') or 'failed'}" for key, r in current if r["state"] == "failed"]
+    missing = [key for key, r in current if r["state"] == "done" and not cell_files_exist(study_dir, r)]
     unfinished: dict[str, int] = {}
     for _, record in current:
         if record["state"] not in ("done", "failed"):
             unfinished[record["state"]] = unfinished.get(record["state"], 0) + 1
     select = sorted({(r.get("metrics") or {}).get("select_metric") for r in records.values()} - {None})
-    return StudyTables(study_dir, plan, models, failed, unfinished, select)
+    return StudyTables(study_dir, plan, models, failed, unfinished, select, missing)
 
 
 def _model_results(study_dir: Path, plan: dict, done: dict, model: str) -> ModelResults:
@@ -295,7 +297,7 @@ def head_to_head(results: ModelResults) -> list[dict]:
 
 
 def _read(path: Path) -> dict | None:
-    return read_json(path) if path.is_file() else None
+    return read_baseline(path) if path.is_file() else None
 
 
 def cost_rows(results: ModelResults) -> list[dict]:

@@ -33,18 +33,22 @@ from abft_lens.data.tasks import task_from_description
 from abft_lens.evaluation.evaluator import evaluate_prompts
 from abft_lens.run_files import POST_TEST_FILE, TRAINED_FILE, read_run_json
 from abft_lens.training.adapters import attach
-from abft_lens.training.run_folder import read_run_config, read_trained
+from abft_lens.training.run_folder import non_finite, read_run_config, read_trained
 from abft_lens.training.train import TrainConfig
 
 METRIC = "accuracy"
+GRID_FIX = "use λ values of moderate size (e.g. the default grid, --grid-min -0.5 --grid-max 1.5)."
 
 
 # ------------------------------------------------------------------------------------------ run tensors
 
 
 def run_meta(run_dir: str | Path) -> dict:
-    """config.json of a run folder (AbftLensError when the folder is not a run with saved tensors, or damaged)."""
-    return read_run_config(run_dir, trained=True)
+    """config.json of a run folder (AbftLensError when the folder is not a run with saved tensors, or when it or
+    the post test is damaged)."""
+    meta = read_run_config(run_dir, trained=True)
+    read_run_json(run_dir, POST_TEST_FILE)
+    return meta
 
 
 def trained_tensors(run_dir: str | Path, model: LoadedModel) -> dict[str, Tensor]:
@@ -103,6 +107,9 @@ def lambda_grid(minimum: float = -0.5, maximum: float = 1.5, step: float = 0.25)
                             "give finite bounds and a positive step (e.g. --grid-step 0.25).")
     if maximum < minimum:
         raise AbftLensError(f"--grid-max {maximum} is below --grid-min {minimum}.", "swap them.")
+    if not math.isfinite((maximum - minimum) / step):
+        raise AbftLensError(f"lambda grid [{minimum:g}, {maximum:g}] step {step:g}: its span overflows a float.",
+                            GRID_FIX)
     n = int(math.floor((maximum - minimum) / step + 1e-9)) + 1
     if n > 201:
         raise AbftLensError(f"the lambda grid has {n} points per axis ({n * n} evaluations).",
@@ -224,15 +231,16 @@ def mix_runs(
     ``model`` must hold the base model both runs were trained from (its name must match their config.json);
     it is left bit-identical. ``task`` defaults to the runs' dataset (the StaICC dataset or the custom file their
     config.json records, checked by its sha256: :func:`~abft_lens.data.tasks.task_from_description`), ``k`` to
-    the runs' k. Grids default to :func:`lambda_grid`.
+    the runs' k. Grids default to :func:`lambda_grid`. Every λ must be a finite number, and no point is
+    evaluated whose mixed weights (or label probabilities) are not finite: such a grid is refused with one
+    message (checked at its corners before the sweep).
     """
     runs = {"e2e": Path(run_e2e), "abft": Path(run_abft)}
     metas = {key: run_meta(path) for key, path in runs.items()}
     k, task = _shared_settings(model, runs, metas, k, task)
-    lambdas_e2e = list(lambda_grid() if lambdas_e2e is None else lambdas_e2e)
-    lambdas_abft = list(lambda_grid() if lambdas_abft is None else lambdas_abft)
-    if not lambdas_e2e or not lambdas_abft:
-        raise AbftLensError("the lambda grid is empty.", "give at least one value per axis.")
+    lambdas_e2e = _checked_lambdas(lambda_grid() if lambdas_e2e is None else lambdas_e2e, "λ_E")
+    lambdas_abft = _checked_lambdas(lambda_grid() if lambdas_abft is None else lambdas_abft, "λ_A")
+    runs_info = _runs_info(runs, metas)
 
     trained = {key: trained_tensors(path, model) for key, path in runs.items()}
     if set(trained["e2e"]) != set(trained["abft"]):
@@ -244,20 +252,52 @@ def mix_runs(
     names_mixed = sorted(trained["e2e"])
     points = [(e, a) for e in lambdas_e2e for a in lambdas_abft]
     metrics: dict[str, list[list[float]]] = {}
-    bar = tqdm(total=len(points), desc="mixing", unit="point", disable=not progress)
     with qk.restored(model, names_mixed) as base:
-        for index, (e, a) in enumerate(points):
-            qk.restore(model, mixed_tensors(base, trained["e2e"], trained["abft"], e, a))
-            result = evaluate_prompts(model, builder, prompts, batch_size=batch_size)
-            i, j = divmod(index, len(lambdas_abft))
-            for name, value in result.metrics.items():
-                metrics.setdefault(name, [[math.nan] * len(lambdas_abft) for _ in lambdas_e2e])[i][j] = value
-            bar.update(1)
-    bar.close()
+        for e, a in _corners(lambdas_e2e, lambdas_abft):  # |weights| is largest at a corner of the grid
+            _finite_mix(base, trained, e, a)
+        with tqdm(total=len(points), desc="mixing", unit="point", disable=not progress) as bar:
+            for index, (e, a) in enumerate(points):
+                qk.restore(model, _finite_mix(base, trained, e, a))
+                result = evaluate_prompts(model, builder, prompts, batch_size=batch_size)
+                _check_probabilities(result.probs, e, a)
+                i, j = divmod(index, len(lambdas_abft))
+                for name, value in result.metrics.items():
+                    metrics.setdefault(name, [[math.nan] * len(lambdas_abft) for _ in lambdas_e2e])[i][j] = value
+                bar.update(1)
     info = {"model": model_info(model).name, "task": task.name, "k": k, "n_test": len(prompts),
             "tensors": len(names_mixed)}
     return MixResult(lambdas_e2e, lambdas_abft, torch.tensor(metrics[METRIC], dtype=torch.float64), metrics,
-                     _runs_info(runs, metas), info)
+                     runs_info, info)
+
+
+def _checked_lambdas(values: Sequence[float], axis: str) -> list[float]:
+    values = list(values)
+    if not values:
+        raise AbftLensError("the lambda grid is empty.", "give at least one value per axis.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AbftLensError(f"{axis} {value!r} is not a finite number.", GRID_FIX)
+    return [float(value) for value in values]
+
+
+def _corners(first: list[float], second: list[float]) -> list[tuple[float, float]]:
+    return [(e, a) for e in (min(first), max(first)) for a in (min(second), max(second))]
+
+
+def _finite_mix(base: Mapping[str, Tensor], trained: dict, lam_e2e: float, lam_abft: float) -> dict[str, Tensor]:
+    """The mixed tensors of one grid point; refused when one holds an infinity or NaN (the weights overflow)."""
+    mixed = mixed_tensors(base, trained["e2e"], trained["abft"], lam_e2e, lam_abft)
+    bad = non_finite(mixed)
+    if bad:
+        raise AbftLensError(f"the mixed weights at λ_E={lam_e2e:g}, λ_A={lam_abft:g} are not finite ({bad[0]} "
+                            f"overflows {mixed[bad[0]].dtype}); no accuracy is computed from them.", GRID_FIX)
+    return mixed
+
+
+def _check_probabilities(probs, lam_e2e: float, lam_abft: float) -> None:
+    if not all(math.isfinite(p) for row in probs for p in row):
+        raise AbftLensError(f"the mixed model at λ_E={lam_e2e:g}, λ_A={lam_abft:g} gives non-finite label "
+                            "probabilities (its weights are too large); no accuracy is computed from them.", GRID_FIX)
 
 
 def _shared_settings(model: LoadedModel, runs: dict[str, Path], metas: dict[str, dict], k: int | None, task):

@@ -40,15 +40,15 @@ from abft_lens.evaluation.evaluator import EvalResult, evaluate
 from abft_lens.evaluation.generalization import RunExtras
 from abft_lens.evaluation.label_prior import prior_reweighted
 from abft_lens.evaluation.robustness import calibrated_evaluate
-from abft_lens.io import read_json, write_json
+from abft_lens.io import write_json
 from abft_lens.resources import peak_rss_mib, reset_peak_rss
 from abft_lens.run_files import (CONFIG_FILE, GENERALIZATION_FILE, GENERATION_FILE, METRICS_FILE, has_after,
                                  is_finished, is_run_folder, read_run_json)
-from abft_lens.reporting.study_folder import baseline_path
+from abft_lens.reporting.study_folder import baseline_path, cell_files_exist, read_baseline
 from abft_lens.reporting.study_render import write_study_tables
 from abft_lens.studies.generation_report import MauveExtra, MauveTest
 from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_plan_fits
-from abft_lens.studies.study_state import StudyState
+from abft_lens.studies.study_state import StudyState, study_lock
 from abft_lens.training.runs import give_back, load_run, run_training
 from abft_lens.training.train import query_label_shares
 
@@ -68,23 +68,25 @@ def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec
     bad variant fails first. ``extend``: add the plan's cells to a study made with another plan.
     """
     check_plan_fits(plan, _recipes(plan, recipe_for))  # before the folder exists: nothing written when refused
-    state = StudyState.open(out, plan, extend=extend)
-    plan, out = state.plan, state.out
-    recipes = _recipes(plan, recipe_for)
-    state.data["recipes"] = {name: recipe.to_dict() for name, recipe in recipes.items()}
-    state.write()
-    cells = plan.cells()
-    todo = [cell for cell in cells if not finished(state, cell)]
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study", unit="cell",
-               bar_format=BAR_FORMAT, disable=not progress)
-    try:
-        for model_name in plan.models:
-            mine = [cell for cell in todo if cell.model == model_name]
-            if mine:
-                _run_model_cells(state, model_name, mine, recipes, bar, dtype=dtype, device=device, progress=progress)
-    finally:
-        bar.close()
-    write_study_tables(out)
+    with study_lock(out):  # one study per folder, for the whole run
+        state = StudyState.open(out, plan, extend=extend)
+        plan, out = state.plan, state.out
+        recipes = _recipes(plan, recipe_for)
+        state.data["recipes"] = {name: recipe.to_dict() for name, recipe in recipes.items()}
+        state.write()
+        cells = plan.cells()
+        todo = [cell for cell in cells if not finished(state, cell)]
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study", unit="cell",
+                   bar_format=BAR_FORMAT, disable=not progress)
+        try:
+            for model_name in plan.models:
+                mine = [cell for cell in todo if cell.model == model_name]
+                if mine:
+                    _run_model_cells(state, model_name, mine, recipes, bar, dtype=dtype, device=device,
+                                     progress=progress)
+        finally:
+            bar.close()
+        write_study_tables(out)
     return state
 
 
@@ -156,10 +158,8 @@ def restore_base(model: LoadedModel, base: dict[str, torch.Tensor]) -> None:
 
 def finished(state: StudyState, cell: Cell) -> bool:
     """Done in ``study.json`` and its files still there (a deleted run folder or baseline file runs again)."""
-    if state.record(cell)["state"] != "done":
-        return False
-    path = cell.path(state.out, k=state.plan.k, n_test=state.plan.n_test)
-    return is_finished(path) if cell.method.trained else path.is_file()
+    record = state.record(cell)
+    return record["state"] == "done" and cell_files_exist(state.out, record)
 
 
 # --------------------------------------------------------------------------------------------------- baselines
@@ -171,7 +171,7 @@ def shared_evaluation(model: LoadedModel, task: ICLTask, out: Path, model_name: 
     into the study folder and read back afterwards."""
     path = baseline_path(out, model_name, task.name, kind, k=k, n_test=n_test)
     if path.is_file():
-        return EvalResult.from_dict(read_json(path))
+        return EvalResult.from_dict(read_baseline(path))
     run = evaluate if kind == "vanilla" else calibrated_evaluate
     result = run(model, task, k=k, n_test=n_test, batch_size=batch_size,
                  progress=f"{kind} {task.name}" if progress else False)

@@ -6,23 +6,55 @@ A cell's record holds ``model``, ``dataset``, ``method``, ``kind``, ``seed`` (No
 
 Opening a folder that already holds a study compares plans: the same plan resumes it; a different one is
 refused unless ``extend`` (then the plans' models, datasets, methods and seeds are united; the options must be
-equal). A folder that holds other files and no ``study.json``, or an ``--out`` that is a file, is refused.
+equal). A folder that holds other files and no ``study.json``, or an ``--out`` that is a file, is refused, and
+so is a study with a damaged file (:func:`check_study_files`), before anything is written. :func:`study_lock`
+holds ``study.lock`` while a study runs: a second study in the same folder is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from abft_lens.errors import AbftLensError
-from abft_lens.io import write_json
-from abft_lens.reporting.study_folder import STUDY_FILE, is_study_dir, read_study
+from abft_lens.io import check_folder, write_json
+from abft_lens.reporting.study_folder import (STATES, STUDY_FILE, STUDY_LOCK_FILE, TRAINED_KINDS, baseline_files,
+                                              is_study_dir, read_baseline, read_study)
+from abft_lens.run_files import check_run_files, is_finished, is_run_folder
 from abft_lens.studies.study_plan import Cell, StudyPlan
+from abft_lens.training.run_folder import RunLock, read_checkpoint, remove_empty_folder
 from abft_lens.version import __version__
 
-__all__ = ["StudyState", "STATES"]
+__all__ = ["StudyState", "STATES", "study_lock", "check_study_files"]
 
-STATES = ("pending", "running", "done", "failed", "interrupted")
+
+@contextlib.contextmanager
+def study_lock(out: str | Path):
+    """Hold ``OUT/study.lock`` (:class:`~abft_lens.training.run_folder.RunLock`) while a study runs there;
+    ``out`` is checked writable and made when missing (and removed again when the study leaves it empty)."""
+    out = check_folder(out, "--out")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunLock(out, STUDY_LOCK_FILE):
+            yield
+    finally:
+        if made:
+            remove_empty_folder(out)
+
+
+def check_study_files(out: Path, data: dict) -> None:
+    """Read every baseline file and the files of every trained cell's run folder (with its checkpoint, when
+    unfinished): a damaged one is refused with one message before the study writes anything."""
+    for path in baseline_files(out):
+        read_baseline(path)
+    for record in data["cells"].values():
+        run_dir = out / record["path"]
+        if record["kind"] in TRAINED_KINDS and is_run_folder(run_dir):
+            check_run_files(run_dir)
+            if not is_finished(run_dir):
+                read_checkpoint(run_dir, mmap=True)
 
 
 class StudyState:
@@ -42,6 +74,7 @@ class StudyState:
         data: dict = {"cells": {}}
         if is_study_dir(out):
             data = read_study(out)
+            check_study_files(out, data)
             saved = StudyPlan.from_dict(data["plan"])
             differences = plan.differences(saved)
             if differences and not extend:
@@ -49,7 +82,7 @@ class StudyState:
                                     "run the study's own command again to resume it, add --extend to add models, "
                                     "datasets, methods or seeds to it, or choose another --out.")
             plan = saved.extended_by(plan) if differences else saved
-        elif out.is_dir() and any(out.iterdir()):
+        elif out.is_dir() and any(path.name != STUDY_LOCK_FILE for path in out.iterdir()):
             raise AbftLensError(f"--out {out} holds files but no {STUDY_FILE}.",
                                 "choose a new or empty folder for the study.")
         state = cls(out, plan, data)

@@ -7,13 +7,14 @@ completeness tests are :mod:`abft_lens.run_files`'s.
   file (empty, truncated, not JSON, not safetensors, NaN/inf tensors) is one :class:`AbftLensError` naming the
   file, never a ``JSONDecodeError`` or ``SafetensorError`` traceback.
 - :func:`check_run_dir`: whether a ``--run-dir`` can take a new (or resumed) run, checked before any model
-  loads; a folder holding anything but a run is refused, so nothing of the user's is overwritten.
+  loads; a folder holding anything but a run is refused, so nothing of the user's is overwritten, and so is a
+  folder this process may not write. A run to be resumed must have readable files (:func:`read_checkpoint`).
   :func:`start_or_resume` writes config.json (or checks a resumed run's settings) under the lock;
   :func:`clear_folder` takes back a fresh run refused before its first step.
 - config.json's ``resolved`` (:func:`resolved_block`): the micro-batch size and compute dtype a run used and
   why; a resumed run takes its micro-batch from there (:func:`saved_micro_batch`).
 - :class:`RunLock`: ``run.lock`` holds the pid of the process training in the folder, under an exclusive
-  ``flock``. A second process is refused with one message; the kernel drops the lock when its owner exits
+  ``flock`` (a study folder's ``study.lock`` is the same lock under another name). A second process is refused with one message; the kernel drops the lock when its owner exits
   or dies, so a lock file left behind by a killed process (a stale lock) is taken over by the next run.
 """
 
@@ -30,9 +31,9 @@ from pathlib import Path
 from torch import Tensor
 
 from abft_lens.errors import AbftLensError
-from abft_lens.io import atomic_write_text, write_json
-from abft_lens.run_files import (CONFIG_FILE, DAMAGED_FIX, LOCK_FILE, TRAINED_FILE, has_trained, is_finished,
-                                 is_run_folder, read_run_json)
+from abft_lens.io import NUMBER, Maybe, atomic_write_text, check_folder, shape_problem, write_json
+from abft_lens.run_files import (CHECKPOINT_FILE, CONFIG_FILE, DAMAGED_FIX, LOCK_FILE, TRAINED_FILE,
+                                 check_run_files, has_trained, is_finished, is_run_folder, read_log, read_run_json)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,32 @@ def read_trained(run_dir: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
+CHECKPOINT = {"trainer": {"completed_steps": NUMBER, "trainable": dict, "optimizer": dict, "controller": dict},
+              "guard": Maybe(dict)}
+CHECKPOINT_FIX = ("delete it and resume again: the training restarts from its first step (or restore the file "
+                  "from a copy).")
+
+
+def read_checkpoint(run_dir: str | Path, *, mmap: bool = False) -> dict | None:
+    """The trainer and guard state of an interrupted run (``checkpoint.pt``), or None when it has none; a
+    damaged file is one :class:`AbftLensError` naming it. ``mmap``: map the tensors instead of reading them
+    (a cheap check before a model loads)."""
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu", mmap=mmap)
+    except Exception as error:  # pickle, zip and torch errors of a damaged file
+        raise AbftLensError(f"{path} is damaged: not a checkpoint ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200] if str(error) else ''}).", CHECKPOINT_FIX) from None
+    problem = shape_problem(state, CHECKPOINT)
+    if problem:
+        raise AbftLensError(f"{path} is damaged: {problem}.", CHECKPOINT_FIX)
+    return state
+
+
 def check_same_base(run_model: Mapping, model: Mapping, run_dir: str | Path) -> None:
     """The model a run was trained on (its config.json's ``model``) is the given one (``LoadedModel.describe()``):
     the same name (or the same folder) and the same shapes. A run applied to another model of the same shapes
@@ -111,21 +138,19 @@ def check_same_base(run_model: Mapping, model: Mapping, run_dir: str | Path) -> 
 
 def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
     """Refuse a ``--run-dir`` that cannot take this run, before anything loads or is written: a file (or a
-    path under one), a folder holding a run when not resuming (or a complete run when resuming), a folder
-    holding other files, and ``--resume`` on a folder that holds no run."""
+    path under one), a folder this process may not write, a folder holding a run when not resuming (or a
+    complete run, or one with a damaged file, when resuming), a folder holding other files, and ``--resume`` on
+    a folder that holds no run."""
     run_dir = Path(run_dir)
-    for path in (run_dir, *run_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "is a file" if path == run_dir else f"lies under {path}, which is a file"
-                raise AbftLensError(f"--run-dir {run_dir} {where}, not a folder.", "choose another --run-dir.")
-            break
+    check_folder(run_dir, "--run-dir")
     if is_run_folder(run_dir):
         if not resume:
             raise AbftLensError(f"{run_dir} already holds a run; abft-lens never overwrites one.",
                                 "choose another --run-dir, or pass --resume to continue an interrupted run.")
         if is_finished(run_dir):
             raise AbftLensError(f"the run in {run_dir} is already complete.", "start a new --run-dir.")
+        check_run_files(run_dir)
+        read_checkpoint(run_dir, mmap=True)
         return
     if resume:
         raise AbftLensError(f"--resume: {run_dir} holds no run to continue "
@@ -184,12 +209,11 @@ def saved_micro_batch(run_dir: Path, config, device) -> tuple[int, str] | None:
 
 
 def truncate_log(path: Path, completed_steps: int) -> None:
-    """Drop log lines written after the checkpoint being resumed from."""
+    """Drop log lines written after the checkpoint being resumed from (and a last line cut short by a crash)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= completed_steps]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [line for line in read_log(path.parent) if line.get("step", 0) <= completed_steps]
+    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
 
 
 def clear_folder(run_dir: Path) -> None:
@@ -205,15 +229,16 @@ def remove_empty_folder(path: Path) -> None:
 
 
 class RunLock:
-    """An exclusive lock on ``RUN_DIR/run.lock`` (which holds the owner's pid) while one process trains there.
+    """An exclusive lock on ``RUN_DIR/run.lock`` (which holds the owner's pid) while one process trains there;
+    ``name`` locks a folder under another file name (a study's ``study.lock``).
 
     Use as a context manager. ``flock`` is the truth: a second process (or a second lock in this one) is
     refused while the owner lives; a file left by an ended process is taken over. Where the file system has no
     ``flock``, the pid in the file decides (alive: refused; gone: taken over).
     """
 
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: str | Path, name: str = LOCK_FILE):
+        self.path = Path(run_dir) / name
         self._file = None
 
     def __enter__(self) -> RunLock:
@@ -266,5 +291,5 @@ def _alive(pid_text: str) -> bool:
     return True
 
 
-__all__ = ["read_run_config", "read_trained", "non_finite", "check_finite", "check_same_base", "check_run_dir",
+__all__ = ["read_run_config", "read_trained", "read_checkpoint", "non_finite", "check_finite", "check_same_base", "check_run_dir",
            "start_or_resume", "truncate_log", "clear_folder", "remove_empty_folder", "RunLock"]

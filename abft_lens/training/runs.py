@@ -49,9 +49,10 @@ from abft_lens.data.tasks import ICLTask
 from abft_lens.training.checks import check_run_fits_task
 from abft_lens.run_files import (CHECKPOINT_FILE, FORE_TEST_FILE, LOG_FILE, METRICS_FILE, POST_TEST_FILE,
                                  TRAINED_FILE, read_run_json)
-from abft_lens.training.run_folder import (RunLock, check_finite, check_same_base, check_run_dir, clear_folder,
-                                           read_run_config, read_trained, remove_empty_folder, resolved_block,
-                                           saved_micro_batch, start_or_resume, truncate_log)
+from abft_lens.training.run_folder import (CHECKPOINT_FIX, RunLock, check_finite, check_same_base, check_run_dir,
+                                           clear_folder, read_checkpoint, read_run_config, read_trained,
+                                           remove_empty_folder, resolved_block, saved_micro_batch, start_or_resume,
+                                           truncate_log)
 from abft_lens.training.train import (StepResult, TrainConfig, Trainer, resolve_micro_batch, training_prompts,
                                       validation_prompts)
 from abft_lens.training.adapters import attach
@@ -273,10 +274,7 @@ def start_training(run: PreparedRun) -> tuple[Trainer, ValidationGuard | None]:
                                 batch_size=run.options.batch_size, log_path=log_path)
     checkpoint = _path(run, CHECKPOINT_FILE)
     if run.resuming and run.on_main(checkpoint.is_file):
-        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
-        trainer.load_state_dict(state["trainer"])
-        if guard is not None and state["guard"] is not None:
-            guard.load_state_dict(state["guard"])
+        _resume_from(read_checkpoint(run.run_dir), trainer, guard, checkpoint)
         if run.main:
             truncate_log(log_path, trainer.completed_steps)
     elif run.writes:
@@ -285,6 +283,16 @@ def start_training(run: PreparedRun) -> tuple[Trainer, ValidationGuard | None]:
         with torch.no_grad():
             guard.evaluate(trainer, step=0)
     return trainer, guard
+
+
+def _resume_from(state: dict, trainer: Trainer, guard: ValidationGuard | None, path: Path) -> None:
+    try:
+        trainer.load_state_dict(state["trainer"])
+        if guard is not None and state["guard"] is not None:
+            guard.load_state_dict(state["guard"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # another run's state, or a damaged one
+        raise AbftLensError(f"{path} is damaged: it does not fit this run ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200] if str(error) else ''}).", CHECKPOINT_FIX) from error
 
 
 def train(run: PreparedRun, trainer: Trainer, guard: ValidationGuard | None) -> tuple[list[dict], float]:
