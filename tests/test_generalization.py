@@ -64,7 +64,8 @@ def _fake_run(path, method, seed, dataset, fore, post, general=None, calibrated=
         "train": {"method": method, "seed": seed, "k": 4}, "model": {"name": "tiny"}, "task": {"name": dataset},
         "n_test": 8}))
     for name, acc in (("fore_test.json", fore), ("post_test.json", post)):
-        (path / name).write_text(json.dumps({"task": dataset, "metrics": {"accuracy": acc}}))
+        (path / name).write_text(json.dumps({"task": dataset, "k": 4, "label_words": [" a", " b"],
+                                             "metrics": {"accuracy": acc}, "per_prompt": []}))
     if general is not None:
         (path / "generalization.json").write_text(json.dumps(general))
     return path
