@@ -67,11 +67,13 @@ def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec
     ``train`` options and the variant's own); it is called for every trained method before any cell runs, so a
     bad variant fails first. ``extend``: add the plan's cells to a study made with another plan.
     """
-    check_plan_fits(plan, _recipes(plan, recipe_for))  # before the folder exists: nothing written when refused
+    recipes = _recipes(plan, recipe_for)
+    check_plan_fits(plan, recipes)  # before the folder exists: nothing written when refused
     with study_lock(out):  # one study per folder, for the whole run
         state = StudyState.open(out, plan, extend=extend)
+        if state.plan.methods != plan.methods:  # --extend united the saved plan's methods with these
+            recipes = _recipes(state.plan, recipe_for)
         plan, out = state.plan, state.out
-        recipes = _recipes(plan, recipe_for)
         state.data["recipes"] = {name: recipe.to_dict() for name, recipe in recipes.items()}
         state.write()
         cells = plan.cells()
