@@ -38,6 +38,7 @@ _EXPORTS = {
     "template_sensitivity": "evaluation.robustness", "demonstration_sensitivity": "evaluation.robustness",
     "unseen_label_test": "evaluation.robustness", "contextual_bias": "evaluation.robustness", "calibrated_evaluate": "evaluation.robustness",
     "evaluate_datasets": "evaluation.generalization", "table_from_runs": "reporting.tables",
+    "StudyConfig": "studies.study_config", "run_study": "studies.study",
     "mix_runs": "studies.mixing", "generation_report": "studies.generation_report", "perplexity": "studies.generation",
     "export_run": "reporting.export",
     "AbftLensError": "errors",
