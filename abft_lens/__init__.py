@@ -34,7 +34,7 @@ _EXPORTS = {
     "evaluate": "evaluation.evaluator", "evaluate_prompts": "evaluation.evaluator", "prompt_builder": "data.prompts", "EvalResult": "evaluation.evaluator",
     "run_training": "training.runs", "load_run": "training.runs", "RunResult": "training.runs",
     "head_scores": "interp.heads", "HeadScores": "interp.heads", "HeadSet": "interp.heads",
-    "compare_run": "reporting.compare", "Comparison": "reporting.compare", "build_report": "reporting.report", "report_from_run": "reporting.report",
+    "compare_run": "training.comparison", "Comparison": "training.comparison", "build_report": "reporting.report", "report_from_run": "reporting.report",
     "template_sensitivity": "evaluation.robustness", "demonstration_sensitivity": "evaluation.robustness",
     "unseen_label_test": "evaluation.robustness", "contextual_bias": "evaluation.robustness", "calibrated_evaluate": "evaluation.robustness",
     "evaluate_datasets": "evaluation.generalization", "table_from_runs": "reporting.tables",
