@@ -61,13 +61,10 @@ def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
         print(f"  {name:<{width}}  {value}")
 
 
-# a flag spelled otherwise than "--" + the name with "-" for "_"
-FLAGS: dict[str, str] = {}
-
-
 def flag(name: str) -> str:
-    """The command line's flag for the library's option ``name`` (``train_samples`` -> ``--train-samples``)."""
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
+    """The command line's flag for the library's option ``name`` (``train_samples`` -> ``--train-samples``): every
+    option's first spelling is its Python name with ``-`` for ``_``."""
+    return "--" + name.replace("_", "-")
 
 
 def cli_message(error: AbftLensError) -> str:
