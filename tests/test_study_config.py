@@ -34,7 +34,8 @@ SMALL = dict(models="tiny", datasets="sst2", train_samples=4, pseudo_batch_size=
     (dict(methods="vanilla,fast=ABFT:--n-test 8"), "variant fast sets n_test, which is set for the whole study."),
     (dict(p_gain=0.1), "p_gain is used only with penalty_mode='P'; here it would be ignored."),
     (dict(preset="paper", lr=1e-3), "preset='paper' fixes train_samples=512, pseudo_batch_size=32, lr=2e-05, "
-                                    "n_test=1024; also given: train_samples=4, pseudo_batch_size=2, lr=0.001, n_test=4."),
+                                    "n_test=1024; also given: train_samples=4, pseudo_batch_size=2, lr=0.001, "
+                                    "n_test=4."),
     (dict(train_samples=0), "train_samples=0 must be a positive integer or None."),
     (dict(pseudo_batch_size=8), "pseudo_batch_size=8 is larger than train_samples=4"),
     (dict(variants={"fast": 3}), "variants={'fast': 3} must map names to 'ABFT:OPTIONS' strings."),
@@ -71,7 +72,8 @@ def test_python_and_the_cli_make_the_same_plan(tmp_path):
             "--validation-examples", "16", "--validate-every", "1", "--keep-best"]
     from_cli = study_config_from_args(build_parser().parse_args(argv))
     from_python = StudyConfig(out=out, models="tiny", datasets=["sst2", "fp"],
-                              methods=["vanilla", "ABFT", "fast"], variants={"fast": "ABFT:--lr 1e-3 --no-restricted-gradient"},
+                              methods=["vanilla", "ABFT", "fast"],
+                              variants={"fast": "ABFT:--lr 1e-3 --no-restricted-gradient"},
                               seeds=[0, 1], lr=5e-4, restricted_gradient=True, train_samples=8,
                               pseudo_batch_size=4, n_test=8, validation_examples=16, validate_every=1,
                               keep_best=True)

@@ -72,7 +72,8 @@ def cli_message(error: AbftLensError) -> str:
     flag, ``name=value`` as ``--flag value`` (a quoted string value unquoted)."""
     def rewrite(text: str) -> str:
         for name in sorted(error.names, key=len, reverse=True):
-            text = re.sub(rf"(?<![\w./-]){re.escape(name)}=('([^']*)'|[^\s,;)]+)", lambda m, n=name: _flag_value(n, m), text)
+            text = re.sub(rf"(?<![\w./-]){re.escape(name)}=('([^']*)'|[^\s,;)]+)",
+                          lambda m, n=name: _flag_value(n, m), text)
             text = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w(=/])", flag(name), text)
         return text
 
