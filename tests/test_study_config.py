@@ -15,6 +15,7 @@ from abft_lens.cli.study_command import study_config_from_args
 from abft_lens.errors import AbftLensError
 from abft_lens.studies.study_config import StudyConfig, option_names
 from abft_lens.studies.study_plan import StudyPlan
+from abft_lens.training.options import train_config_from_options
 from abft_lens.training.presets import preset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,3 +117,28 @@ def test_every_committed_study_resumes_under_study_config(path):
             assert {k: v for k, v in recipe.items() if k in old and k != "config"} == \
                    {k: v for k, v in old.items() if k != "config"}
             assert {k: v for k, v in recipe["config"].items() if k in old["config"]} == old["config"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("abft_lens").TrainConfig(train_samples=0),
+     "train_samples=0 must be an integer in 1..100000.\n  fix: pass train_samples in 1..100000."),
+    (lambda: __import__("abft_lens").TrainConfig(validate_every=2),
+     "validate_every=2 needs held-out validation examples.\n  fix: add validation_examples (e.g. 256), or drop "
+     "validate_every."),
+    (lambda: __import__("abft_lens").TrainConfig.paper(lr=1e-4), "preset 'paper' fixes lr=2e-05; asked for lr=0.0001."),
+    (lambda: train_config_from_options({"method": "E2E", "award": 1.0}),
+     "award is used only with method='ABFT' (E2E trains cross-entropy); here it would be ignored.\n"
+     "  fix: drop award, or set method='ABFT' (E2E trains cross-entropy)."),
+])
+def test_config_layer_messages_name_python_options(make, message):
+    """TrainConfig, the presets and the option mapping speak Python from Python; only the CLI says flags."""
+    with pytest.raises(AbftLensError) as caught:
+        make()
+    assert str(caught.value).startswith(message) and "--" not in str(caught.value)
+
+
+def test_the_cli_says_the_same_train_check_with_flags(tmp_path, capsys):
+    assert main(["train", "--model", "tiny", "--validate-every", "2",
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("abft-lens: error: --validate-every 2 needs held-out validation examples.\n"
+                                       "  fix: add --validation-examples (e.g. 256), or drop --validate-every.\n")
