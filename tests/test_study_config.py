@@ -142,3 +142,10 @@ def test_the_cli_says_the_same_train_check_with_flags(tmp_path, capsys):
                  "--run-dir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == ("abft-lens: error: --validate-every 2 needs held-out validation examples.\n"
                                        "  fix: add --validation-examples (e.g. 256), or drop --validate-every.\n")
+
+
+def test_the_cli_help_names_the_default_methods():
+    from abft_lens.cli import study_command
+    from abft_lens.studies.study_config import DEFAULT_METHODS
+
+    assert study_command.DEFAULT_METHODS == ",".join(DEFAULT_METHODS)

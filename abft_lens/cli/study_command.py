@@ -19,6 +19,7 @@ from abft_lens.cli.train_command import add_train_arguments
 from abft_lens.errors import AbftLensError
 from abft_lens.io import check_folder
 
+# study_config.DEFAULT_METHODS, spelled here so that --help imports no model code (a test keeps them equal)
 DEFAULT_METHODS = "vanilla,cc,prior,ABFT,E2E"
 NOT_CONFIG = ("func", "command", "spec", "method", "seed", "run_dir", "resume", "quantized", "calibration_test")
 
