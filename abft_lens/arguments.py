@@ -13,7 +13,7 @@ import re
 
 from abft_lens.errors import AbftLensError
 
-__all__ = ["check_count", "check_device", "check_text"]
+__all__ = ["check_count", "check_device", "check_text", "resolve_device"]
 
 DEVICE = re.compile(r"(cpu|cuda(:\d+)?|mps|meta)")
 
@@ -40,3 +40,16 @@ def check_device(device) -> str:
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise AbftLensError(f"device={device!r} is not a device name.", "pass device='cpu' or 'cuda' (or 'cuda:0').")
     return device
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch  # the foundation stays light: torch only where a device is resolved
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AbftLensError("device='cuda' was asked for, but torch sees no CUDA device "
+                            f"(torch {torch.__version__}).", "use device='cpu', or a CUDA build of torch on a GPU "
+                            "machine.", names=("device",))
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name

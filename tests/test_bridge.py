@@ -16,7 +16,7 @@ from abft_lens.backends.bridge import dense_weight, is_bridge, load_bridge
 from abft_lens.training.peft_lora import ADAPTER
 from abft_lens.interp.capture import capture_attention_rows
 from abft_lens.backends.forward import forward_residual
-from abft_lens.reporting.compare import compare_run
+from abft_lens.training.comparison import compare_run
 from abft_lens.errors import AbftLensError
 from abft_lens.reporting.export import export_run
 from abft_lens.evaluation.evaluator import label_probabilities

@@ -103,34 +103,34 @@ def a_file(env: Env) -> Path:
 Case = tuple[str, Callable[[Env], list], str]
 
 TRAIN: list[Case] = [  # QUICK + these + --run-dir RUN
-    ("penalty-nan", lambda e: ["--penalty", "nan"], "penalty=nan must be a finite number >= 0"),
-    ("penalty-inf", lambda e: ["--penalty", "inf"], "penalty=inf must be a finite number >= 0"),
-    ("award-nan", lambda e: ["--award", "nan"], "award=nan must be a finite number >= 0"),
-    ("award-inf", lambda e: ["--award", "inf"], "award=inf must be a finite number >= 0"),
-    ("pid-kp-nan", lambda e: ["--pid-kp", "nan"], "pid_kp=nan must be a finite number >= 0"),
-    ("pid-ki-inf", lambda e: ["--PID_param_I", "inf"], "pid_ki=inf must be a finite number >= 0"),
-    ("pid-kd-nan", lambda e: ["--pid-kd", "nan"], "pid_kd=nan must be a finite number >= 0"),
-    ("p-gain-inf", lambda e: ["--penalty-mode", "P", "--p-gain", "inf"], "p_gain=inf must be a finite number >= 0"),
-    ("lr-inf", lambda e: ["--lr", "inf"], "lr=inf must be a finite number > 0"),
-    ("lr-nan", lambda e: ["--lr", "nan"], "lr=nan must be a finite number > 0"),
-    ("threshold-2", lambda e: ["--threshold", "2"], "threshold=2.0 is outside [0, 1)"),
-    ("threshold-nan", lambda e: ["--threshold", "nan"], "threshold=nan is outside [0, 1)"),
-    ("threshold-inf", lambda e: ["--threshold", "inf"], "threshold=inf is outside [0, 1)"),
-    ("threshold-minus-1", lambda e: ["--threshold", "-1"], "threshold=-1.0 is outside [0, 1)"),
-    ("seed-negative", lambda e: ["--seed", "-1"], "seed=-1 must be an integer in 0..4294967295"),
+    ("penalty-nan", lambda e: ["--penalty", "nan"], "--penalty nan must be a finite number >= 0"),
+    ("penalty-inf", lambda e: ["--penalty", "inf"], "--penalty inf must be a finite number >= 0"),
+    ("award-nan", lambda e: ["--award", "nan"], "--award nan must be a finite number >= 0"),
+    ("award-inf", lambda e: ["--award", "inf"], "--award inf must be a finite number >= 0"),
+    ("pid-kp-nan", lambda e: ["--pid-kp", "nan"], "--pid-kp nan must be a finite number >= 0"),
+    ("pid-ki-inf", lambda e: ["--PID_param_I", "inf"], "--pid-ki inf must be a finite number >= 0"),
+    ("pid-kd-nan", lambda e: ["--pid-kd", "nan"], "--pid-kd nan must be a finite number >= 0"),
+    ("p-gain-inf", lambda e: ["--penalty-mode", "P", "--p-gain", "inf"], "--p-gain inf must be a finite number >= 0"),
+    ("lr-inf", lambda e: ["--lr", "inf"], "--lr inf must be a finite number > 0"),
+    ("lr-nan", lambda e: ["--lr", "nan"], "--lr nan must be a finite number > 0"),
+    ("threshold-2", lambda e: ["--threshold", "2"], "--threshold 2.0 is outside [0, 1)"),
+    ("threshold-nan", lambda e: ["--threshold", "nan"], "--threshold nan is outside [0, 1)"),
+    ("threshold-inf", lambda e: ["--threshold", "inf"], "--threshold inf is outside [0, 1)"),
+    ("threshold-minus-1", lambda e: ["--threshold", "-1"], "--threshold -1.0 is outside [0, 1)"),
+    ("seed-negative", lambda e: ["--seed", "-1"], "--seed -1 must be an integer in 0..4294967295"),
     ("k-too-large", lambda e: ["--k", "10000"], "k=10000 is larger than the demonstration split"),
     ("n-test-too-large", lambda e: ["--n-test", "100000"], "n_test=100000 is out of range for sst2"),
     ("validation-examples-too-large", lambda e: ["--validation-examples", "100000", "--validate-every", "1"],
-     "validation_examples=100000 leaves fewer than k+1=5"),
+     "--validation-examples 100000 leaves fewer than k+1=5"),
     ("csv-too-small", lambda e: ["--dataset", e.csv(rows(8)), "--k", "2", "--n-test", "2"],
      "calibration split holds 2 examples, fewer than k+1=3"),
-    ("validate-every-alone", lambda e: ["--validate-every", "2"], "validate_every=2 needs held-out validation"),
+    ("validate-every-alone", lambda e: ["--validate-every", "2"], "--validate-every 2 needs held-out validation"),
     ("validation-examples-alone", lambda e: ["--validation-examples", "64"],
-     "validation_examples=64 would be held out of training but never used"),
+     "--validation-examples 64 would be held out of training but never used"),
     ("select-max-p-without-keep-best", lambda e: ["--validation-examples", "64", "--validate-every", "1",
-                                                  "--select-max-p", "0.05"], "keep_best is off"),
+                                                  "--select-max-p", "0.05"], "--keep-best is off"),
     ("select-max-p-2", lambda e: ["--validation-examples", "64", "--validate-every", "1", "--keep-best",
-                                  "--select-max-p", "2"], "select_max_p=2.0 must be a number in (0, 1]"),
+                                  "--select-max-p", "2"], "--select-max-p 2.0 must be a number in (0, 1]"),
     ("validation-prompts-alone", lambda e: ["--validation-prompts", "8"],
      "--validation-prompts is used only with --validation-examples"),
     ("generalization-n-test-alone", lambda e: ["--generalization-n-test", "4"],
@@ -152,10 +152,10 @@ TRAIN: list[Case] = [  # QUICK + these + --run-dir RUN
     ("quantized-lora-r-0", lambda e: ["--quantized", "--lora-r", "0"], "--lora-r 0 (full W_Q/W_K) is not possible"),
     ("resume-missing-folder", lambda e: ["--resume"], "holds no run to continue (it does not exist)"),
     ("pseudo-batch-larger-than-samples", lambda e: ["--pseudo-batch-size", "16"],
-     "pseudo_batch_size=16 is larger than train_samples=8"),
+     "--pseudo-batch-size 16 is larger than --train-samples 8"),
     ("tiny-zero-layers", lambda e: ["--model", "tiny:n_layers=0"], "tiny-model option n_layers=0"),
     ("runaway-train-samples", lambda e: ["--train-samples", "1000000000"],
-     "train_samples=1000000000 must be an integer in 1..100000"),
+     "--train-samples 1000000000 must be an integer in 1..100000"),
     ("zero-loss", lambda e: ["--penalty-mode", "None", "--award", "0", "--penalty", "0"],
      "the ABFT loss is 0 at every step"),
     ("latin1-csv", lambda e: ["--dataset", e.csv(rows(40).encode() + "caf\xe9,good\n".encode("latin-1"))],
@@ -313,7 +313,7 @@ def test_other_commands_refuse_bad_input(name, build, words, env, capsys):
 
 def test_a_corrected_command_runs_where_a_refused_one_was(env, capsys):
     """The refused command left no folder behind, so the corrected command needs no clean-up."""
-    refused(QUICK + ["--penalty", "nan", "--run-dir", env.run_dir], "penalty=nan", env, capsys)
+    refused(QUICK + ["--penalty", "nan", "--run-dir", env.run_dir], "--penalty nan", env, capsys)
     assert cli(QUICK + ["--penalty", "0.5", "--run-dir", env.run_dir]) == 0
     assert (env.run_dir / "metrics.json").is_file() and not (env.run_dir / "run.lock").exists()
 
@@ -373,6 +373,6 @@ def test_python_m_abft_lens_prints_one_message_without_a_traceback(tmp_path):
                               str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert process.returncode == 2
-    assert process.stderr.splitlines() == ["abft-lens: error: penalty=nan must be a finite number >= 0.",
+    assert process.stderr.splitlines() == ["abft-lens: error: --penalty nan must be a finite number >= 0.",
                                            "  fix: pass --penalty >= 0."]
     assert process.stdout == "" and list(tmp_path.iterdir()) == []

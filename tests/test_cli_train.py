@@ -104,7 +104,7 @@ def test_existing_and_complete_run_dirs_are_refused(prototype_run, capsys):
     (["--quantized"], "needs a Hugging Face model behind the model spec"),  # tiny hooked models have no HF folder
     (["--quantized", "--train-bias"], "--train-bias cannot be combined with --quantized"),
     (["--quantized", "--dtype", "bfloat16"], "drop --dtype with --quantized"),
-    (["--quantized", "--MAUVE_test", "--MAUVE_prefix", __file__], "--MAUVE_test cannot run on a 4-bit"),
+    (["--quantized", "--MAUVE_test", "--MAUVE_prefix", __file__], "--MAUVE-test cannot run on a 4-bit"),
 ])
 def test_quantized_refusals_exit_2_with_one_message(tmp_path, capsys, option, words):
     run_dir = tmp_path / "run"
@@ -136,11 +136,11 @@ def test_quantized_train_and_eval_through_the_cli(hf_llama_dir, tmp_path, capsys
     (["--lr", "0"], "lr"),
     (["--epoch", "0"], "must be a positive integer"),
     (["--train_sample_num", "0"], "must be a positive integer"),
-    (["--keep-best"], "keep_best needs a validation set"),
-    (["--wrong_label_penalty", "-1"], "penalty=-1.0 must be a finite number >= 0"),
+    (["--keep-best"], "--keep-best needs a validation set"),
+    (["--wrong_label_penalty", "-1"], "--penalty -1.0 must be a finite number >= 0"),
     (["--method", "SFT"], "invalid choice"),
-    (["--lora_r", "-1"], "--lora_r -1 must be >= 0"),
-    (["--validation-examples", "32", "--validate-every", "-1"], "validate_every=-1"),
+    (["--lora_r", "-1"], "--lora-r -1 must be >= 0"),
+    (["--validation-examples", "32", "--validate-every", "-1"], "--validate-every -1"),
 ])
 def test_bad_values_exit_2_with_one_message(tmp_path, capsys, bad, words):
     run_dir = tmp_path / "run"
@@ -244,15 +244,31 @@ def test_study_dtype_auto_is_resolved_once_for_its_settings_and_runs(monkeypatch
     """A study records the dtype ``auto`` picked (its settings name a real dtype), and its trained cells'
     recipes carry the reason to their config.json."""
     from abft_lens.backends import cpu
-    from abft_lens.cli.common import resolve_dtype
-    from abft_lens.cli.study_command import recipe_for, settings_from_args
+    from abft_lens.cli.study_command import study_config_from_args
     from abft_lens.studies.study_plan import parse_methods
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: True)
     args = build_parser().parse_args(["study", "--out", str(tmp_path / "s"), "--dtype", "auto", "--device", "cpu",
-                                      "--methods", "ABFT"])
-    resolve_dtype(args)
-    settings = settings_from_args(args)
+                                      "--methods", "ABFT", "--models", "tiny", "--datasets", "sst2"])
+    config = study_config_from_args(args)
+    settings = config.settings()
     assert settings["dtype"] == "bfloat16" and "dtype_reason" not in settings
-    recipe = recipe_for(args, parse_methods(["ABFT"])[0])
+    recipe = config.recipe_for(parse_methods(["ABFT"])[0])
     assert recipe.config.compute_dtype == "bfloat16" and recipe.dtype_reason.startswith("--dtype auto: this CPU")
+
+
+def test_train_runs_its_pre_flight_checks_once(tmp_path, monkeypatch):
+    """``abft-lens train`` checks the folder and the task's sizes before it loads the model; run_training then
+    does not check them again."""
+    from abft_lens.training import runs
+
+    calls = []
+    real = runs.check_run
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "check_run", counting)
+    assert cli(QUICK + ["--run-dir", tmp_path / "run"]) == 0
+    assert len(calls) == 1

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from abft_lens.reporting.compare import Comparison, compare_run
+from abft_lens.training.comparison import Comparison, compare_run
 from abft_lens.interp.heads import head_scores
 from abft_lens.backends.loading import load_model
 from abft_lens.training.runs import load_run

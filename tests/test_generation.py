@@ -275,8 +275,8 @@ def test_train_cli_mauve_test_writes_generation_json(tmp_path, capsys, no_networ
     assert [s["reference"] for s in data["samples"]] == [" the end"] * len(PREFIXES)
     assert "MAUVE base vs tuned" in capsys.readouterr().out
     assert no_network.attempts == []
-    for extra, words in [(["--MAUVE_test"], "needs --MAUVE_prefix"),
-                         (["--MAUVE_prefix", str(prefix_file)], "only with --MAUVE_test"),
+    for extra, words in [(["--MAUVE_test"], "needs --MAUVE-prefix"),
+                         (["--MAUVE_prefix", str(prefix_file)], "only with --MAUVE-test"),
                          (["--MAUVE_test", "--MAUVE_prefix", str(tmp_path / "none.txt")], "cannot read")]:
         other = tmp_path / "refused"
         argv = [a if a != str(run_dir) else str(other) for a in quick] + extra

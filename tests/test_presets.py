@@ -70,8 +70,8 @@ def test_cli_preset_contradiction_is_one_message_and_writes_nothing(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
-    assert lines[0] == ("abft-lens: error: --preset paper fixes --validation-examples 0, --validate-every 0; the "
-                        "command also gives --validation-examples 64, --validate-every 2.")
+    assert lines[0] == ("abft-lens: error: --preset paper fixes --validation-examples 0, --validate-every 0; also "
+                        "given: --validation-examples 64, --validate-every 2.")
     assert lines[1] == "  fix: drop --validation-examples, --validate-every (or --preset paper)."
     assert list(tmp_path.iterdir()) == []
     assert cli(["train", "--model", "tiny", "--preset", "nosuch"]) == 2

@@ -23,7 +23,7 @@ from plotly.offline import get_plotlyjs
 
 from abft_lens.reporting import html_page as report_module
 from abft_lens.cli import main
-from abft_lens.reporting.compare import Comparison
+from abft_lens.training.comparison import Comparison
 from abft_lens.errors import AbftLensError
 from abft_lens.io import read_json, write_json
 from abft_lens.reporting.html_page import Report
@@ -208,10 +208,9 @@ def fake_run(tmp_path: Path, comparison: Comparison | None = None) -> Path:
 
 
 def test_report_from_run_reuses_comparison_json_without_a_model(tmp_path, no_network, monkeypatch):
-    from abft_lens.reporting import compare
+    from abft_lens.reporting import report
 
-    monkeypatch.setattr(compare, "compare_run", lambda *a, **k: pytest.fail("compare_run must not be called"),
-                        raising=False)
+    monkeypatch.setattr(report, "compare_run", lambda *a, **k: pytest.fail("compare_run must not be called"))
     run_dir = fake_run(tmp_path, synthetic_comparison(seed=3, scores=FEW))
     result = report_from_run(run_dir)
     assert result.reused and result.html_path == run_dir / "report.html" and result.png_paths == []
@@ -222,7 +221,7 @@ def test_report_from_run_reuses_comparison_json_without_a_model(tmp_path, no_net
 
 
 def test_report_from_run_computes_and_saves_the_comparison(tmp_path, monkeypatch):
-    from abft_lens.reporting import compare
+    from abft_lens.reporting import report
 
     seen = {}
 
@@ -230,7 +229,7 @@ def test_report_from_run_computes_and_saves_the_comparison(tmp_path, monkeypatch
         seen.update(run_dir=Path(run_dir), n_prompts=n_prompts, **kwargs)
         return synthetic_comparison(seed=4, scores=FEW)
 
-    monkeypatch.setattr(compare, "compare_run", fake_compare_run, raising=False)
+    monkeypatch.setattr(report, "compare_run", fake_compare_run)
     run_dir = fake_run(tmp_path)
     result = report_from_run(run_dir, n_prompts=7, batch_size=2)
     assert seen == dict(run_dir=run_dir, n_prompts=7, batch_size=2)
@@ -476,11 +475,7 @@ def test_report_renders_offline_in_headless_chromium(tmp_path, report):
 
 def test_report_from_a_real_tiny_run(tmp_path, no_network):
     """End to end on the tiny model: `abft-lens train` two steps, then report_from_run computes the comparison
-    with compare_run (skipped while compare_run does not exist)."""
-    from abft_lens.reporting import compare
-
-    if not hasattr(compare, "compare_run"):
-        pytest.skip("abft_lens.reporting.compare.compare_run is not available yet")
+    with compare_run."""
     run_dir = tmp_path / "run"
     assert main(["train", "--model", "tiny", "--dataset", "sst2", "--k", "2", "--train-samples", "4",
                  "--epochs", "1", "--pseudo-batch-size", "2", "--no-fore-test", "--no-post-test",

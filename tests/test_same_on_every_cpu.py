@@ -111,7 +111,7 @@ CASES = {
         [sys.executable, "-m", "abft_lens", "eval", "--model", "nonexist"], _unknown_model_lines),
     "abft-lens train --lr -1": (
         ["abft-lens", "train", "--model", "tiny", "--lr", "-1", "--run-dir", "run"],
-        lambda: ["abft-lens: error: lr=-1.0 must be a finite number > 0.", "  fix: pass e.g. --lr 2e-5."]),
+        lambda: ["abft-lens: error: --lr -1.0 must be a finite number > 0.", "  fix: pass e.g. --lr 2e-5."]),
     "python -m abft_lens.cli report missing": (
         [sys.executable, "-m", "abft_lens.cli", "report", "missing"],
         lambda: ["abft-lens: error: missing is not an abft-lens run folder (no config.json).",

@@ -334,39 +334,41 @@ def test_a_flag_added_after_planning_resumes_only_while_off():
     saved = {"lr": 5e-4, "restricted_gradient": True}
     assert settings_differences(saved, {**saved, "balance_query_labels": False, "select_max_p": None}) == []
     assert settings_differences(saved, {**saved, "balance_query_labels": True}) == [
-        "--balance-query-labels None -> True"]
-    assert settings_differences({**saved, "new_count": 3}, saved) == ["--new-count 3 -> None"]
-    assert settings_differences(saved, {**saved, "new_count": 0}) == ["--new-count None -> 0"]
-    assert settings_differences(saved, {**saved, "lr": 1e-4}) == ["--lr 0.0005 -> 0.0001"]
+        "balance_query_labels None -> True"]
+    assert settings_differences({**saved, "new_count": 3}, saved) == ["new_count 3 -> None"]
+    assert settings_differences(saved, {**saved, "new_count": 0}) == ["new_count None -> 0"]
+    assert settings_differences(saved, {**saved, "lr": 1e-4}) == ["lr 0.0005 -> 0.0001"]
 
 
 def test_variants_and_spec_file(tmp_path):
     """A variant's options land on top of the study's; a spec file fills what the command line leaves out."""
     from abft_lens.cli import build_parser
-    from abft_lens.cli.study_command import apply_spec_options, recipe_for
+    from abft_lens.cli.study_command import study_config_from_args
     from abft_lens.studies.study_plan import parse_methods, read_spec
 
-    args = build_parser().parse_args(["study", "--out", str(tmp_path / "s"), "--lr", "5e-4", "--restricted-gradient",
-                                      "--train-samples", "16", "--pseudo-batch-size", "8"])
+    argv = ["study", "--out", str(tmp_path / "s"), "--lr", "5e-4", "--restricted-gradient", "--train-samples", "16",
+            "--pseudo-batch-size", "8", "--models", "tiny", "--datasets", "sst2"]
+    config = study_config_from_args(build_parser().parse_args(argv))
+    recipe_for = config.recipe_for
     base, fast, e2e = parse_methods("ABFT,fast=ABFT:--lr 1e-3 --no-restricted-gradient --penalty-mode None "
                                     "--select-metric accuracy,slow=E2E:--epochs 3")
-    assert (recipe_for(args, base).config.lr, recipe_for(args, base).config.restricted_gradient) == (5e-4, True)
-    config = recipe_for(args, fast).config
+    assert (recipe_for(base).config.lr, recipe_for(base).config.restricted_gradient) == (5e-4, True)
+    config = recipe_for(fast).config
     assert (config.lr, config.restricted_gradient, config.penalty_mode) == (1e-3, False, "None")
     assert config.train_samples == 16
-    assert (config.select_metric, recipe_for(args, base).config.select_metric) == ("accuracy", "macro_f1")
-    assert (recipe_for(args, e2e).config.method, recipe_for(args, e2e).config.epochs) == ("E2E", 3)
+    assert (config.select_metric, recipe_for(base).config.select_metric) == ("accuracy", "macro_f1")
+    assert (recipe_for(e2e).config.method, recipe_for(e2e).config.epochs) == ("E2E", 3)
     (balanced,) = parse_methods("ABFT-balanced=ABFT:--balance-query-labels")
-    assert recipe_for(args, balanced).config.balance_query_labels and not recipe_for(args, base).config.balance_query_labels
+    assert recipe_for(balanced).config.balance_query_labels and not recipe_for(base).config.balance_query_labels
 
     spec = tmp_path / "spec.toml"
     spec.write_text('models = ["tiny"]\ndatasets = "sst2"\nmethods = ["vanilla", "fast"]\nseeds = [0, 2]\n'
                     '[variants]\nfast = "ABFT:--lr 1e-3"\n[options]\ntrain-samples = 32\nkeep-best = true\n'
                     'validation-examples = 64\nvalidate-every = 2\nlr = 9e-4\n')
     data = read_spec(spec)
-    apply_spec_options(args, data["options"])
-    assert (args.train_samples, args.keep_best, args.validate_every) == (16, True, 2)  # the command line's 16 wins
-    assert args.lr == 5e-4
+    config = study_config_from_args(build_parser().parse_args(argv + ["--spec", str(spec)]))
+    assert (config.train_samples, config.keep_best, config.validate_every) == (16, True, 2)  # the command line's 16 wins
+    assert config.lr == 5e-4 and config.plan().seeds == [0, 2] and config.plan().models == ["tiny"]
     assert data["variants"] == {"fast": "ABFT:--lr 1e-3"} and data["seeds"] == [0, 2]
     bad = tmp_path / "bad.toml"
     bad.write_text("modles = ['tiny']\n")

@@ -32,7 +32,7 @@ CASES = [
     ("n-test too large", lambda t: ["--n-test", "100000"], "n_test=100000 is out of range for sst2"),
     ("k too large", lambda t: ["--k", "10000"], "k=10000 is larger than the demonstration split"),
     ("validation too large", lambda t: ["--validation-examples", "5000", "--validate-every", "1"],
-     "validation_examples=5000 leaves fewer than"),
+     "--validation-examples 5000 leaves fewer than"),
     ("generalization n-test", lambda t: ["--generalization-test", "--generalization-n-test", "5000"],
      "n_test=5000 is out of range"),
     ("empty models", lambda t: ["--models", ""], "--models names no model"),

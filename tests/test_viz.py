@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from abft_lens.reporting import viz
-from abft_lens.reporting.compare import Comparison
+from abft_lens.training.comparison import Comparison
 
 SCORES = ["induction", "previous_token", "duplicate_token", "copying", "label_attention",
           "correct_label_attention", "label_correctness", "filter_pass_rate", "sink_attention"]

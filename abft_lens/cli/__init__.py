@@ -14,6 +14,7 @@ import re
 import sys
 
 from abft_lens.cli import eval_command, heads_command, run_commands, study_command, train_command
+from abft_lens.cli.common import cli_message
 from abft_lens.errors import AbftLensError
 from abft_lens.io import file_system_error
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AbftLensError as error:
-        print(f"abft-lens: error: {error}", file=sys.stderr)
+        print(f"abft-lens: error: {cli_message(error)}", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"abft-lens: error: {file_system_error(error)}", file=sys.stderr)

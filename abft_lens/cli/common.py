@@ -1,11 +1,15 @@
-"""What every command shares: model arguments, dtype and device choices, integer checks, the printed table."""
+"""What every command shares: model arguments, dtype and device choices, integer checks, the printed table, and
+the one mapping from the library's option names to the command line's flags (:func:`cli_message`)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
+from abft_lens.arguments import resolve_device
+from abft_lens.backends.cpu import auto_dtype
 from abft_lens.errors import AbftLensError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -35,18 +39,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass in evaluation")
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AbftLensError("--device cuda was asked for, but torch sees no CUDA device "
-                            f"(torch {torch.__version__}).", "use --device cpu, or a CUDA build of torch on a GPU machine.")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def resolve_dtype(args: argparse.Namespace) -> str | None:
     """``--dtype auto`` -> the dtype :func:`abft_lens.backends.cpu.auto_dtype` picks for ``--device``, written
     back to ``args.dtype`` (so everything downstream sees a real dtype) with the reason in ``args.dtype_reason``;
@@ -54,8 +46,6 @@ def resolve_dtype(args: argparse.Namespace) -> str | None:
     dtype)."""
     if args.dtype != "auto":
         return getattr(args, "dtype_reason", None)
-    from abft_lens.backends.cpu import auto_dtype
-
     if getattr(args, "quantized", False):
         args.dtype, args.dtype_reason = "float32", "--dtype auto with --quantized: float32 (the 4-bit base's own compute)"
     else:
@@ -69,3 +59,29 @@ def print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
         print(title)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
+
+
+def flag(name: str) -> str:
+    """The command line's flag for the library's option ``name`` (``train_samples`` -> ``--train-samples``): every
+    option's first spelling is its Python name with ``-`` for ``_``."""
+    return "--" + name.replace("_", "-")
+
+
+def cli_message(error: AbftLensError) -> str:
+    """``error`` as the command line says it: every option it names (:attr:`AbftLensError.names`) written as the
+    flag, ``name=value`` as ``--flag value`` (a quoted string value unquoted)."""
+    def rewrite(text: str) -> str:
+        for name in sorted(error.names, key=len, reverse=True):
+            text = re.sub(rf"(?<![\w./-]){re.escape(name)}=('([^']*)'|[^\s,;)]+)",
+                          lambda m, n=name: _flag_value(n, m), text)
+            text = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w(=/])", flag(name), text)
+        return text
+
+    problem = rewrite(error.problem)
+    return problem if error.fix is None else f"{problem}\n  fix: {rewrite(error.fix)}"
+
+
+def _flag_value(name: str, match: re.Match) -> str:
+    value = match.group(2) if match.group(2) is not None else match.group(1)
+    end = "." if value.endswith(".") and match.group(2) is None else ""
+    return f"{flag(name)} {value[:-1] if end else value}{end}"

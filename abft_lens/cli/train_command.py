@@ -9,9 +9,7 @@ from pathlib import Path
 from abft_lens.cli.common import (DTYPES, add_model_arguments, positive_int, print_table, resolve_device,
                                   resolve_dtype)
 from abft_lens.errors import AbftLensError
-from abft_lens.training.presets import DEFAULT_N_TEST, FULL_LR, LORA_LR, PRESETS, contradictions, preset
-
-QUANTIZED_LORA_R = 16  # the paper's LoRA rank on 4-bit bases
+from abft_lens.training.presets import DEFAULT_N_TEST, PRESETS
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,111 +116,43 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
       help="tokens generated per prefix (greedy; default 32)")
 
 
-# option given -> (what it needs, the command-line spelling): refused rather than silently ignored
-IGNORED_UNLESS = (
-    ("award", lambda a: a.method == "ABFT", "--award", "--method ABFT (E2E trains cross-entropy)"),
-    ("penalty", lambda a: a.method == "ABFT", "--penalty", "--method ABFT (E2E trains cross-entropy)"),
-    ("p_gain", lambda a: (a.penalty_mode or "PID") == "P", "--p-gain", "--penalty-mode P"),
-    ("pid_kp", lambda a: (a.penalty_mode or "PID") == "PID", "--pid-kp", "--penalty-mode PID"),
-    ("pid_ki", lambda a: (a.penalty_mode or "PID") == "PID", "--pid-ki", "--penalty-mode PID"),
-    ("pid_kd", lambda a: (a.penalty_mode or "PID") == "PID", "--pid-kd", "--penalty-mode PID"),
-    ("validation_prompts", lambda a: a.validation_examples, "--validation-prompts", "--validation-examples"),
-    ("generalization_n_test", lambda a: a.generalization_test, "--generalization-n-test", "--generalization-test"),
-    ("robustness_queries", lambda a: a.test_type != "Normal", "--robustness-queries",
-     "--test-type TempSensitivity or DemoSensitivity"),
-    ("MAUVE_max_new_tokens", lambda a: a.MAUVE_test, "--MAUVE-max-new-tokens", "--MAUVE-test"),
-)
-CONFIG_OPTIONS = ("method", "k", "train_samples", "epochs", "pseudo_batch_size", "seed", "award", "penalty",
-                  "penalty_mode", "p_gain", "pid_kp", "pid_ki", "pid_kd", "threshold", "restricted_gradient",
-                  "validation_examples", "validation_prompts", "validate_every", "keep_best", "select_metric",
-                  "select_max_p", "micro_batch_size", "balance_query_labels")
-
-
 def given_options(args: argparse.Namespace) -> dict:
     """The options that define a run's regime (TrainConfig fields, ``lr``, ``n_test``), where given."""
-    names = CONFIG_OPTIONS + ("lr", "n_test")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    from abft_lens.training import options
+
+    return options.given_options(vars(args))
 
 
 def apply_preset(args: argparse.Namespace) -> None:
-    """Fill the options a preset fixes (``--preset``, or a command's own default preset, e.g. ``demo``).
+    """Fill the options a preset fixes (``--preset``, or a command's own default preset, e.g. ``demo``):
+    :func:`abft_lens.training.options.resolve_preset` on the parsed flags. Idempotent."""
+    from abft_lens.training import options
 
-    An explicit ``--preset`` refuses every given option that contradicts it (one message naming both); a
-    command's default preset yields to options given on the command line, and the run then names no preset.
-    Idempotent: a namespace already resolved stays as it is.
-    """
-    strict = args.preset is not None
     name = args.preset or getattr(args, "default_preset", None)
-    if name is not None:
-        chosen = preset(name)
-        clash = contradictions(chosen, given_options(args))
-        if clash and strict:
-            raise AbftLensError(
-                f"--preset {name} fixes " + ", ".join(f"{_flag(f)} {want}" for f, _, want in clash)
-                + "; the command also gives " + ", ".join(f"{_flag(f)} {got}" for f, got, _ in clash) + ".",
-                f"drop {', '.join(_flag(f) for f, _, _ in clash)} (or --preset {name}).")
-        args.preset = None if clash else name
-        filled = [f for f, value in chosen.fixed().items() if getattr(args, f, None) is None and value is not None]
-        for field_name in filled:
-            setattr(args, field_name, chosen.fixed()[field_name])
-        args.preset_filled = sorted(set(getattr(args, "preset_filled", [])) | set(filled))
-        args.default_preset = None
-    if args.n_test is None:
-        args.n_test = DEFAULT_N_TEST
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    resolved, args.preset, filled = options.resolve_preset(vars(args), name, strict=args.preset is not None)
+    vars(args).update({key: resolved[key] for key in filled + ["n_test"]})
+    args.preset_filled = sorted(set(getattr(args, "preset_filled", [])) | set(filled))
+    args.default_preset = None
 
 
 def train_config_from_args(args: argparse.Namespace):
-    """The run's TrainConfig, after refusing options that the other options would leave unused."""
-    from abft_lens.training.train import TrainConfig
-    from abft_lens.training.trainable import TrainableConfig
-
+    """The run's TrainConfig (:func:`abft_lens.training.options.train_config_from_options` on the flags)."""
     apply_preset(args)
     resolve_dtype(args)  # --dtype auto: bfloat16 where it is native (the demo's default stays float32)
-    for name, needed, option, needs in IGNORED_UNLESS:
-        given = getattr(args, name) is not None and name not in getattr(args, "preset_filled", ())
-        if given and not needed(args):
-            raise AbftLensError(f"{option} is used only with {needs}; here it would be ignored.",
-                                f"drop {option}, or add {needs}.")
-    if args.lora_r is not None and args.lora_r < 0:
-        raise AbftLensError(f"--lora_r {args.lora_r} must be >= 0.", "pass a LoRA rank (e.g. 16), or 0 for full W_Q/W_K.")
+    from abft_lens.training import options
+
     if args.resume and args.run_dir is None:
         raise AbftLensError("--resume needs the --run-dir of the interrupted run.", "pass --run-dir RUN_DIR.")
-    if args.quantized and args.train_bias:
-        raise AbftLensError("--train-bias cannot be combined with --quantized (the 4-bit base trains LoRA adapters only).",
-                            "drop --train-bias, or drop --quantized.")
-    if args.quantized and args.lora_r == 0:
-        raise AbftLensError("--quantized trains LoRA adapters on the 4-bit base; --lora-r 0 (full W_Q/W_K) is "
-                            "not possible there.", f"drop --lora-r (rank {QUANTIZED_LORA_R}) or pass a rank >= 1.")
-    if args.quantized and args.dtype == "bfloat16":
-        raise AbftLensError("--dtype bfloat16 cannot be combined with --quantized.",
-                            "drop --dtype with --quantized: the 4-bit base computes in float32 on CPU and "
-                            "bfloat16 on CUDA already.")
-    lora_r = args.lora_r if args.lora_r is not None else (QUANTIZED_LORA_R if args.quantized else 0)
-    lora = lora_r > 0
-    trainable = TrainableConfig(kind="lora" if lora else "full", lora_r=lora_r if lora else 16, bias=args.train_bias)
-    given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
-    return TrainConfig(**given, trainable=trainable, lr=args.lr if args.lr is not None else (LORA_LR if lora else FULL_LR),
-                       compute_dtype="bfloat16" if args.dtype == "bfloat16" else None, preset=args.preset)
+    return options.train_config_from_options(vars(args), filled=args.preset_filled)
 
 
 def mauve_test_from_args(args: argparse.Namespace):
     """The --MAUVE_test set-up (reads and checks the prefix file before any model loads), or None."""
-    if args.MAUVE_test and args.MAUVE_prefix is None:
-        raise AbftLensError("--MAUVE_test needs --MAUVE_prefix FILE (one prefix per line).", "pass --MAUVE_prefix.")
-    if args.MAUVE_test and args.quantized:
-        raise AbftLensError("--MAUVE_test cannot run on a 4-bit (--quantized) base: generation needs the "
-                            "HookedTransformer's KV cache.", "drop --MAUVE_test, or drop --quantized.")
-    if args.MAUVE_prefix is not None and not args.MAUVE_test:
-        raise AbftLensError("--MAUVE_prefix is used only with --MAUVE_test.", "add --MAUVE_test, or drop it.")
-    if not args.MAUVE_test:
-        return None
     from abft_lens.studies.generation_report import MauveTest
+    from abft_lens.training import options
 
-    return MauveTest(args.MAUVE_prefix, max_new_tokens=args.MAUVE_max_new_tokens or 32)
+    options.check_mauve_options(vars(args))
+    return MauveTest(args.MAUVE_prefix, max_new_tokens=args.MAUVE_max_new_tokens or 32) if args.MAUVE_test else None
 
 
 def run_extras_from_args(args: argparse.Namespace, task, config, run_dir: Path):
@@ -240,20 +170,21 @@ def run_extras_from_args(args: argparse.Namespace, task, config, run_dir: Path):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from abft_lens.training.checks import check_run_fits_task
     from abft_lens.training.distributed import init_from_env, training_device
     from abft_lens.backends.loading import load_model
     from abft_lens.backends.provenance import model_info
-    from abft_lens.training.run_folder import check_run_dir
-    from abft_lens.training.runs import run_training
+    from abft_lens.training.runs import RunOptions, check_run, run_training
     from abft_lens.data.tasks import load_task
 
-    # every check that needs no model runs first: nothing is loaded or written for a command that cannot run
+    # every check that needs no model runs first, once: nothing is loaded or written for a command that cannot run
     config = train_config_from_args(args)
     task = load_task(args.dataset)
     run_dir = args.run_dir or Path("runs") / f"{config.method.lower()}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_run_dir(run_dir, resume=args.resume)
-    check_run_fits_task(config, task, args.n_test, tests=not (args.no_fore_test and args.no_post_test))
+    options = RunOptions(run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
+                         post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
+                         checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+                         dtype_reason=getattr(args, "dtype_reason", None), checked=True)
+    check_run(task, config, options)  # run_training does not repeat it (checked=True)
     extras = run_extras_from_args(args, task, config, run_dir)
     if extras is not None:
         extras.check()
@@ -265,14 +196,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device=device, quantized=args.quantized)
     from abft_lens.studies.generation_report import MauveExtra
 
-    run_extras = [extra for extra in (extras, None if mauve_test is None else MauveExtra(mauve_test, run_dir))
-                  if extra is not None]
-    result = run_training(
-        model, task, config, run_dir=run_dir, n_test=args.n_test, fore_test=not args.no_fore_test,
-        post_test=not args.no_post_test, save_model=not args.dont_save_model, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, dist=dist,
-        extras=run_extras, dtype_reason=getattr(args, "dtype_reason", None),
-    )
+    options.dist = dist
+    options.extras = [extra for extra in (extras, None if mauve_test is None else MauveExtra(mauve_test, run_dir))
+                      if extra is not None]
+    result = run_training(model, task, config, options)
     if dist is not None and not dist.is_main:
         return 0
     rows = result.summary_rows() + [("train seconds", f"{result.train_seconds:.0f}")] + result.extra_rows

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.errors import AbftLensError
 from abft_lens.data.tasks import Example, ICLTask
 
-if TYPE_CHECKING:
-    from abft_lens.backends.provenance import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """Indices ``0..len(lengths)-1`` sorted by length (ties in index order), cut into batches of at most
     ``batch_size``: each batch holds sequences of similar length, so left padding wastes little compute."""
     if batch_size <= 0:
-        raise AbftLensError(f"batch_size={batch_size} must be positive.", "pass e.g. --batch-size 8.")
+        raise AbftLensError(f"batch_size={batch_size} must be positive.", "pass e.g. batch_size=8.", names=("batch_size",))
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # a stable sort: equal lengths keep their order
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
@@ -262,6 +261,4 @@ def pad_token_id(tokenizer) -> int:
 
 def prompt_builder(model: LoadedModel, task: ICLTask) -> PromptBuilder:
     """The prompt builder for ``task`` with the model's tokenizer, BOS convention and context length."""
-    from abft_lens.backends.provenance import model_info  # lazy: building prompts needs no TransformerLens
-
     return PromptBuilder(model.tokenizer, task, adds_bos=model_info(model).adds_bos, max_tokens=model.cfg.n_ctx)

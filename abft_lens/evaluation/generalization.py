@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
+from abft_lens.evaluation.robustness import (CONTENT_FREE, calibrated_evaluate, check_robustness_options,
+                                             robustness_report)
 from abft_lens.io import write_json
 from abft_lens.backends.provenance import LoadedModel
 from abft_lens.data.tasks import PAPER_DATASETS, load_task
@@ -33,8 +35,6 @@ def evaluate_datasets(
     ``calibrated=True`` evaluates with contextual calibration (4x the forward passes), see
     :func:`abft_lens.evaluation.robustness.calibrated_evaluate`.
     """
-    from abft_lens.evaluation.robustness import calibrated_evaluate
-
     results = {}
     for index in indices:
         task = load_task(index)
@@ -101,8 +101,6 @@ class RunExtras:
 
     def check(self) -> None:
         """Refuse options the datasets cannot serve, before any model loads or file is written."""
-        from abft_lens.evaluation.robustness import check_robustness_options
-
         if self.test_type != "Normal":
             check_robustness_options(self.task, self.test_type, k=self.k, n_queries=self.robustness_queries,
                                      n_test=self.robustness_n_test)
@@ -151,8 +149,6 @@ class RunExtras:
         return rows
 
     def _jobs(self):
-        from abft_lens.evaluation.robustness import robustness_report
-
         jobs = []
         if self.test_type != "Normal":
             jobs.append((ROBUSTNESS_FILE, lambda model: robustness_report(
@@ -174,8 +170,6 @@ class RunExtras:
         return tuple(PAPER_DATASETS) + (self.task.index,)
 
     def _calibrated(self, model: LoadedModel) -> dict:
-        from abft_lens.evaluation.robustness import calibrated_evaluate
-
         if self.generalization:
             return {name: result.metrics for name, result in evaluate_datasets(
                 model, self._indices(), k=self.k, n_test=self.generalization_n_test, calibrated=True,
@@ -188,8 +182,6 @@ class RunExtras:
         if name == GENERALIZATION_FILE:
             return {"trained_dataset": self.task.name, "k": self.k, "n_test": self.generalization_n_test}
         if name == CALIBRATION_FILE:
-            from abft_lens.evaluation.robustness import CONTENT_FREE
-
             return {"method": "contextual_calibration", "model": "base", "trained_dataset": self.task.name,
                     "k": self.k, "n_test": self.generalization_n_test if self.generalization else self.robustness_n_test,
                     "content_free": list(CONTENT_FREE)}

@@ -33,6 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from abft_lens.backends.bridge import is_bridge, ov_weights
 from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.backends.tl import HookedTransformer, HookPoint
 from abft_lens.interp.capture import capture_attention_rows, pattern_hook_name
@@ -300,8 +301,6 @@ def copying_scores(model: HookedTransformer, *, n_tokens: int = 1000, seed: int 
     ignored: the weights are unprocessed (RMSNorm/LayerNorm scales not folded in), so ln1's and ln_final's
     scales and the normalisation itself are left out of M; biases are left out too.
     """
-    from abft_lens.backends.bridge import is_bridge, ov_weights
-
     ids = _ordinary_ids(model)
     if ids.numel() > n_tokens:
         generator = torch.Generator().manual_seed(seed)
@@ -400,7 +399,7 @@ def head_scores(
     The ICL scores use the first ``n_prompts`` fixed test prompts of ``task`` with ``k`` demonstrations
     (or ``prompts`` when given); the classic scores prepend the tokenizer's BOS when the model's tokenizer
     adds one. Keys: ``induction``, ``previous_token``, ``duplicate_token``, ``copying`` and the five ICL
-    scores (the names of :class:`~abft_lens.reporting.compare.Comparison`).
+    scores (the names of :class:`~abft_lens.training.comparison.Comparison`).
     """
     if prompts is None:
         prompts = test_prompts(prompt_builder(model, task), k, n_prompts)

@@ -2,8 +2,9 @@
 
 ``build_report(comparison)`` lays out the figures of :mod:`abft_lens.reporting.viz`; ``Report.html()`` is a single page
 with plotly.js inlined once and the circuitsvis attention views inlined (their ``local_src``), so it opens from
-disk with no network: no CDN, no web fonts, no external URL at all. ``report_from_run(run_dir)`` computes (or
-reuses) ``RUN_DIR/comparison.json`` and writes ``RUN_DIR/report.html``.
+disk with no network: no CDN, no web fonts, no external URL at all. ``report_from_run(run_dir)`` reuses
+``RUN_DIR/comparison.json`` (or has :func:`abft_lens.training.comparison.compare_run` compute it) and writes
+``RUN_DIR/report.html``. This module only renders: every forward pass is the training layer's.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ import html as html_lib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
+from typing import Any
 
 from abft_lens.reporting import viz
 from abft_lens.errors import AbftLensError
 from abft_lens.io import check_folder, read_json, write_json
-
-if TYPE_CHECKING:
-    from abft_lens.reporting.compare import Comparison
-
+from abft_lens.training.comparison import Comparison, compare_run
+from abft_lens.training.run_folder import read_run_config, read_trained
 from abft_lens.reporting.html_page import AttentionItem, FigureItem, Report, Section
 from abft_lens.reporting.study_folder import check_output
 from abft_lens.run_files import COMPARISON_FILE, REPORT_FILE, check_run_files, has_trained
@@ -29,7 +27,7 @@ from abft_lens.run_files import COMPARISON_FILE, REPORT_FILE, check_run_files, h
 SCORE_ORDER = tuple(viz.SCORE_LABELS)
 
 
-def _score_names(comparison: "Comparison") -> list[str]:
+def _score_names(comparison: Comparison) -> list[str]:
     common = [name for name in comparison.before if name in comparison.after]
     return [n for n in SCORE_ORDER if n in common] + [n for n in common if n not in SCORE_ORDER]
 
@@ -42,7 +40,7 @@ def _float(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _run_rows(comparison: "Comparison") -> list[tuple[str, str]]:
+def _run_rows(comparison: Comparison) -> list[tuple[str, str]]:
     run = comparison.run or {}
     train, model, task = run.get("train") or {}, run.get("model") or {}, run.get("task") or {}
     rows = []
@@ -65,13 +63,13 @@ def _run_rows(comparison: "Comparison") -> list[tuple[str, str]]:
     return rows
 
 
-def _grid_shape(comparison: "Comparison") -> tuple[int, ...]:
+def _grid_shape(comparison: Comparison) -> tuple[int, ...]:
     for grid in comparison.before.values():
         return tuple(int(d) for d in grid.shape)
     return (comparison.n_layers,)
 
 
-def _summary_html(comparison: "Comparison") -> str:
+def _summary_html(comparison: Comparison) -> str:
     esc = html_lib.escape
     parts = []
     fore, post = (comparison.accuracy or {}).get("fore") or {}, (comparison.accuracy or {}).get("post") or {}
@@ -92,7 +90,7 @@ def _summary_html(comparison: "Comparison") -> str:
     return "\n".join(parts)
 
 
-def _top_changes(comparison: "Comparison", n: int = 3) -> list[tuple[str, str]]:
+def _top_changes(comparison: Comparison, n: int = 3) -> list[tuple[str, str]]:
     """For a few key scores, the heads whose score moved most (after − before)."""
     import torch
 
@@ -111,7 +109,7 @@ def _top_changes(comparison: "Comparison", n: int = 3) -> list[tuple[str, str]]:
     return rows
 
 
-def build_report(comparison: "Comparison", *, title: str | None = None, scores: list[str] | None = None,
+def build_report(comparison: Comparison, *, title: str | None = None, scores: list[str] | None = None,
                  include_max: bool = True) -> Report:
     """Lay out a :class:`Comparison`: summary and accuracy, training trace, per-layer curves, before/after/
     difference heatmaps of every score, weight change, and circuitsvis attention views of the chosen heads."""
@@ -145,7 +143,7 @@ def build_report(comparison: "Comparison", *, title: str | None = None, scores: 
     return Report(title=title, sections=sections, attention=attention, attention_note=note)
 
 
-def _heatmaps(comparison: "Comparison", names: list[str]) -> Section:
+def _heatmaps(comparison: Comparison, names: list[str]) -> Section:
     """Before, after and difference heatmaps of each score; before and after share one colour range."""
     import torch
 
@@ -197,9 +195,7 @@ class RunReport:
     png_paths: list[Path] = field(default_factory=list)
 
 
-def load_comparison(path: str | Path) -> "Comparison":
-    from abft_lens.reporting.compare import Comparison
-
+def load_comparison(path: str | Path) -> Comparison:
     try:
         return Comparison.from_dict(read_json(path))
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -212,11 +208,9 @@ def report_from_run(run_dir: str | Path, *, output: str | Path | None = None, n_
     """Write ``RUN_DIR/report.html`` (or ``output``) for a run folder.
 
     Reuses ``RUN_DIR/comparison.json`` when it exists (no model needed); otherwise computes it with
-    :func:`abft_lens.reporting.compare.compare_run` (``n_prompts`` prompts; extra keyword arguments go to it) and saves
-    it. With ``png=True`` also exports every figure into ``<output stem>_png/``.
+    :func:`abft_lens.training.comparison.compare_run` (``n_prompts`` prompts; extra keyword arguments go to it) and
+    saves it. With ``png=True`` also exports every figure into ``<output stem>_png/``.
     """
-    from abft_lens.training.run_folder import read_run_config, read_trained
-
     run_dir = Path(run_dir)
     read_run_config(run_dir)
     check_run_files(run_dir)  # every file readable, before anything is computed
@@ -231,8 +225,6 @@ def report_from_run(run_dir: str | Path, *, output: str | Path | None = None, n_
     if reused:
         comparison = load_comparison(comparison_path)
     else:
-        from abft_lens.reporting.compare import compare_run
-
         comparison = compare_run(run_dir, n_prompts=n_prompts, **compare_kwargs)
         write_json(comparison_path, comparison.to_dict())
     report = build_report(comparison, title=title)

@@ -12,6 +12,7 @@ from pathlib import Path
 from abft_lens.errors import AbftLensError
 from abft_lens.io import atomic_write_text
 from abft_lens.evaluation.label_prior import PRIOR_SHIFT
+from abft_lens.reporting.study_figures import accuracy_figure, validation_figure
 from abft_lens.reporting.study_generalization import generalization_grid_rows, generalization_rows
 from abft_lens.reporting.study_tables import (AVERAGE, COLLAPSE_MARGIN, COLLAPSE_SHARE, MISSING, SIGNIFICANCE,
                                               ModelResults, StudyTables, cost_rows, display, head_to_head, study_tables)
@@ -263,8 +264,6 @@ def render_table1(tables: StudyTables, fmt: str) -> str:
             parts += [grid.markdown() for grid in table1_grids(results)]
         parts += ["## Missing cells\n", "\n".join(f"- {text}" for text in failed) + "\n"] if failed else []
         return "\n".join(parts)
-    from abft_lens.reporting.study_figures import accuracy_figure, validation_figure
-
     parts, first = [f"<h1>{html.escape(title)}</h1><p>{html.escape(line)}</p>"], True
     for results in tables.models:
         parts.append(f"<h2>Table 1: {html.escape(results.model)}</h2>")

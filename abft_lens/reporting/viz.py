@@ -1,4 +1,4 @@
-"""Plotly figures (and circuitsvis attention views) for a :class:`~abft_lens.reporting.compare.Comparison`.
+"""Plotly figures (and circuitsvis attention views) for a :class:`~abft_lens.training.comparison.Comparison`.
 
 Every function returns a new figure and does nothing else: no files, no display, no network. Tensors may be
 torch tensors, numpy arrays or nested lists; ``[layer, head]`` grids are drawn with layer 0 at the top.
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from abft_lens.reporting.formatting import format_value
-
-if TYPE_CHECKING:
-    from abft_lens.reporting.compare import Comparison
+from abft_lens.training.comparison import Comparison
 
 # Plotly settings shared by every figure: no logo link to plotly.com, nothing fetched.
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
@@ -123,7 +121,7 @@ def difference_heatmap(before: Any, after: Any, title: str | None = None, *, hei
 LAYER_CURVE_SCORES = ("label_attention", "correct_label_attention", "sink_attention")
 
 
-def layer_curves(comparison: "Comparison", *, scores: Sequence[str] = LAYER_CURVE_SCORES,
+def layer_curves(comparison: Comparison, *, scores: Sequence[str] = LAYER_CURVE_SCORES,
                  include_max: bool = False, height: int = 380) -> go.Figure:
     """Per-layer mean over heads (and optionally max over heads) of some scores, before and after training.
 

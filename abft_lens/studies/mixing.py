@@ -31,6 +31,8 @@ from abft_lens.backends.provenance import LoadedModel, model_info
 from abft_lens.data.prompts import prompt_builder, test_prompts
 from abft_lens.data.tasks import task_from_description
 from abft_lens.evaluation.evaluator import evaluate_prompts
+from abft_lens.io import atomic_write_text
+from abft_lens.reporting.viz import PLOTLY_CONFIG, style_figure  # the shared figure look
 from abft_lens.run_files import POST_TEST_FILE, TRAINED_FILE, read_run_json
 from abft_lens.training.adapters import attach
 from abft_lens.training.run_folder import non_finite, read_run_config, read_trained
@@ -170,7 +172,6 @@ class MixResult:
         """Plotly heatmap of accuracy over (λ_A, λ_E) with the base, E2E, ABFT and best points marked."""
         import plotly.graph_objects as go
 
-        from abft_lens.reporting.viz import style_figure  # the shared figure look
 
         best = self.best
         fig = go.Figure(go.Heatmap(
@@ -194,8 +195,6 @@ class MixResult:
 
     def save_html(self, path: str | Path) -> Path:
         """The heatmap and the markdown table as one offline HTML page (plotly.js inlined), written atomically."""
-        from abft_lens.io import atomic_write_text
-        from abft_lens.reporting.viz import PLOTLY_CONFIG
 
         figure = self.figure().to_html(include_plotlyjs=True, full_html=False, config=PLOTLY_CONFIG)
         table = self._html_table()

@@ -47,25 +47,39 @@ from abft_lens.run_files import (CONFIG_FILE, GENERALIZATION_FILE, GENERATION_FI
 from abft_lens.reporting.study_folder import baseline_path, cell_files_exist, read_baseline
 from abft_lens.reporting.study_render import write_study_tables
 from abft_lens.studies.generation_report import MauveExtra, MauveTest
-from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_plan_fits
+from abft_lens.studies.study_config import StudyConfig
+from abft_lens.studies.study_plan import Cell, MethodSpec, StudyPlan, TrainRecipe, check_model, check_plan_fits
 from abft_lens.studies.study_state import StudyState, study_lock
 from abft_lens.training.runs import give_back, load_run, run_training
 from abft_lens.training.train import query_label_shares
 
-__all__ = ["run_study", "restore_base", "shared_evaluation", "run_prior_cell"]
+__all__ = ["run_study", "run_plan", "restore_base", "shared_evaluation", "run_prior_cell"]
 
 log = logging.getLogger(__name__)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} cells [{elapsed}{postfix}]"
 
 
-def run_study(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec], TrainRecipe], *,
-              dtype: torch.dtype = torch.float32, device: str = "cpu", extend: bool = False,
-              progress: bool = True) -> StudyState:
+def run_study(config: StudyConfig, *, progress: bool = True) -> StudyState:
+    """Run the study ``config`` describes into ``config.out`` (what ``abft-lens study`` runs): every model is
+    checked without loading it, then :func:`run_plan`. Returns the state (``state.counts()``: cells per state)."""
+    if not isinstance(config, StudyConfig):
+        raise AbftLensError(f"run_study takes a StudyConfig, not {type(config).__name__}.",
+                            "pass abft_lens.StudyConfig(out=..., models=..., ...).")
+    plan = config.plan()
+    for model in plan.models:
+        check_model(model)
+    return run_plan(plan, config.out, config.recipe_for, dtype=getattr(torch, config.settings()["dtype"]),
+                    device=config.torch_device, extend=config.extend, progress=progress)
+
+
+def run_plan(plan: StudyPlan, out: str | Path, recipe_for: Callable[[MethodSpec], TrainRecipe], *,
+             dtype: torch.dtype = torch.float32, device: str = "cpu", extend: bool = False,
+             progress: bool = True) -> StudyState:
     """Run every unfinished cell of ``plan`` into the study folder ``out``; write the tables; return the state.
 
-    ``recipe_for(method)`` gives a trained method's :class:`TrainRecipe` (the command line builds it from the
-    ``train`` options and the variant's own); it is called for every trained method before any cell runs, so a
-    bad variant fails first. ``extend``: add the plan's cells to a study made with another plan.
+    ``recipe_for(method)`` gives a trained method's :class:`TrainRecipe` (:meth:`StudyConfig.recipe_for`); it is
+    called for every trained method before any cell runs, so a bad variant fails first. ``extend``: add the
+    plan's cells to a study made with another plan.
     """
     recipes = _recipes(plan, recipe_for)
     check_plan_fits(plan, recipes)  # before the folder exists: nothing written when refused

@@ -23,7 +23,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from abft_lens.backends import hf_cache
 from abft_lens.backends.hf_cache import is_hf_folder
+from abft_lens.backends.loading import load_model
 from abft_lens.data.tasks import PAPER_DATASETS, STAICC_DATASETS, load_task, staicc_index
 from abft_lens.errors import AbftLensError
 from abft_lens.reporting.study_folder import (SEEDED_BASELINE_KINDS, TRAINED_KINDS, baseline_path, dataset_name,
@@ -74,9 +76,9 @@ def parse_method(text: str) -> MethodSpec:
     if "=" not in text:
         kind = KINDS.get(text.lower())
         if kind is None:
-            raise AbftLensError(f"unknown method {text!r} in --methods.",
+            raise AbftLensError(f"unknown method {text!r} in methods.",
                                 "use vanilla, cc, prior, ABFT, E2E or a variant NAME=ABFT:--lr 1e-3 "
-                                "(NAME=E2E:... for E2E).")
+                                "(NAME=E2E:... for E2E).", names=("methods",))
         return MethodSpec(kind, kind)
     name, _, rest = text.partition("=")
     kind_text, _, options = rest.partition(":")
@@ -101,15 +103,16 @@ def parse_methods(items: str | Sequence[str]) -> list[MethodSpec]:
     """A comma list (or a list) of methods; names must be unique."""
     texts = items.split(",") if isinstance(items, str) else list(items)
     if not all(isinstance(text, str) for text in texts):
-        raise AbftLensError(f"--methods {texts!r} holds something other than method names.",
-                            "pass names, e.g. --methods vanilla,cc,prior,ABFT,E2E.")
+        raise AbftLensError(f"methods {texts!r} holds something other than method names.",
+                            "pass names, e.g. methods vanilla,cc,prior,ABFT,E2E.", names=("methods",))
     methods = [parse_method(text) for text in texts if text.strip()]
     if not methods:
-        raise AbftLensError("--methods names no method.", "pass e.g. --methods vanilla,cc,ABFT,E2E.")
+        raise AbftLensError("methods names no method.", "pass e.g. methods vanilla,cc,ABFT,E2E.", names=("methods",))
     names = [m.name for m in methods]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise AbftLensError(f"method {twice[0]!r} appears twice in --methods.", "name every method once.")
+        raise AbftLensError(f"method {twice[0]!r} appears twice in methods.", "name every method once.",
+                            names=("methods",))
     return methods
 
 
@@ -118,7 +121,8 @@ def parse_datasets(items: str | Sequence[str]) -> list[str]:
     each is loaded once here, so an unknown name or a bad file fails before any cell runs."""
     texts = items.split(",") if isinstance(items, str) else [str(item) for item in items]
     if not isinstance(items, (str, list, tuple)):
-        raise AbftLensError(f"--datasets {items!r} is not a list of datasets.", "pass e.g. --datasets sst2,fp.")
+        raise AbftLensError(f"datasets {items!r} is not a list of datasets.", "pass e.g. datasets sst2,fp.",
+                            names=("datasets",))
     resolved: list[str] = []
     for text in (t.strip() for t in texts if str(t).strip()):
         if text.lower() == PAPER:
@@ -130,7 +134,8 @@ def parse_datasets(items: str | Sequence[str]) -> list[str]:
             names = [STAICC_DATASETS[staicc_index(text)][0]]
         resolved += [name for name in names if name not in resolved]
     if not resolved:
-        raise AbftLensError("--datasets names no dataset.", "pass e.g. --datasets paper or --datasets sst2,fp.")
+        raise AbftLensError("datasets names no dataset.", "pass e.g. datasets paper or datasets sst2,fp.",
+                            names=("datasets",))
     folders = [dataset_name(spec) for spec in resolved]
     if len(set(folders)) != len(folders):
         raise AbftLensError(f"two datasets share the name {sorted({f for f in folders if folders.count(f) > 1})[0]!r}.",
@@ -144,40 +149,38 @@ def parse_seeds(items: str | int | Sequence[int]) -> list[int]:
     seeds: list[int] = []
     for text in texts:
         if not isinstance(text, (int, str)) or isinstance(text, bool) or (isinstance(text, str) and not text.strip()):
-            raise AbftLensError(f"seed {text!r} is not an integer.", "pass --seeds 0,1,2.")
+            raise AbftLensError(f"seed {text!r} is not an integer.", "pass seeds 0,1,2.", names=("seeds",))
         try:
             seed = int(str(text).strip())
         except ValueError:
-            raise AbftLensError(f"seed {text!r} is not an integer.", "pass --seeds 0,1,2.") from None
+            raise AbftLensError(f"seed {text!r} is not an integer.", "pass seeds 0,1,2.", names=("seeds",)) from None
         if not 0 <= seed < MAX_SEED:
-            raise AbftLensError(f"seed {seed} is out of range.", f"pass seeds in 0..{MAX_SEED - 1}.")
+            raise AbftLensError(f"seed {seed} is out of range.", f"pass seeds in 0..{MAX_SEED - 1}.", names=("seeds",))
         if seed not in seeds:
             seeds.append(seed)
     if not seeds:
-        raise AbftLensError("--seeds names no seed.", "pass e.g. --seeds 0,1.")
+        raise AbftLensError("seeds names no seed.", "pass e.g. seeds 0,1.", names=("seeds",))
     return seeds
 
 
 def parse_models(items: str | Sequence[str]) -> list[str]:
     items = items.split(",") if isinstance(items, str) else items
     if not all(isinstance(m, str) for m in items):
-        raise AbftLensError(f"--models {list(items)!r} holds something other than names.",
-                            "pass model names, e.g. --models smollm2-135m,tiny.")
+        raise AbftLensError(f"models {list(items)!r} holds something other than names.",
+                            "pass model names, e.g. models smollm2-135m,tiny.", names=("models",))
     models = [m.strip() for m in items if m.strip()]
     if not models:
-        raise AbftLensError("--models names no model.", "pass e.g. --models smollm2-135m.")
+        raise AbftLensError("models names no model.", "pass e.g. models smollm2-135m.", names=("models",))
     folders = [slug(m) for m in models]
     if len(set(folders)) != len(folders):
-        raise AbftLensError("two models of --models would share a folder name.", "name every model once.")
+        raise AbftLensError("two names in models would share a folder name.", "name every model once.",
+                            names=("models",))
     return list(dict.fromkeys(models))
 
 
 def check_model(spec: str) -> None:
     """Raise the loader's own message for a model that cannot load here, without loading a real one: the
     wheels of the embedded models, the file or folder of a path, TransformerLens's list of official names."""
-    from abft_lens.backends import hf_cache
-    from abft_lens.backends.loading import load_model
-
     named = {hf_cache.EMBEDDED_NAME: hf_cache.embedded_gguf_path, hf_cache.GEMMA_NAME: hf_cache.gemma_gguf_path,
              hf_cache.QWEN_NAME: hf_cache.qwen_gguf_path}
     path = Path(spec).expanduser()
@@ -188,17 +191,18 @@ def check_model(spec: str) -> None:
     elif path.suffix == ".gguf" or path.exists() or spec.startswith((".", "/", "~")):
         if not (path.is_file() and path.suffix == ".gguf") and not is_hf_folder(path):
             raise AbftLensError(f"model {spec!r} is neither a .gguf file nor a Hugging Face folder (config.json).",
-                                "check the path in --models.")
+                                "check the path in models.", names=("models",))
     else:
         from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name
 
         try:
             get_official_model_name(spec)
         except ValueError:
-            raise AbftLensError(f"unknown model {spec!r} in --models.",
+            raise AbftLensError(f"unknown model {spec!r} in models.",
                                 f"use {hf_cache.EMBEDDED_NAME}, {hf_cache.GEMMA_NAME}, {hf_cache.QWEN_NAME}, tiny, "
                                 f"a .gguf file, a Hugging Face folder or one of TransformerLens's "
-                                f"{len(OFFICIAL_MODEL_NAMES)} official names (those need the hub).") from None
+                                f"{len(OFFICIAL_MODEL_NAMES)} official names (those need the hub).",
+                                names=("models",)) from None
 
 
 def check_plan_fits(plan: "StudyPlan", recipes: dict[str, "TrainRecipe"]) -> None:
@@ -361,13 +365,14 @@ class StudyPlan:
         settings must be equal, and a method name may not change its definition."""
         settings = settings_differences(self.settings, other.settings)
         if settings:
-            raise AbftLensError(f"--extend adds cells to a study, but the options differ: {'; '.join(settings)}.",
-                                "run with the study's options (see plan.settings in study.json), or use a new --out.")
+            raise AbftLensError(f"extend adds cells to a study, but the options differ: {'; '.join(settings)}.",
+                                "run with the study's options (see plan.settings in study.json), or use a new out.",
+                                names=("extend", "out", *differing_settings(self.settings, other.settings)))
         mine = {m.name: m for m in self.methods}
         for method in other.methods:
             if method.name in mine and mine[method.name] != method:
-                raise AbftLensError(f"--extend: method {method.name!r} is defined differently in this study.",
-                                    "give the new variant another name.")
+                raise AbftLensError(f"extend: method {method.name!r} is defined differently in this study.",
+                                    "give the new variant another name.", names=("extend",))
         return StudyPlan(_union(self.models, other.models), _union(self.datasets, other.datasets),
                          _union(self.methods, other.methods), _union(self.seeds, other.seeds),
                          dict(self.settings))
@@ -383,9 +388,13 @@ def settings_differences(old: dict, new: dict) -> list[str]:
     study was planned) is equal when the other side has it off (None or False): a study planned before a new
     flag existed resumes under today's code. An option at its default value equals the option not given."""
     old_raw, new_raw = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    old, new = _normalized(old_raw), _normalized(new_raw)
-    return [f"--{key.replace('_', '-')} {old_raw.get(key)!r} -> {new_raw.get(key)!r}"
-            for key in sorted(set(old) | set(new))
+    return [f"{key} {old_raw.get(key)!r} -> {new_raw.get(key)!r}" for key in differing_settings(old_raw, new_raw)]
+
+
+def differing_settings(old: dict, new: dict) -> list[str]:
+    """The names of the options :func:`settings_differences` describes."""
+    old, new = _normalized(json.loads(json.dumps(old))), _normalized(json.loads(json.dumps(new)))
+    return [key for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and not (_absent_or_off(old, key) and _absent_or_off(new, key))]
 
 

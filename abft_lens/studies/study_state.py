@@ -22,7 +22,7 @@ from abft_lens.io import check_folder, write_json
 from abft_lens.reporting.study_folder import (STATES, STUDY_FILE, STUDY_LOCK_FILE, TRAINED_KINDS, baseline_files,
                                               is_study_dir, read_baseline, read_study)
 from abft_lens.run_files import check_run_files, is_finished, is_run_folder
-from abft_lens.studies.study_plan import Cell, StudyPlan
+from abft_lens.studies.study_plan import Cell, StudyPlan, differing_settings
 from abft_lens.training.run_folder import RunLock, read_checkpoint, remove_empty_folder
 from abft_lens.version import __version__
 
@@ -70,7 +70,8 @@ class StudyState:
         written when the plan is refused."""
         out = Path(out)
         if out.exists() and not out.is_dir():
-            raise AbftLensError(f"--out {out} is a file.", "pass a folder for the study (new, or holding a study).")
+            raise AbftLensError(f"out {out} is a file.", "pass a folder for the study (new, or holding a study).",
+                                names=("out",))
         data: dict = {"cells": {}}
         if is_study_dir(out):
             data = read_study(out)
@@ -79,12 +80,13 @@ class StudyState:
             differences = plan.differences(saved)
             if differences and not extend:
                 raise AbftLensError(f"{out} holds a study with another plan ({'; '.join(differences)}).",
-                                    "run the study's own command again to resume it, add --extend to add models, "
-                                    "datasets, methods or seeds to it, or choose another --out.")
+                                    "run the study's own command again to resume it, add extend to add models, "
+                                    "datasets, methods or seeds to it, or choose another out.",
+                                    names=("extend", "out", *differing_settings(saved.settings, plan.settings)))
             plan = saved.extended_by(plan) if differences else saved
         elif out.is_dir() and any(path.name != STUDY_LOCK_FILE for path in out.iterdir()):
-            raise AbftLensError(f"--out {out} holds files but no {STUDY_FILE}.",
-                                "choose a new or empty folder for the study.")
+            raise AbftLensError(f"out {out} holds files but no {STUDY_FILE}.",
+                                "choose a new or empty folder for the study.", names=("out",))
         state = cls(out, plan, data)
         state.sync()
         return state

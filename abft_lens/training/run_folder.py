@@ -34,6 +34,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.io import NUMBER, Maybe, atomic_write_text, check_folder, shape_problem, write_json
 from abft_lens.run_files import (CHECKPOINT_FILE, CONFIG_FILE, DAMAGED_FIX, LOCK_FILE, TRAINED_FILE,
                                  check_run_files, has_trained, is_finished, is_run_folder, read_log, read_run_json)
+from abft_lens.training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def read_run_config(run_dir: str | Path, *, trained: bool = False) -> dict:
 
     ``trained=True`` also requires ``trained.safetensors`` (runs with ``--dont_save_model`` have none).
     """
-    from abft_lens.training.train import TrainConfig
-
     run_dir = Path(run_dir)
     if not is_run_folder(run_dir):
         raise AbftLensError(f"{run_dir} is not an abft-lens run folder (no {CONFIG_FILE}).",
@@ -60,8 +59,8 @@ def read_run_config(run_dir: str | Path, *, trained: bool = False) -> dict:
         raise AbftLensError(f"{run_dir / CONFIG_FILE} holds training options this version cannot use: "
                             f"{str(error).splitlines()[0]}", DAMAGED_FIX) from None
     if trained and not has_trained(run_dir):
-        raise AbftLensError(f"{run_dir} holds no {TRAINED_FILE} (trained with --dont_save_model, or unfinished).",
-                            "re-run training without --dont_save_model.")
+        raise AbftLensError(f"{run_dir} holds no {TRAINED_FILE} (trained without saving the model, or unfinished).",
+                            "re-run training with save_model=True (without --dont-save-model).")
     return meta
 
 
@@ -146,16 +145,19 @@ def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
     if is_run_folder(run_dir):
         if not resume:
             raise AbftLensError(f"{run_dir} already holds a run; abft-lens never overwrites one.",
-                                "choose another --run-dir, or pass --resume to continue an interrupted run.")
+                                "choose another run_dir, or pass resume to continue an interrupted run.",
+                                names=("run_dir", "resume"))
         if is_finished(run_dir):
-            raise AbftLensError(f"the run in {run_dir} is already complete.", "start a new --run-dir.")
+            raise AbftLensError(f"the run in {run_dir} is already complete.", "start a new run_dir.",
+                                names=("run_dir",))
         check_run_files(run_dir)
         read_checkpoint(run_dir, mmap=True)
         return
     if resume:
-        raise AbftLensError(f"--resume: {run_dir} holds no run to continue "
+        raise AbftLensError(f"resume: {run_dir} holds no run to continue "
                             f"({'it does not exist' if not run_dir.exists() else f'no {CONFIG_FILE}'}).",
-                            "drop --resume to start a new run, or pass the --run-dir of the interrupted run.")
+                            "drop resume to start a new run, or pass the run_dir of the interrupted run.",
+                            names=("resume", "run_dir"))
     if run_dir.is_dir():
         others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
         if others:

@@ -69,6 +69,8 @@ class RunOptions:
     elsewhere (a study's shared baseline of the same model, task, k and ``n_test``); it is written to
     ``fore_test.json`` instead of evaluating again. ``dtype_reason``: why the compute dtype is what it is, when
     the caller picked it (``--dtype auto``); recorded in ``config.json`` (``resolved.compute_dtype.reason``).
+    ``checked``: the caller already ran :func:`check_run` with these options (``abft-lens train`` does, before it
+    loads the model), so :func:`prepare_run` does not run those checks a second time.
     """
 
     run_dir: str | Path | None = None
@@ -85,6 +87,7 @@ class RunOptions:
     extras: Sequence = ()
     fore_result: EvalResult | None = None
     dtype_reason: str | None = None
+    checked: bool = False
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir) if self.run_dir is not None else None
@@ -94,7 +97,7 @@ class RunOptions:
                                                             or value < 1):
                 raise AbftLensError(f"{name}={value!r} must be a positive integer.", f"pass {name} >= 1.")
         if self.resume and self.run_dir is None:
-            raise AbftLensError("resume needs the run_dir of the interrupted run.", "pass --run-dir RUN_DIR.")
+            raise AbftLensError("resume needs the run_dir of the interrupted run.", "pass run_dir.", names=("run_dir",))
 
 
 @dataclass
@@ -164,8 +167,8 @@ def run_training(model: LoadedModel, task: ICLTask, config: TrainConfig, options
 
     ``options`` (or the same names as keyword arguments: ``run_dir``, ``n_test``, ``fore_test``, ``post_test``,
     ``save_model``, ``resume``, ``checkpoint_every``, ``batch_size``, ``progress``, ``callbacks``, ``dist``,
-    ``extras``, ``fore_result``, ``dtype_reason``): see :class:`RunOptions`. ``callbacks`` run on every rank
-    (a stop requested on any rank stops all of them). The model ends as it began; the result holds the trained tensors (:meth:`RunResult.apply_to`).
+    ``extras``, ``fore_result``, ``dtype_reason``, ``checked``): see :class:`RunOptions`. ``callbacks`` run on
+    every rank (a stop on any rank stops all). The model ends as it began; the result holds the trained tensors.
     """
     if options is not None and kwargs:
         raise TypeError("run_training: pass either options or keyword arguments, not both")
@@ -198,16 +201,22 @@ def prepare_run(model: LoadedModel, task: ICLTask, config: TrainConfig, options:
     dist = options.dist if options.dist is not None else distributed.current()
     if dist is not None:  # rank 0's folder (a default name may hold a timestamp)
         options.run_dir = dist.broadcast_object(options.run_dir)
-    if options.run_dir is not None:  # rank 0 looks; its refusal reaches every rank (none is left waiting)
-        check = lambda: check_run_dir(options.run_dir, resume=options.resume)  # noqa: E731
+    if not options.checked:  # rank 0 looks at the folder; its refusal reaches every rank (none is left waiting)
+        check = lambda: check_run(task, config, options)  # noqa: E731
         dist.on_main(check) if dist is not None else check()
-    check_run_fits_task(config, task, options.n_test, tests=options.fore_test or options.post_test)
     builder = prompt_builder(model, task)
     micro_batch = resolve_micro_batch(model, config, [p.n_tokens for p in training_prompts(builder, config)], dist)
     meta = {"train": config.to_dict(), "model": describe_model(model), "task": task.describe(),
             "n_test": options.n_test, "abft_lens_version": __version__,
             "resolved": resolved_block(model, config, micro_batch, options.dtype_reason)}
     return PreparedRun(model, task, config, options, builder, meta, dist)
+
+
+def check_run(task: ICLTask, config: TrainConfig, options: RunOptions) -> None:
+    """The checks that need no model: the run folder can be written (or resumed) and the task holds the run."""
+    if options.run_dir is not None:
+        check_run_dir(options.run_dir, resume=options.resume)
+    check_run_fits_task(config, task, options.n_test, tests=options.fore_test or options.post_test)
 
 
 @contextlib.contextmanager

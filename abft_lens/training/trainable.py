@@ -72,7 +72,7 @@ class TrainableConfig:
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or not 0 < self.lora_r <= MAX_LORA_R:
             raise AbftLensError(f"TrainableConfig.lora_r={self.lora_r!r} must be an integer in 1..{MAX_LORA_R}.",
-                                "pass a LoRA rank such as 16 (--lora-r 16).")
+                                "pass a LoRA rank such as lora_r=16.", names=("lora_r",))
         if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float))
                                                 and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise AbftLensError(f"TrainableConfig.lora_alpha={self.lora_alpha!r} must be a finite number > 0.",

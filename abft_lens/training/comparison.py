@@ -1,7 +1,9 @@
-"""Before/after comparison of a training run's heads on the same prompts.
+"""Before/after comparison of a training run's heads on the same prompts: the computation behind a report.
 
 A :class:`Comparison` is plain data (tensors ``[layer, head]`` or ``[layer]`` and lists), saved as JSON so a
-report can be rebuilt without a model. ``compare_run`` (below) computes it from a run folder.
+report (:mod:`abft_lens.reporting.report`, which only renders) can be rebuilt without a model. ``compare_run``
+(below) computes it from a run folder: it loads the base model, scores its heads, applies the run's trained
+tensors and scores them again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from abft_lens.backends.forward import forward_residual
 from abft_lens.backends.loading import load_model_like
+from abft_lens.interp.capture import pattern_hook_name
 from abft_lens.data.prompts import prompt_builder, test_prompts
 from abft_lens.data.tasks import task_from_description
 from abft_lens.interp.heads import head_scores
@@ -89,9 +93,6 @@ def example_patterns(model, prompt, heads: Sequence[tuple[int, int]]) -> list:
     One forward pass; the hook of each needed layer keeps only the chosen heads' patterns (rounded to 5
     decimals, probabilities).
     """
-    from abft_lens.backends.forward import forward_residual
-    from abft_lens.interp.capture import pattern_hook_name
-
     heads = [(int(layer), int(head)) for layer, head in heads]
     kept: dict[tuple[int, int], Tensor] = {}
 
