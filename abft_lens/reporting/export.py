@@ -7,11 +7,8 @@ with ``save_pretrained``, the tokenizer, a model card ``README.md`` and ``abft_l
 config and metrics). ``AutoModelForCausalLM.from_pretrained(output)`` then gives the tuned model, no
 abft-lens or TransformerLens needed.
 
-Layout. TransformerLens's ``W_Q[h]`` (``[d_model, d_head]``) is ``q_proj.weight[h*d_head:(h+1)*d_head, :].T``;
-``_W_K`` (grouped-query) / ``W_K`` likewise with the key/value heads; ``b_Q[h]`` is
-``q_proj.bias[h*d_head:(h+1)*d_head]``. LoRA runs store ``lora_A [r, d_model]`` and ``lora_B
-[n_out*d_head, r]`` with rows head-major, so ``scale * (B @ A)`` is already a ``q_proj``/``k_proj`` delta and
-``A``/``B`` are PEFT's ``lora_A.weight``/``lora_B.weight`` as they stand (PEFT scale ``lora_alpha / r``).
+Layout: :mod:`abft_lens.backends.hf_weights` converts the run's TransformerLens-named tensors into
+``q_proj``/``k_proj`` (PEFT scale ``lora_alpha / r`` for LoRA runs).
 
 Trained biases on a base without attention biases (Llama, Gemma) switch on ``attention_bias`` in the exported
 config; the v_proj/o_proj biases this adds are zero, so the model computes what the hooked model computed.
@@ -34,13 +31,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from abft_lens.errors import AbftLensError
 from abft_lens.io import check_folder
-from abft_lens.backends import hf_cache, qk
-from abft_lens.run_files import METRICS_FILE, TRAINED_FILE, read_run_json
+from abft_lens.backends import hf_cache
+from abft_lens.backends.hf_weights import load_hf_base, merge_trained, parse_trained, peft_tensors
+from abft_lens.run_files import METRICS_FILE, read_run_json
 from abft_lens.training.run_folder import read_run_config, read_trained
+from abft_lens.training.train import TrainConfig
 from abft_lens.reporting.formatting import format_value
 
 ADAPTER_DIR = "adapter"
@@ -71,8 +68,6 @@ def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -
     run_dir, output = Path(run_dir), Path(output)
     _check_output(output)
     meta, metrics = _read_run(run_dir)
-    from abft_lens.training.train import TrainConfig
-
     config = TrainConfig.from_dict(meta["train"])
     trainable = config.trainable
     if peft and trainable.kind != "lora":
@@ -83,11 +78,11 @@ def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -
                             "(the base model has no attention biases).", "drop --peft and use the merged model folder.")
     trained = read_trained(run_dir)  # readable and finite
     base = _base_hf_dir(meta["model"], run_dir)
-    parsed = _parse_trained(trained)
+    parsed = parse_trained(trained)
     needs_bias = any(role == "bias" and tensor.abs().max() > 0 for (_, _, role), tensor in parsed.items())
 
-    model, tokenizer, bias_added = _load_base(base, needs_bias)
-    changed = _merge(model, parsed, trainable.lora_scale, run_dir)
+    model, tokenizer, bias_added = load_hf_base(base, needs_bias)
+    changed = merge_trained(model, parsed, trainable.lora_scale, run_dir)
     if needs_bias:
         model.config.attention_bias = True
 
@@ -96,27 +91,6 @@ def export_run(run_dir: str | Path, output: str | Path, *, peft: bool = False) -
                         "base_hf_dir": str(base), "changed": changed},
                   card=model_card(meta, metrics, peft=peft, bias_added=bias_added))
     return ExportResult(output, base, output / ADAPTER_DIR if peft else None, changed, bias_added)
-
-
-def _load_base(base: Path, needs_bias: bool):
-    """The base model's Hugging Face folder as a float32 model and its tokenizer; with ``needs_bias``, attention
-    biases added (zero) where the architecture has none. Returns (model, tokenizer, biases were added)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        overrides, bias_added = {}, False
-        if needs_bias:
-            overrides["config"] = AutoConfig.from_pretrained(base)
-            bias_added = not getattr(overrides["config"], "attention_bias", False)
-            overrides["config"].attention_bias = True
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **overrides)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as error:
-        raise AbftLensError(f"could not read the run's base model folder {base}: {error}",
-                            "check that the folder still holds the model written by save_pretrained.") from error
-    if bias_added:
-        _zero_added_biases(model)
-    return model, tokenizer, bias_added
 
 
 def _write_folder(output: Path, model, tokenizer, *, peft: bool, parsed, trainable, base: Path, info: dict,
@@ -176,65 +150,6 @@ def _base_hf_dir(model: dict, run_dir: Path) -> Path:
                         "restore that folder (the run stores only the trained W_Q/W_K, not the base model).")
 
 
-def _parse_trained(trained: dict[str, torch.Tensor]) -> dict[tuple[int, str, str], torch.Tensor]:
-    """``{(layer, proj, role): tensor}``, role in weight / bias / lora_A / lora_B, proj q_proj / k_proj."""
-    parsed = {}
-    for key, tensor in trained.items():
-        parts = qk.parse_name(key)
-        if parts is None:
-            raise AbftLensError(f"{TRAINED_FILE} holds an unexpected tensor {key!r}.",
-                                "export runs written by this version of abft-lens.")
-        layer, attr, lora = parts
-        role = lora or ("bias" if qk.is_bias(attr) else "weight")
-        parsed[(layer, qk.HF_PROJ[attr], role)] = tensor
-    return parsed
-
-
-# ------------------------------------------------------------------------------------------- merging
-
-
-def _attn(model, layer: int):
-    try:
-        return model.get_submodule(f"model.layers.{layer}.self_attn")
-    except AttributeError:
-        raise AbftLensError(f"{type(model).__name__} has no model.layers.{layer}.self_attn (q_proj/k_proj); "
-                            "export supports Llama-style decoders (Llama, Mistral, Qwen, Gemma).", None) from None
-
-
-def _zero_added_biases(model) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                linear = getattr(module, name, None)
-                if isinstance(linear, torch.nn.Linear) and linear.bias is not None:
-                    linear.bias.zero_()
-
-
-def _merge(model, parsed: dict, scale: float, run_dir: Path) -> list[str]:
-    changed = []
-    with torch.no_grad():
-        for (layer, proj, role), tensor in sorted(parsed.items()):
-            linear = getattr(_attn(model, layer), proj)
-            prefix = f"model.layers.{layer}.self_attn.{proj}"
-            if role == "lora_B":
-                continue
-            if role == "lora_A":
-                delta = scale * (parsed[(layer, proj, "lora_B")] @ tensor)
-                target, value, name = linear.weight, linear.weight + delta.to(linear.weight.dtype), "weight"
-            elif role == "weight":
-                target, value, name = linear.weight, qk.hf_layout(tensor), "weight"
-            else:
-                target, value, name = linear.bias, qk.hf_layout(tensor), "bias"
-            if target is None or tuple(value.shape) != tuple(target.shape):
-                got = None if target is None else tuple(target.shape)
-                raise AbftLensError(
-                    f"the trained {proj} {name} of layer {layer} in {run_dir} has shape {tuple(value.shape)}, "
-                    f"the base model's is {got}.", "export a run against the base model it was trained on.")
-            target.copy_(value.to(target.dtype))
-            changed.append(f"{prefix}.{name}")
-    return changed
-
-
 # ---------------------------------------------------------------------------------------------- PEFT
 
 
@@ -242,13 +157,7 @@ def _write_adapter(folder: Path, parsed: dict, trainable, base: Path) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir()
-    tensors, targets = {}, []
-    for (layer, proj, role), tensor in sorted(parsed.items()):
-        if role in ("lora_A", "lora_B"):
-            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}.{role}.weight"
-            tensors[key] = tensor.to(torch.float32).contiguous()
-            if proj not in targets:
-                targets.append(proj)
+    tensors, targets = peft_tensors(parsed)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     alpha = trainable.lora_r if trainable.lora_alpha is None else trainable.lora_alpha
     config = {
