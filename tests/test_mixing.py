@@ -46,10 +46,18 @@ def test_grid_values():
     grid = lambda_grid()
     assert grid == [-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
     assert lambda_grid(0, 1, 0.5) == [0.0, 0.5, 1.0]
-    with pytest.raises(AbftLensError):
+    with pytest.raises(AbftLensError, match=r"grid_max=0 is below grid_min=1\."):
         lambda_grid(1, 0, 0.5)
-    with pytest.raises(AbftLensError):
+    with pytest.raises(AbftLensError, match=r"grid_step=0.25"):
         lambda_grid(0, 1, 0)
+
+
+def test_grid_messages_name_python_options_in_python_and_flags_on_the_command_line(capsys):
+    from abft_lens.cli import main
+
+    assert main(["mix", "a", "b", "--grid-min", "1", "--grid-max", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--grid-max 0.0 is below --grid-min 1.0" in err and "grid_max" not in err
 
 
 def test_corners_equal_base_and_post_tests_and_weights_are_restored(runs):

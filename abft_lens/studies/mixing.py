@@ -39,7 +39,8 @@ from abft_lens.training.run_folder import non_finite, read_run_config, read_trai
 from abft_lens.training.train import TrainConfig
 
 METRIC = "accuracy"
-GRID_FIX = "use λ values of moderate size (e.g. the default grid, --grid-min -0.5 --grid-max 1.5)."
+GRID_FIX = "use λ values of moderate size (e.g. the default grid, grid_min=-0.5 grid_max=1.5)."
+GRID_NAMES = ("grid_min", "grid_max", "grid_step")
 
 
 # ------------------------------------------------------------------------------------------ run tensors
@@ -102,20 +103,21 @@ def mixed_tensors(base: Mapping[str, Tensor], first: Mapping[str, Tensor], secon
 # ----------------------------------------------------------------------------------------------- grid
 
 
-def lambda_grid(minimum: float = -0.5, maximum: float = 1.5, step: float = 0.25) -> list[float]:
-    """``minimum, minimum + step, ... , maximum`` (inclusive), rounded to 10 decimals (so 0 and 1 are exact)."""
+def lambda_grid(grid_min: float = -0.5, grid_max: float = 1.5, grid_step: float = 0.25) -> list[float]:
+    """``grid_min, grid_min + grid_step, ... , grid_max`` (inclusive), rounded to 10 decimals (0 and 1 exact)."""
+    minimum, maximum, step = grid_min, grid_max, grid_step
     if not (math.isfinite(minimum) and math.isfinite(maximum) and math.isfinite(step)) or step <= 0:
         raise AbftLensError(f"lambda grid [{minimum}, {maximum}] step {step} is invalid.",
-                            "give finite bounds and a positive step (e.g. --grid-step 0.25).")
+                            "give finite bounds and a positive step (e.g. grid_step=0.25).", names=GRID_NAMES)
     if maximum < minimum:
-        raise AbftLensError(f"--grid-max {maximum} is below --grid-min {minimum}.", "swap them.")
+        raise AbftLensError(f"grid_max={maximum} is below grid_min={minimum}.", "swap them.", names=GRID_NAMES)
     if not math.isfinite((maximum - minimum) / step):
         raise AbftLensError(f"lambda grid [{minimum:g}, {maximum:g}] step {step:g}: its span overflows a float.",
-                            GRID_FIX)
+                            GRID_FIX, names=GRID_NAMES)
     n = int(math.floor((maximum - minimum) / step + 1e-9)) + 1
     if n > 201:
         raise AbftLensError(f"the lambda grid has {n} points per axis ({n * n} evaluations).",
-                            "use a larger --grid-step or a narrower range.")
+                            "use a larger grid_step or a narrower range.", names=GRID_NAMES)
     return [round(minimum + i * step, 10) + 0.0 for i in range(n)]
 
 
@@ -275,7 +277,7 @@ def _checked_lambdas(values: Sequence[float], axis: str) -> list[float]:
         raise AbftLensError("the lambda grid is empty.", "give at least one value per axis.")
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise AbftLensError(f"{axis} {value!r} is not a finite number.", GRID_FIX)
+            raise AbftLensError(f"{axis} {value!r} is not a finite number.", GRID_FIX, names=GRID_NAMES)
     return [float(value) for value in values]
 
 
@@ -289,14 +291,16 @@ def _finite_mix(base: Mapping[str, Tensor], trained: dict, lam_e2e: float, lam_a
     bad = non_finite(mixed)
     if bad:
         raise AbftLensError(f"the mixed weights at λ_E={lam_e2e:g}, λ_A={lam_abft:g} are not finite ({bad[0]} "
-                            f"overflows {mixed[bad[0]].dtype}); no accuracy is computed from them.", GRID_FIX)
+                            f"overflows {mixed[bad[0]].dtype}); no accuracy is computed from them.", GRID_FIX,
+                            names=GRID_NAMES)
     return mixed
 
 
 def _check_probabilities(probs, lam_e2e: float, lam_abft: float) -> None:
     if not all(math.isfinite(p) for row in probs for p in row):
         raise AbftLensError(f"the mixed model at λ_E={lam_e2e:g}, λ_A={lam_abft:g} gives non-finite label "
-                            "probabilities (its weights are too large); no accuracy is computed from them.", GRID_FIX)
+                            "probabilities (its weights are too large); no accuracy is computed from them.", GRID_FIX,
+                            names=GRID_NAMES)
 
 
 def _shared_settings(model: LoadedModel, runs: dict[str, Path], metas: dict[str, dict], k: int | None, task):
@@ -309,18 +313,19 @@ def _shared_settings(model: LoadedModel, runs: dict[str, Path], metas: dict[str,
     name = model_info(model).name
     if name != names["e2e"]:
         raise AbftLensError(f"the runs were trained on {names['e2e']!r}, but the loaded model is {name!r}.",
-                            f"load the base model {names['e2e']!r} (--model {names['e2e']}).")
+                            f"load the base model {names['e2e']!r}.")
     if k is None:
         ks = {meta["train"]["k"] for meta in metas.values()}
         if len(ks) != 1:
-            raise AbftLensError(f"the runs were trained with different k ({sorted(ks)}).", "pass k explicitly (--k).")
+            raise AbftLensError(f"the runs were trained with different k ({sorted(ks)}).", "pass k explicitly.",
+                                names=("k",))
         k = ks.pop()
     if task is None:
         tasks = {json.dumps([meta["task"]["name"], meta["task"].get("source", {}).get("sha256")])
                  for meta in metas.values()}
         if len(tasks) != 1:
             raise AbftLensError(f"the runs were trained on different datasets ({sorted(tasks)}).",
-                                "pass the dataset to evaluate on (--dataset).")
+                                "pass the dataset to evaluate on (task= in Python, --dataset on the command line).")
         task = task_from_description(next(iter(metas.values()))["task"])
     return k, task
 
