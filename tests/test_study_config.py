@@ -93,6 +93,19 @@ def test_python_runs_a_study_like_the_cli(tmp_path):
                  "vanilla", "--train-samples", "4", "--pseudo-batch-size", "2", "--n-test", "4"]) == 0  # resumes
 
 
+def test_a_bfloat16_study_trains_under_autocast_over_float32_weights_as_train_does(tmp_path):
+    """``dtype="bfloat16"`` in a study means what ``train --dtype bfloat16`` means: float32 weights (and Adam
+    state), bfloat16 autocast in the training forward; the run's ``resolved`` block says so."""
+    from abft_lens.studies.study import run_study
+
+    state = run_study(StudyConfig(out=tmp_path / "bf16", methods="vanilla,ABFT", seeds="0", dtype="bfloat16",
+                                  **SMALL), progress=False)
+    assert state.counts()["done"] == 2
+    (config_file,) = (tmp_path / "bf16").glob("*/*/ABFT/seed-0/config.json")
+    compute = json.loads(config_file.read_text())["resolved"]["compute_dtype"]
+    assert compute["value"] == "bfloat16" and "autocast over the model's float32 weights" in compute["reason"]
+
+
 @pytest.mark.parametrize("path", sorted(REPO.glob("bench/results/study-*/study.json")),
                          ids=lambda p: p.parent.name)
 def test_every_committed_study_resumes_under_study_config(path):

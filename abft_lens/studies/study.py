@@ -116,8 +116,8 @@ def _recipes(plan: StudyPlan, recipe_for: Callable[[MethodSpec], TrainRecipe]) -
 
 def _run_model_cells(state: StudyState, model_name: str, cells: list[Cell], recipes: dict[str, TrainRecipe], bar,
                      *, dtype: torch.dtype, device: str, progress: bool) -> None:
-    try:
-        model = load_model(model_name, dtype=dtype, device=device)
+    try:  # bfloat16 trains under autocast over float32 weights (float32 gradients and Adam state), as `train` does
+        model = load_model(model_name, dtype=torch.float32 if dtype == torch.bfloat16 else dtype, device=device)
     except Exception as error:  # every cell of an unloadable model fails with the loader's message
         for cell in cells:
             state.update(cell, state="failed", error=_message(error), attempts=state.record(cell)["attempts"] + 1)
