@@ -11,7 +11,7 @@ TransformerLens 3.9 is the last release with ``HookedTransformer``; it emits a D
 and on construction pointing at 4.x, which removed the class this project is built on. That warning is
 silenced where it is raised (the import below, and :func:`quiet_deprecation` around each construction).
 
-TransformerLens imports bitsandbytes when it is installed. On CPUs with AVX512-BF16, bitsandbytes then logs,
+TransformerLens 3.9 imports bitsandbytes when it is installed (under 4.x it is imported here, for the same reason). On CPUs with AVX512-BF16, bitsandbytes then logs,
 once, from its CPU backend (logger ``bitsandbytes.backends.cpu.ops``), that it could not load the optional
 ``kernels`` package; it carries on with its own CPU kernel. :func:`quiet_bitsandbytes` drops that one record
 on that one logger, during the import below only, so that every command's stderr is the same on every CPU.
@@ -99,6 +99,8 @@ with quiet_deprecation(), quiet_bitsandbytes():
         HookedTransformer = type("HookedTransformer", (_Absent,), {"__doc__": "Removed in TransformerLens 4.0."})
         HookedTransformerConfig = type("HookedTransformerConfig", (_Absent,), {"__doc__": "Removed in 4.0."})
     from transformer_lens.hook_points import HookPoint  # noqa: E402
+    if not HAS_HOOKED and importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes  # noqa: F401  (3.9 imports it inside TransformerLens; 4.x later, through PEFT)
 
 
 def bridge_class() -> type:
