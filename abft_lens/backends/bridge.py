@@ -127,10 +127,21 @@ def boot_bridge(hf_model: nn.Module, tokenizer, name: str, *, device: str = "cpu
     with _tl.quiet_deprecation():
         bridge = _tl.bridge_class().boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
     use_own_tokenizer(bridge, tokenizer)
+    for block in bridge.blocks:
+        block.attn.hook_attn_scores.register_forward_hook(_finite_scores)
     bridge.cfg.dtype = dtype
     bridge.cfg.default_prepend_bos = bridge.cfg.tokenizer_prepends_bos
     bridge.eval()
     return bridge
+
+
+def _finite_scores(module, args, scores: Tensor) -> Tensor:
+    """The bridge masks attention scores with the lowest value of the model's dtype, then softmaxes in float32.
+    For a float64 model (and under bfloat16 autocast) that value is -inf after the cast: the fully masked query
+    rows of left padding become NaN, and backward spreads them into every gradient. Clamped to bfloat16's lowest
+    value the masked scores stay finite in every dtype (the masked keys still get weight 0, a fully masked row
+    a uniform one, as in float32); no real score comes near it, so nothing else changes."""
+    return scores.clamp(min=torch.finfo(torch.bfloat16).min)
 
 
 def is_bridge(model) -> bool:
