@@ -74,3 +74,56 @@ def test_qk_names_shapes_and_values_are_the_same_on_both_versions(hf_llama_dir, 
     assert {"blocks.0.attn.W_Q", "blocks.0.attn._W_K"} <= weights
     for name in weights:
         assert torch.equal(here[name], torch.tensor(there[name], dtype=here[name].dtype)), name
+
+
+TRAIN = r'''
+import sys, abft_lens
+config = abft_lens.TrainConfig(lr=2e-2, train_samples=8, pseudo_batch_size=4, epochs=1, restricted_gradient=True,
+                               threshold=0.03)
+abft_lens.run_training(abft_lens.load_model(sys.argv[1]), abft_lens.load_task("sst2"), config, run_dir=sys.argv[2],
+                       n_test=16)
+'''
+
+REPLAY = r'''
+import sys, json, abft_lens
+from abft_lens.training.runs import load_run
+model = abft_lens.load_model(sys.argv[1])
+load_run(sys.argv[2], model)
+result = abft_lens.evaluate(model, abft_lens.load_task("sst2"), k=4, n_test=16)
+print(json.dumps({"probs": [list(map(float, row)) for row in result.probs], "predictions": list(result.predictions)}))
+'''
+
+
+def _post_test(run_dir) -> dict:
+    rows = json.loads((run_dir / "post_test.json").read_text())["per_prompt"]
+    return {"probs": [r["label_probs"] for r in rows], "predictions": [r["prediction"] for r in rows]}
+
+
+@pytest.mark.parametrize("trained_here", [True, False], ids=["this-version-trains", "other-version-trains"])
+def test_a_run_folder_moves_between_versions(hf_llama_dir, other_tl_python, tmp_path, trained_here):
+    """Trained under one version, the run folder loads under the other: the same tensor names and shapes, and
+    the replayed test gives the run's own post test (label probabilities to 1e-5, the same predictions)."""
+    run_dir = tmp_path / "run"
+    if trained_here:
+        config = abft_lens.TrainConfig(lr=2e-2, train_samples=8, pseudo_batch_size=4, epochs=1,
+                                       restricted_gradient=True, threshold=0.03)
+        abft_lens.run_training(abft_lens.load_model(str(hf_llama_dir)), abft_lens.load_task("sst2"), config,
+                               run_dir=str(run_dir), n_test=16)
+        replayed = json.loads(run_in(other_tl_python, REPLAY, str(hf_llama_dir), str(run_dir)).splitlines()[-1])
+    else:
+        run_in(other_tl_python, TRAIN, str(hf_llama_dir), str(run_dir))
+        from abft_lens.training.runs import load_run
+
+        model = abft_lens.load_model(str(hf_llama_dir))
+        load_run(run_dir, model)
+        result = abft_lens.evaluate(model, abft_lens.load_task("sst2"), k=4, n_test=16)
+        replayed = {"probs": [list(map(float, r)) for r in result.probs], "predictions": list(result.predictions)}
+    from safetensors.torch import load_file
+
+    trained = load_file(run_dir / "trained.safetensors")
+    assert set(trained) == {f"blocks.{l}.attn.{a}" for l in range(2) for a in ("W_Q", "_W_K")}
+    assert trained["blocks.0.attn.W_Q"].shape == (4, 32, 8) and trained["blocks.0.attn._W_K"].shape == (2, 32, 8)
+    base = qk.snapshot(abft_lens.load_model(str(hf_llama_dir)))
+    assert not torch.equal(trained["blocks.1.attn.W_Q"], base["blocks.1.attn.W_Q"])  # training moved something
+    post = _post_test(run_dir)
+    assert _max_difference(replayed, post) < 1e-5 and replayed["predictions"] == post["predictions"]
