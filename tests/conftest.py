@@ -193,3 +193,16 @@ def run_in(python: str, code: str, *args: str, timeout: float = 900) -> str:
     if out.returncode != 0:
         raise AssertionError(f"{python} failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return out.stdout
+
+
+def named_tensors(model) -> dict[str, torch.Tensor]:
+    """Detached copies of every parameter of ``model``; the Q/K tensors under their TransformerLens names and
+    layout (``blocks.{l}.attn.W_Q`` ...) on a hooked model and on a bridge alike (:mod:`abft_lens.backends.qk`)."""
+    from abft_lens.backends import qk
+
+    leaves = {id(qk.leaf(model, name)[0]): name for name in qk.qk_names(model)}
+    out = {}
+    for name, p in model.named_parameters():
+        key = leaves.get(id(p))
+        out[key or name] = (qk.value(model, key) if key else p).detach().clone()
+    return out

@@ -73,3 +73,30 @@ def test_the_other_version_imports_abft_lens(other_tl_python):
                  "print(tl.TL_VERSION, tl.HAS_HOOKED)")
     version, has_hooked = out.split()
     assert has_hooked == str(not tl.HAS_HOOKED) and version.split(".")[0] != tl.TL_VERSION.split(".")[0]
+
+
+def test_a_model_of_neither_kind_is_refused_naming_the_version():
+    import torch
+
+    import abft_lens
+
+    class Lookalike(torch.nn.Module):  # a module with a cfg is not enough
+        cfg = object()
+
+    for bad in (Lookalike(), torch.nn.Linear(2, 2), "tiny"):
+        with pytest.raises(AbftLensError, match=rf"TransformerLens {re.escape(tl.TL_VERSION)} installed"):
+            abft_lens.evaluate(bad, abft_lens.load_task("sst2"), n_test=2)
+
+
+def test_a_run_folder_that_does_not_fit_the_model_exits_2_and_writes_nothing(tmp_path):
+    """A run trained on one tiny shape, replayed on another: one message naming the fix, exit 2, nothing written."""
+    from abft_lens.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model", "tiny", "--dataset", "sst2", "--train-samples", "2", "--pseudo-batch-size", "2",
+                 "--n-test", "2", "--run-dir", str(run_dir)]) == 0
+    before = sorted(p.name for p in run_dir.iterdir())
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "tiny:n_heads=8,n_kv_heads=2", "--run", str(run_dir), "--n-test", "2",
+                 "--output", str(out)]) == 2
+    assert not out.exists() and sorted(p.name for p in run_dir.iterdir()) == before

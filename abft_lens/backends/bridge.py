@@ -212,7 +212,8 @@ def qk_weights(model) -> list[tuple[Tensor, Tensor]]:
             pair = []
             for attr in ("q", "k"):
                 dense = dense_weight(getattr(block.attn, attr).original_component).cpu()
-                pair.append(rearrange(dense, "(n h) m -> n m h", h=model.cfg.d_head))
+                # a copy: a float32 weight's .float() is the weight itself, which training moves afterwards
+                pair.append(rearrange(dense, "(n h) m -> n m h", h=model.cfg.d_head).clone())
             out.append(tuple(pair))
     return out
 
