@@ -78,10 +78,11 @@ def _tiny_bridge(*, n_layers: int, n_heads: int, n_kv_heads: int | None, d_model
     from abft_lens.backends.bridge import boot_bridge
 
     config = LlamaConfig(vocab_size=d_vocab, hidden_size=d_model, intermediate_size=4 * d_model,
-                         num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                         num_key_value_heads=n_kv_heads or n_heads, head_dim=d_head, max_position_embeddings=n_ctx,
-                         rms_norm_eps=1e-5, initializer_range=0.8 / d_model ** 0.5, tie_word_embeddings=False,
-                         attn_implementation="eager")
+                         num_hidden_layers=n_layers, num_attention_heads=1, num_key_value_heads=1, head_dim=d_head,
+                         max_position_embeddings=n_ctx, rms_norm_eps=1e-5, initializer_range=0.8 / d_model ** 0.5,
+                         tie_word_embeddings=False, attn_implementation="eager")
+    # set after validation: Hugging Face asks d_model % n_heads == 0 even with head_dim given (TL does not)
+    config.num_attention_heads, config.num_key_value_heads = n_heads, n_kv_heads or n_heads
     if tokenizer is not None:
         config.update(dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id))
@@ -91,6 +92,7 @@ def _tiny_bridge(*, n_layers: int, n_heads: int, n_kv_heads: int | None, d_model
     bridge = boot_bridge(hf_model, tokenizer or tiny_tokenizer(), f"tiny-llama-{n_layers}x{n_heads}", dtype=dtype)
     if tokenizer is None:  # as the hooked tiny model: no tokenizer (booting needs one, offline)
         bridge._tokenizer = None
+    bridge.cfg.seed = seed
     return bridge
 
 
