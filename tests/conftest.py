@@ -153,3 +153,56 @@ def hf_llama_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# The two TransformerLens environments: .venv (3.9) and .venv-tl4 (4.x), built by scripts/setup.sh; each may be
+# pointed elsewhere with ABFT_LENS_TL3_PYTHON / ABFT_LENS_TL4_PYTHON. A test that needs the other version's
+# environment fails (never skips) when it is missing, naming the command that builds it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TL_ENVS = {"3": ("ABFT_LENS_TL3_PYTHON", ".venv", "scripts/setup.sh"),
+           "4": ("ABFT_LENS_TL4_PYTHON", ".venv-tl4", "ABFT_LENS_TL=4 scripts/setup.sh")}
+
+
+def tl_python(major: str) -> str:
+    """The python of TransformerLens ``major``'s environment ("3" or "4"); pytest.fail when it is missing."""
+    variable, venv, command = TL_ENVS[major]
+    python = os.environ.get(variable) or os.path.join(_ROOT, venv, "bin", "python")
+    if not os.access(python, os.X_OK):
+        pytest.fail(f"the TransformerLens {major}.x environment is missing ({python}): build it with `{command}` "
+                    f"(or point {variable} at its python)", pytrace=False)
+    return python
+
+
+@pytest.fixture(scope="session")
+def other_tl_python() -> str:
+    """The python of the TransformerLens version this process does NOT run (3.9 <-> 4.x), with PYTHONPATH set
+    by the caller to this checkout."""
+    from abft_lens.backends.tl import HAS_HOOKED
+
+    return tl_python("4" if HAS_HOOKED else "3")
+
+
+def run_in(python: str, code: str, *args: str, timeout: float = 900) -> str:
+    """Run ``code`` in another interpreter (this checkout on its path, hub off, one thread); its stdout.
+    A failure raises with the other process's stderr."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": _ROOT, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"{python} failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return out.stdout
+
+
+def named_tensors(model) -> dict[str, torch.Tensor]:
+    """Detached copies of every parameter of ``model``; the Q/K tensors under their TransformerLens names and
+    layout (``blocks.{l}.attn.W_Q`` ...) on a hooked model and on a bridge alike (:mod:`abft_lens.backends.qk`)."""
+    from abft_lens.backends import qk
+
+    leaves = {id(qk.leaf(model, name)[0]): name for name in qk.qk_names(model)}
+    out = {}
+    for name, p in model.named_parameters():
+        key = leaves.get(id(p))
+        out[key or name] = (qk.value(model, key) if key else p).detach().clone()
+    return out

@@ -293,14 +293,17 @@ def test_gemma3_4bit_multi_query_key_opens_with_any_head(sst2):
                for layer in range(17) for w in ("W_Q", "_W_K") for r in "AB")
 
 
-def test_generation_features_use_the_seam_and_generation_refuses_a_bridge(hf_llama_dir):
-    """MAUVE features go through forward_residual, so they are the same on both backends; generation needs
-    TransformerLens's KV cache and says so on a bridge."""
+def test_generation_features_use_the_seam_and_generation_runs_on_a_bridge(hf_llama_dir):
+    """MAUVE features go through forward_residual, so they are the same on both backends; generation runs a
+    full-precision bridge through its Hugging Face model's KV cache (``kv_decoder``) and gives the same greedy
+    continuations as the hooked model (under 4.x both are bridges)."""
     from abft_lens.studies.generation import continuations, hidden_features
 
     hooked, bridge = load_model(str(hf_llama_dir)), load_bridge(hf_llama_dir, name="t", source="hf-folder",
                                                                   quantize=False)
     texts = ["the cat sat on the mat", "a fine film", "dull"]
     torch.testing.assert_close(hidden_features(bridge, texts), hidden_features(hooked, texts), rtol=0, atol=1e-5)
-    with pytest.raises(AbftLensError, match="KV cache"):
-        continuations(bridge, texts, max_new_tokens=2)
+    assert continuations(bridge, texts, max_new_tokens=4) == continuations(hooked, texts, max_new_tokens=4)
+    four_bit = load_bridge(hf_llama_dir, name="t", source="hf-folder")
+    with pytest.raises(AbftLensError, match="4-bit"):  # refused, naming the full-precision model as the fix
+        continuations(four_bit, texts, max_new_tokens=2)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from abft_lens.backends import qk
+
 from abft_lens.interp.capture import capture_attention_rows, forward_to_last_pattern, pattern_hook_name
 from abft_lens.backends.forward import forward_residual
 
@@ -45,8 +47,9 @@ def test_rows_keep_graph_and_backward_after_exit(tiny_gqa):
     rows[:, 0, :, 3].sum().backward()  # a loss on layer 1 reaches W_Q/W_K of layers 1 and 0
     for layer in (0, 1):
         attn = tiny_gqa.blocks[layer].attn
-        assert attn.W_Q.grad is not None and attn.W_Q.grad.abs().sum() > 0
-        assert attn._W_K.grad is not None and attn._W_K.grad.abs().sum() > 0
+        for attr in ("W_Q", "_W_K"):  # the parameters, in TransformerLens layout on either version
+            grad = qk.grad(tiny_gqa, f"blocks.{layer}.attn.{attr}")
+            assert grad is not None and grad.abs().sum() > 0
 
 
 def test_detach_keeps_no_graph(tiny_gqa):
@@ -189,14 +192,15 @@ def test_forward_to_last_pattern_gives_the_full_forwards_rows_and_gradient_bit_f
     fired = []
     last = model.cfg.n_layers - 1
     for name in (f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_mlp_out"):
-        model.hook_dict[name].add_hook(lambda x, *, hook: fired.append(hook.name), is_permanent=True)
+        # the name asked for (a bridge's hook_z is an alias of attn.o.hook_in)
+        model.hook_dict[name].add_hook(lambda x, *, hook, name=name: fired.append(name), is_permanent=True)
 
     def rows_and_grads(stop: bool):
         with capture_attention_rows(model) as store:
             forward_to_last_pattern(model, tokens, mask, store) if stop else forward_residual(model, tokens, mask)
         rows = store.stacked()
         loss = (rows * torch.linspace(0, 1, rows.shape[-1])).sum()
-        weights = [block.attn.W_Q for block in model.blocks]
+        weights = [qk.leaf(model, f"blocks.{layer}.attn.W_Q")[0] for layer in range(model.cfg.n_layers)]
         return rows, torch.autograd.grad(loss, weights)
 
     full_rows, full_grads = rows_and_grads(stop=False)

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from abft_lens.backends import qk
+
 from abft_lens.training.comparison import Comparison, compare_run
 from abft_lens.interp.heads import head_scores
 from abft_lens.backends.loading import load_model
@@ -67,9 +69,9 @@ def test_weight_change_only_where_weights_changed(tiny_run, comparison):
     load_run(tiny_run, trained)
     change = comparison.weight_change
     assert change.shape == (2, 2) and comparison.n_layers == 2
-    for layer in range(2):
-        a, b = base.blocks[layer].attn, trained.blocks[layer].attn
-        expected = [torch.linalg.vector_norm(b.W_Q - a.W_Q).item(), torch.linalg.vector_norm(b._W_K - a._W_K).item()]
+    for layer in range(2):  # TransformerLens names and layout on either version
+        a, b = (qk.snapshot(m, [qk.tensor_name(layer, "W_Q"), qk.tensor_name(layer, "_W_K")]) for m in (base, trained))
+        expected = [torch.linalg.vector_norm(b[n] - a[n]).item() for n in a]
         assert change[layer].tolist() == pytest.approx(expected, abs=1e-6)
     assert change[0].tolist() == [0.0, 0.0]  # layer 0 is outside the trained head set
     assert (change[TRAINED_HEAD[0]] > 0).all()
@@ -107,9 +109,9 @@ def test_round_trip(comparison):
 
 def test_loaded_model_is_trained_in_place_and_example_heads(tiny_run):
     loaded = load_model("tiny")
-    before = loaded.blocks[1].attn.W_Q.detach().clone()
+    before = qk.value(loaded, "blocks.1.attn.W_Q").detach().clone()
     result = compare_run(tiny_run, model=loaded, example_heads=[(1, 0)], **OPTIONS)
-    assert not torch.equal(loaded.blocks[1].attn.W_Q, before)  # documented: load_run mutates `loaded`
+    assert not torch.equal(qk.value(loaded, "blocks.1.attn.W_Q"), before)  # documented: load_run mutates `loaded`
     assert result.prompt_example["heads"] == [[1, 0]]
     assert result.prompt_example["before"] != result.prompt_example["after"]
 

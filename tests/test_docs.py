@@ -621,6 +621,7 @@ _LONG = "too long for the suite (set-up, the whole suite, hours of study): exist
 RULES = (
     Rule(("abft-lens",), check_cli, _CLI),
     Rule((".venv/bin/abft-lens",), check_cli, _CLI),
+    Rule((".venv-tl4/bin/abft-lens",), check_cli, _CLI),
     Rule(("python", "-m", "abft_lens"), lambda c, s: check_cli(c, s + 2), _CLI),
     Rule((".venv/bin/python", "-m", "abft_lens"), lambda c, s: check_cli(c, s + 2), _CLI),
     Rule(("python", "bench/*"), lambda c, s: check_bench(c, s + 1), _BENCH),
@@ -691,8 +692,9 @@ def test_documented_shell_commands_run(page, tmp_path, monkeypatch, no_network):
     assert kinds
 
 
-def test_ci_runs_the_readme_test_command():
-    assert "exec scripts/test.sh" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+def test_ci_runs_the_readme_test_command_for_both_versions():
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert "scripts/test.sh || status=1" in lines and "ABFT_LENS_TL=4 scripts/test.sh || status=1" in lines
 
 
 def test_the_rule_table_fails_loudly(tmp_path, monkeypatch):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import einops
 import torch
+
+from abft_lens.backends.bridge import is_bridge
 
 from abft_lens.interp.heads import (
     HeadScores,
@@ -188,11 +191,18 @@ def test_copying_score_identity_and_negated(n_kv_heads):
     attn = model.blocks[0].attn
     q, _ = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
-        model.unembed.W_U.copy_(model.embed.W_E.T)  # tied: W_U W_E restricted to S is positive semi-definite
-        value = attn._W_V if n_kv_heads else attn.W_V
-        value.copy_(q.expand_as(value))
-        attn.W_O.copy_(q.T.expand_as(attn.W_O))
-        attn.W_O[1].neg_()  # head 1 writes back the negated token: anti-copying
+        if is_bridge(model):  # the Hugging Face leaves: lm_head [vocab, d_model], v_proj [(n h), d], o_proj [d, (n h)]
+            model.unembed.original_component.weight.copy_(model.embed.W_E)
+            v_proj, o_proj = attn.v.original_component.weight, attn.o.original_component.weight
+            v_proj.copy_(einops.repeat(q.T, "h m -> (n h) m", n=v_proj.shape[0] // 8))
+            o_proj.copy_(einops.repeat(q, "m h -> m (n h)", n=4))
+            o_proj[:, 8:16].neg_()  # head 1 writes back the negated token: anti-copying
+        else:
+            model.unembed.W_U.copy_(model.embed.W_E.T)  # tied: W_U W_E restricted to S is positive semi-definite
+            value = attn._W_V if n_kv_heads else attn.W_V
+            value.copy_(q.expand_as(value))
+            attn.W_O.copy_(q.T.expand_as(attn.W_O))
+            attn.W_O[1].neg_()  # head 1 writes back the negated token: anti-copying
     for n_tokens in (1000, 20):
         scores = copying_scores(model, n_tokens=n_tokens).scores[0]
         assert scores[[0, 2, 3]].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
@@ -204,7 +214,9 @@ def test_copying_score_matches_full_ov_circuit():
     scores = copying_scores(model).scores
     for layer, block in enumerate(model.blocks):
         for head in range(4):
-            full = (model.W_E @ block.attn.W_V[head] @ block.attn.W_O[head] @ model.W_U).double()  # [vocab, vocab]
+            w_v = block.attn.W_V  # a bridge's has the kv heads only (3.9's repeats them per query head)
+            w_v = w_v.repeat_interleave(model.cfg.n_heads // w_v.shape[0], dim=0)
+            full = (model.W_E @ w_v[head] @ block.attn.W_O[head] @ model.W_U).double()  # [vocab, vocab]
             eig = torch.linalg.eigvals(full.detach())
             assert scores[layer, head].item() == pytest.approx((eig.real.sum() / eig.abs().sum()).item(), abs=1e-4)
 

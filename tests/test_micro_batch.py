@@ -16,6 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from abft_lens.backends.bridge import is_bridge
+
 from abft_lens.backends.bridge import load_bridge
 from abft_lens.backends.loading import EMBEDDED_NAME, load_model
 from abft_lens.data.prompts import prompt_builder
@@ -96,9 +98,11 @@ def test_micro_batches_equal_the_per_sample_loop(task, case):
     counts = torch.tensor(reference[0].head_counts)
     assert 0 < counts.sum() < counts.numel() * 8 and (counts < 8).any()  # some heads closed in some prompts
     for micro in (4, 8):
-        results, state = two_steps(task, load_model(spec), micro, **overrides)
+        model = load_model(spec)
+        results, state = two_steps(task, model, micro, **overrides)
         assert_same_steps(results, reference)
-        assert_close_tensors(state, ref_state)
+        # a bridge (Hugging Face's float32 RMSNorm/softmax on left-padded batches): measured 1.8e-5 after 2 steps
+        assert_close_tensors(state, ref_state, atol=5e-5 if is_bridge(model) else 1e-5)
 
 
 def test_micro_batch_of_one_is_the_per_sample_loop_bit_for_bit(task):
@@ -120,8 +124,11 @@ def test_batched_restricted_gradient_is_exactly_the_per_sample_sum(task, spec):
     reference_trainer.trainable.merge()
     trainer = make_trainer(task, model, 8, restricted_gradient=True)
     batched, _ = captured_gradients(trainer, prompts)
+    # a bridge runs Hugging Face's Llama, whose RMSNorm and attention softmax are float32 in every dtype: a
+    # left-padded batch then differs from the prompt alone at float32 precision (measured up to 1.2e-11 on gradients of 1e-2; equal-length prompts: 6e-17)
+    tolerance = dict(rtol=1e-9, atol=1e-10) if is_bridge(model) else dict(rtol=1e-12, atol=1e-14)
     for name in reference:
-        torch.testing.assert_close(batched[name], reference[name], rtol=1e-12, atol=1e-14, msg=name)
+        torch.testing.assert_close(batched[name], reference[name], **tolerance, msg=name)
     samples, participating = trainer._micro_batch_loss(prompts, trainer.controller.penalty)
     trainer.optimizer.zero_grad(set_to_none=True)
     with trainer.trainable.restricted(participating.any(0)):

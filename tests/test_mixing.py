@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 
+from abft_lens.backends.bridge import is_bridge
+from conftest import named_tensors
+
 from abft_lens.cli import main
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import evaluate
@@ -39,7 +42,7 @@ def runs(tmp_path_factory):
 
 
 def _params(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return named_tensors(model)  # the Q/K tensors by TransformerLens name and layout on either version
 
 
 def test_grid_values():
@@ -74,11 +77,12 @@ def test_corners_equal_base_and_post_tests_and_weights_are_restored(runs):
     post_a = json.loads((abft / "post_test.json").read_text())["metrics"]
     assert result.value(0.0, 0.0) == base.accuracy
     assert result.value(1.0, 0.0) == post_e["accuracy"]
-    assert result.value(0.0, 1.0) == post_a["accuracy"]
+    assert result.value(0.0, 1.0) == post_a["accuracy"]  # accuracy itself is exact
+    # the LoRA run's post test on a bridge ran PEFT's x·W + x·A·B, mixing writes the merged W + B·A: float rounding
     for name in base.metrics:  # every metric, not only accuracy, is exact at the corners
         assert result.metrics[name][1][1] == base.metrics[name]
         assert result.metrics[name][2][1] == post_e[name]
-        assert result.metrics[name][1][2] == post_a[name]
+        assert result.metrics[name][1][2] == (pytest.approx(post_a[name], abs=1e-6) if is_bridge(model) else post_a[name])
     assert result.runs["e2e"]["post_test_accuracy"] == post_e["accuracy"]
     best = result.best
     assert best["accuracy"] == float(result.grid.max())
@@ -94,7 +98,7 @@ def test_trained_tensors_and_mixing_arithmetic(runs):
     model = load_model("tiny")
     before = _params(model)
     te, ta = trained_tensors(e2e, model), trained_tensors(abft, model)
-    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in _params(model).items())
     assert set(te) == set(ta) and all(n.endswith(("W_Q", "_W_K")) for n in te)
     base = {n: before[n] for n in te}
     assert any(not torch.equal(te[n], base[n]) for n in te) and any(not torch.equal(ta[n], base[n]) for n in ta)

@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 
+from abft_lens.backends import qk
+from abft_lens.backends.tl import HAS_HOOKED
+
 import abft_lens.backends.hf_cache as hf_cache
 import abft_lens.backends.tiny as tiny_backend
 from abft_lens.errors import AbftLensError
@@ -229,10 +232,11 @@ def test_embedded_config_bos_and_unprocessed_weights(embedded, embedded_hf):
     layer = embedded_hf.model.layers[0]
     q_proj, k_proj = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
     block = embedded.blocks[0]
+    w_q, w_k = (qk.value(embedded, f"blocks.0.attn.{a}") for a in ("W_Q", "_W_K"))  # either version
     for head in range(cfg.n_heads):
-        torch.testing.assert_close(embedded.W_Q[0, head], q_proj[head * 64:(head + 1) * 64].T, rtol=0, atol=0)
+        torch.testing.assert_close(w_q[head], q_proj[head * 64:(head + 1) * 64].T, rtol=0, atol=0)
     for group in range(cfg.n_key_value_heads):
-        torch.testing.assert_close(block.attn._W_K[group], k_proj[group * 64:(group + 1) * 64].T, rtol=0, atol=0)
+        torch.testing.assert_close(w_k[group], k_proj[group * 64:(group + 1) * 64].T, rtol=0, atol=0)
     # no fold_ln: the RMSNorm weights are still there, as in the checkpoint
     torch.testing.assert_close(block.ln1.w, layer.input_layernorm.weight, rtol=0, atol=0)
 
@@ -249,6 +253,8 @@ def test_embedded_second_load_does_not_convert(embedded, monkeypatch, no_network
     torch.testing.assert_close(second.W_K, embedded.W_K, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not HAS_HOOKED, reason="3.9's HookedTransformer forward only; a bridge keeps Hugging Face's "
+                                              "own weights and layout")
 def test_relayout_is_bit_identical_and_turns_tl_weight_copies_into_views(tiny_gqa):
     """Models are loaded with their weights stored in the layout TL's forward reads (relayout_for_forward):
     the rearranges and ``.T.contiguous()`` calls of the forward become views, and every output is unchanged."""

@@ -15,6 +15,9 @@ import time
 
 import pytest
 import torch
+
+from abft_lens.backends import qk
+from conftest import named_tensors
 from einops import rearrange
 
 from abft_lens.backends.hf_cache import QWEN_NAME
@@ -86,19 +89,21 @@ def test_qwen_restricted_step_changes_only_open_heads_and_their_kv_groups(qwen, 
     from abft_lens.training.train import TrainConfig
 
     model = qwen
-    before = {name: _digest(p) for name, p in model.named_parameters()}
-    q0 = torch.stack([b.attn.W_Q.detach().clone() for b in model.blocks])  # [layer, head, d_model, d_head]
-    k0 = torch.stack([b.attn._W_K.detach().clone() for b in model.blocks])  # [layer, kv head, d_model, d_head]
+    tensors = lambda: named_tensors(model)  # noqa: E731  (Q/K by TransformerLens name and layout, either version)
+    before = {name: _digest(p) for name, p in tensors().items()}
+    w = lambda attr: torch.stack([qk.value(model, qk.tensor_name(l, attr)).detach().clone()  # noqa: E731
+                                  for l in range(model.cfg.n_layers)])
+    q0, k0 = w("W_Q"), w("_W_K")  # [layer, head, d_model, d_head], [layer, kv head, d_model, d_head]
     try:
         config = TrainConfig(train_samples=2, pseudo_batch_size=2, epochs=1, lr=1e-3, restricted_gradient=True)
         result = run_training(qwen, load_task("sst2"), config, fore_test=False, post_test=False, progress=False)
         result.apply_to(model)  # run_training gives the base back; the trained tensors are in the result
         (step,) = result.steps
         counts = torch.tensor(step["head_counts"])  # [layer, head]: samples in which the head passed the filter
-        changed = {name for name, p in model.named_parameters() if _digest(p) != before[name]}
+        changed = {name for name, p in tensors().items() if _digest(p) != before[name]}
         assert changed and all(name.endswith((".attn.W_Q", ".attn._W_K")) for name in changed), changed
-        q_changed = (torch.stack([b.attn.W_Q.detach() for b in model.blocks]) != q0).flatten(2).any(-1)
-        k_changed = (torch.stack([b.attn._W_K.detach() for b in model.blocks]) != k0).flatten(2).any(-1)
+        q_changed = (w("W_Q") != q0).flatten(2).any(-1)
+        k_changed = (w("_W_K") != k0).flatten(2).any(-1)
         print(f"Qwen restricted ABFT step: {int(q_changed.sum())} of {q_changed.numel()} query heads and "
               f"{int(k_changed.sum())} of {k_changed.numel()} KV heads changed")
         assert 0 < int(q_changed.sum()) < q_changed.numel()
@@ -106,7 +111,6 @@ def test_qwen_restricted_step_changes_only_open_heads_and_their_kv_groups(qwen, 
         # query head h reads KV head h // 7: a K slice moves exactly when one of its seven query heads moved
         assert torch.equal(k_changed, rearrange(counts > 0, "layer (kv group) -> layer kv group", kv=2).any(-1))
     finally:
-        with torch.no_grad():  # the module's model is shared: back to the base weights
-            for layer, block in enumerate(model.blocks):
-                block.attn.W_Q.copy_(q0[layer])
-                block.attn._W_K.copy_(k0[layer])
+        # the module's model is shared: back to the base weights
+        qk.restore(model, {qk.tensor_name(l, a): t[l] for l in range(model.cfg.n_layers)
+                           for a, t in (("W_Q", q0), ("_W_K", k0))})

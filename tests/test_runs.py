@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from abft_lens.backends import qk
 from safetensors.torch import load_file
 
 import abft_lens.training.callbacks as callbacks
@@ -102,7 +104,7 @@ def test_run_folder_holds_config_log_tests_metrics_and_trained_tensors(task, tmp
     assert set(tensors) == {f"blocks.{l}.attn.{w}" for l in range(2) for w in ("W_Q", "_W_K")}
     assert_same_tensors(result.trained, tensors)
     base = load_model("tiny")
-    assert not torch.equal(base.blocks[1].attn.W_Q, tensors["blocks.1.attn.W_Q"])
+    assert not torch.equal(qk.value(base, "blocks.1.attn.W_Q"), tensors["blocks.1.attn.W_Q"])
     assert_same_tensors(dict(model.named_parameters()), dict(base.named_parameters()))
 
 
@@ -220,7 +222,8 @@ def recorded(monkeypatch):
         states.setdefault(0, base)
         states[result.step] = trainer.trainable.state_dict()
 
-    base = {f"blocks.{l}.attn.{w}": getattr(load_model("tiny").blocks[l].attn, w).detach().clone()
+    fresh = load_model("tiny")
+    base = {f"blocks.{l}.attn.{w}": qk.value(fresh, f"blocks.{l}.attn.{w}").detach().clone()
             for l in range(2) for w in ("W_Q", "_W_K")}
     return types.SimpleNamespace(guards=RecordingGuard.instances, states=states, callback=snapshot, base=base)
 
@@ -361,9 +364,10 @@ def test_load_run_reproduces_the_post_test_on_a_fresh_base(task, tmp_path, train
     if trainable.kind == "lora":
         assert any(name.endswith("lora_B") for name in trained(tmp_path / "run"))
     fresh = load_model("tiny")
-    base_q = fresh.blocks[0].attn.W_Q.detach().clone()
+    base_qk = qk.layer_qk(fresh)  # effective W_Q/K per layer (adapters included), either version
     assert load_run(tmp_path / "run", fresh) == cfg
-    assert not torch.equal(fresh.blocks[0].attn.W_Q, base_q)
+    assert not all(torch.equal(a, b) for pair, base_pair in zip(qk.layer_qk(fresh), base_qk)
+                   for a, b in zip(pair, base_pair))
     again = evaluate(fresh, task, k=cfg.k, n_test=N_TEST)
     assert again.metrics == result.post.metrics
     assert again.probs == result.post.probs

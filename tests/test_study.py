@@ -34,10 +34,12 @@ def _study(out: Path, *extra: str) -> list[str]:
 
 def _digest(model) -> str:
     """sha256 over every attention W_Q/_W_K of the model."""
+    from abft_lens.backends import qk
+
     h = hashlib.sha256()
-    for block in model.blocks:
+    for layer in range(model.cfg.n_layers):  # TransformerLens names and layout on either version
         for name in ("W_Q", "_W_K"):
-            h.update(getattr(block.attn, name).detach().contiguous().numpy().tobytes())
+            h.update(qk.value(model, qk.tensor_name(layer, name)).detach().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -12,6 +12,9 @@ import re
 
 import pytest
 import torch
+
+from abft_lens.backends import qk
+from conftest import named_tensors
 import torch.nn.functional as F
 
 from abft_lens.interp.capture import capture_attention_rows
@@ -41,7 +44,7 @@ def make_trainer(task, spec: str = "tiny", **overrides) -> Trainer:
 
 
 def params(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return named_tensors(model)  # the Q/K tensors by TransformerLens name and layout on either version
 
 
 def k_name(model) -> str:
@@ -199,6 +202,12 @@ def test_abft_steps_raise_attention_on_correct_labels(task):
     assert loss() < loss_before
 
 
+def _tl(trainer, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like trained parameter ``name`` (e.g. its Adam moment) in TransformerLens layout."""
+    rows = qk.leaf(trainer.model, name)[1]
+    return tensor if rows == 1 else qk.tl_layout(tensor, rows)
+
+
 @pytest.mark.parametrize("spec", ["tiny", "tiny-mha"])
 def test_restricted_gradient_leaves_non_participating_heads_bit_identical(task, spec):
     """Step 1 opens every head (threshold 0) so Adam has moments everywhere; step 2 on other prompts with a
@@ -216,7 +225,7 @@ def test_restricted_gradient_leaves_non_participating_heads_bit_identical(task, 
         group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
         kv_open = participated.reshape(participated.shape[0], -1, group).any(-1)
         before = params(model)
-        moments = {name: trainer.optimizer.state[p]["exp_avg"].clone()
+        moments = {name: _tl(trainer, name, trainer.optimizer.state[p]["exp_avg"]).clone()
                    for name, p in trainer.trainable.named_parameters()}
         result = trainer.step(batch)
         assert (torch.tensor(result.head_counts) > 0).equal(participated)
@@ -231,7 +240,8 @@ def test_restricted_gradient_leaves_non_participating_heads_bit_identical(task, 
                         assert not same, f"{name}[{head}] participated but did not move"
                     elif restricted:
                         assert same, f"{name}[{head}] never participated but moved"
-                        assert torch.equal(trainer.optimizer.state[p]["exp_avg"][head], moments[name][head])
+                        moment = _tl(trainer, name, trainer.optimizer.state[p]["exp_avg"])
+                        assert torch.equal(moment[head], moments[name][head])
                     else:
                         moved_without_restriction.append(not same)
         assert all(torch.equal(before[n], after[n]) for n in before if ".W_Q" not in n and "W_K" not in n)

@@ -40,7 +40,7 @@ from abft_lens.errors import AbftLensError
 
 ADAPTER = "default"  # PEFT's adapter name
 
-__all__ = ["ADAPTER", "load_bridge", "is_bridge", "bridge_residual", "qk_weights", "ov_weights",
+__all__ = ["ADAPTER", "load_bridge", "boot_bridge", "is_bridge", "bridge_residual", "qk_weights", "ov_weights",
            "quantize_linears", "lora_layer", "dense_weight"]
 
 
@@ -77,18 +77,19 @@ def quantize_linears(module: nn.Module, *, compute_dtype: torch.dtype, skip: tup
     return replaced
 
 
-def load_bridge(hf_dir: Path, *, name: str, source: str, device: str = "cpu", quantize: bool = True):
+def load_bridge(hf_dir: Path, *, name: str, source: str, device: str = "cpu", quantize: bool = True,
+                dtype: torch.dtype = torch.float32):
     """A ``TransformerBridge`` over the Hugging Face model in ``hf_dir``, its decoder Linears in 4-bit NF4.
 
-    ``quantize=False`` keeps full precision (the same backend without bitsandbytes: used by the tests to
-    compare PEFT LoRA on the bridge with the hooked LoRA). Returns the bridge, with a
+    ``quantize=False`` keeps full precision in ``dtype`` (the same backend without bitsandbytes: what
+    ``load_model`` returns under TransformerLens 4.x, and what the tests use to compare PEFT LoRA on the
+    bridge with the hooked LoRA). Returns the bridge, with a
     :class:`~abft_lens.backends.provenance.ModelInfo` attached: ``quantized`` set and ``info["memory_mib"]``, the
     model's parameter and buffer bytes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.model_bridge import TransformerBridge
 
-    from abft_lens.backends.provenance import ModelInfo, attach_info, tokenizer_adds_bos, use_own_tokenizer
+    from abft_lens.backends.provenance import ModelInfo, attach_info, tokenizer_adds_bos
 
     start = time.perf_counter()
     try:
@@ -103,13 +104,9 @@ def load_bridge(hf_dir: Path, *, name: str, source: str, device: str = "cpu", qu
         if layers is None or quantize_linears(layers, compute_dtype=compute_dtype) == 0:
             raise AbftLensError(f"found no decoder Linear layers to quantize in {hf_dir} "
                                 f"({type(hf_model).__name__}).", "use a Llama- or Gemma-style causal LM folder.")
-    hf_model.to(device)  # Params4bit quantizes on this move
-    hf_model.eval()
-    with _tl.quiet_deprecation():
-        bridge = TransformerBridge.boot_transformers(str(hf_dir), hf_model=hf_model, tokenizer=tokenizer,
-                                                     device=device)
-    use_own_tokenizer(bridge, tokenizer)
-    bridge.eval()
+    elif dtype != torch.float32:
+        hf_model.to(dtype)  # boot_transformers ignores dtype= when it is given hf_model=
+    bridge = boot_bridge(hf_model, tokenizer, str(hf_dir), device=device, dtype=dtype)
     memory = sum(t.numel() * t.element_size() for t in (*hf_model.parameters(), *hf_model.buffers()))
     info = ModelInfo(name=name, source=source, hf_dir=Path(hf_dir), adds_bos=tokenizer_adds_bos(tokenizer),
                      quantized=quantize)
@@ -117,6 +114,34 @@ def load_bridge(hf_dir: Path, *, name: str, source: str, device: str = "cpu", qu
                      quantization="bitsandbytes NF4, double quantization" if quantize else None)
     info.load_seconds = time.perf_counter() - start
     return attach_info(bridge, info)
+
+
+def boot_bridge(hf_model: nn.Module, tokenizer, name: str, *, device: str = "cpu",
+                dtype: torch.dtype = torch.float32):
+    """``TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)`` offline, in eval mode, carrying
+    ``tokenizer`` itself (left padding, the checkpoint's own BOS convention); ``cfg.dtype`` set to ``dtype``."""
+    from abft_lens.backends.provenance import use_own_tokenizer
+
+    hf_model.to(device)  # Params4bit quantizes on this move
+    hf_model.eval()
+    with _tl.quiet_deprecation():
+        bridge = _tl.bridge_class().boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device)
+    use_own_tokenizer(bridge, tokenizer)
+    for block in bridge.blocks:
+        block.attn.hook_attn_scores.register_forward_hook(_finite_scores)
+    bridge.cfg.dtype = dtype
+    bridge.cfg.default_prepend_bos = bridge.cfg.tokenizer_prepends_bos
+    bridge.eval()
+    return bridge
+
+
+def _finite_scores(module, args, scores: Tensor) -> Tensor:
+    """The bridge masks attention scores with the lowest value of the model's dtype, then softmaxes in float32.
+    For a float64 model (and under bfloat16 autocast) that value is -inf after the cast: the fully masked query
+    rows of left padding become NaN, and backward spreads them into every gradient. Clamped to bfloat16's lowest
+    value the masked scores stay finite in every dtype (the masked keys still get weight 0, a fully masked row
+    a uniform one, as in float32); no real score comes near it, so nothing else changes."""
+    return scores.clamp(min=torch.finfo(torch.bfloat16).min)
 
 
 def is_bridge(model) -> bool:
@@ -187,7 +212,8 @@ def qk_weights(model) -> list[tuple[Tensor, Tensor]]:
             pair = []
             for attr in ("q", "k"):
                 dense = dense_weight(getattr(block.attn, attr).original_component).cpu()
-                pair.append(rearrange(dense, "(n h) m -> n m h", h=model.cfg.d_head))
+                # a copy: a float32 weight's .float() is the weight itself, which training moves afterwards
+                pair.append(rearrange(dense, "(n h) m -> n m h", h=model.cfg.d_head).clone())
             out.append(tuple(pair))
     return out
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from abft_lens.backends.bridge import bridge_residual, is_bridge
 from abft_lens.backends.tl import HookedTransformer
 
-__all__ = ["forward_residual"]
+__all__ = ["forward_residual", "kv_decoder"]
 
 
 def forward_residual(
@@ -57,3 +57,44 @@ def forward_residual(
     if is_bridge(model):
         return bridge_residual(model, tokens, attention_mask, stop_at_layer)
     return model(tokens, attention_mask=attention_mask, stop_at_layer=stop_at_layer)
+
+
+def kv_decoder(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]):
+    """A step function for generation with a KV cache: ``step(new_tokens) -> logits [batch, vocab]`` (float32)
+    at the last position. The first call takes the left-padded ``tokens`` themselves, each later call the
+    ``[batch, 1]`` tokens just chosen; padding is masked and each row's positions start at its first real token.
+
+    A ``HookedTransformer`` runs TransformerLens's own cache (only the last position goes through the final norm
+    and ``@ W_U``); a bridge runs its Hugging Face model with ``past_key_values`` (the bridge's components are
+    inside it, so trained weights and hooks apply), positions from the mask, ``logits_to_keep=1``.
+    """
+    n, device = tokens.shape[0], tokens.device
+    if is_bridge(model):
+        from transformers import DynamicCache
+
+        state = {"mask": attention_mask, "positions": None, "cache": DynamicCache()}
+
+        def bridge_step(new: Int[Tensor, "batch new"]) -> Float[Tensor, "batch vocab"]:
+            if state["positions"] is None:
+                positions = (state["mask"].cumsum(-1) - 1).clamp(min=0)
+            else:
+                positions = state["positions"][:, -1:] + 1
+                state["mask"] = torch.cat([state["mask"], torch.ones_like(new)], dim=1)
+            out = model.original_model(input_ids=new, attention_mask=state["mask"], position_ids=positions,
+                                       past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+            state["positions"], state["cache"] = positions, out.past_key_values
+            return out.logits[:, -1].float()
+
+        return bridge_step
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
+    state = {"mask": attention_mask}
+
+    def hooked_step(new: Int[Tensor, "batch new"]) -> Float[Tensor, "batch vocab"]:
+        residual = model(new, attention_mask=state["mask"], past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+        state["mask"] = torch.ones(n, 1, dtype=attention_mask.dtype, device=device)
+        # a plain matmul: TL's Unembed copies W_U transposed on every call (113 MB per step on SmolLM2)
+        return (model.ln_final(residual[:, -1:])[:, 0] @ model.W_U + model.b_U).float()
+
+    return hooked_step

@@ -24,7 +24,7 @@ from abft_lens.backends.hf_cache import (EMBEDDED_NAME, GEMMA_NAME, HF_CONFIG_FI
                                         gemma_hf_dir, gguf_hf_dir, is_hf_folder, qwen_hf_dir)
 from abft_lens.backends.relayout import relayout_for_forward
 from abft_lens.backends.tiny import tiny_model, tiny_tokenizer
-from abft_lens.backends.tl import HookedTransformer, HookedTransformerConfig, quiet_deprecation
+from abft_lens.backends.tl import HAS_HOOKED, HookedTransformer, HookedTransformerConfig, quiet_deprecation
 from abft_lens.arguments import check_device, check_text
 from abft_lens.errors import AbftLensError
 
@@ -54,6 +54,8 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     ``.gguf``; ``dtype`` must stay float32 (the compute dtype follows the device).
 
     Returns the model (``model.tokenizer`` is its tokenizer); ``model_info(model)`` says where it came from.
+    Under TransformerLens 4.x every route returns a ``TransformerBridge`` over the Hugging Face model (raw
+    weights, eager attention); the tiny models are seeded random Llamas there (:mod:`abft_lens.backends.tiny`).
     """
     check_text("spec", spec, "smollm2-135m")
     check_device(device)
@@ -67,7 +69,12 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
     elif (route := _hf_route(spec)) is not None:
         hf_dir, source, converted = route
         name = spec if source == "embedded" else str(Path(spec).expanduser())
-        model = _from_hf_dir(hf_dir, name=name, source=source, dtype=dtype, device=device)
+        if HAS_HOOKED:
+            model = _from_hf_dir(hf_dir, name=name, source=source, dtype=dtype, device=device)
+        else:
+            from abft_lens.backends.bridge import load_bridge
+
+            model = load_bridge(hf_dir, name=name, source=source, device=device, quantize=False, dtype=dtype)
         model_info(model).converted = converted
     else:
         model = _from_official_name(spec, dtype=dtype, device=device)
@@ -250,7 +257,12 @@ def _gemma3_tl_config(hf: dict) -> dict:
 def _from_official_name(name: str, *, dtype: torch.dtype, device: str) -> HookedTransformer:
     try:
         with quiet_deprecation():
-            model = HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device)
+            if HAS_HOOKED:
+                model = HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device)
+            else:
+                from abft_lens.backends.tl import bridge_class
+
+                model = bridge_class().boot_transformers(name, dtype=dtype, device=device)
     except Exception as error:  # the hub, TransformerLens and transformers all raise their own types
         raise AbftLensError(
             f"could not load model {name!r}. Tried: the embedded default ({EMBEDDED_NAME!r}), tiny random "

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from abft_lens.backends.tl import HookedTransformer
+from abft_lens.backends.tl import HAS_HOOKED, TL_VERSION, HookedTransformer
 from abft_lens.errors import AbftLensError
 
 if TYPE_CHECKING:
@@ -66,10 +66,15 @@ def attach_info(model: LoadedModel, info: ModelInfo) -> LoadedModel:
 
 
 def check_model(model) -> None:
-    """``model`` is a TransformerLens model (a ``torch.nn.Module`` with a ``cfg``), not a name or anything else."""
-    if isinstance(model, (str, bytes)) or not (isinstance(model, torch.nn.Module) and hasattr(model, "cfg")):
+    """``model`` is a TransformerLens model: a ``HookedTransformer`` (3.9) or a ``TransformerBridge`` (a torch
+    module with a ``cfg`` over an ``original_model``), not a name or any other object."""
+    hooked = isinstance(model, HookedTransformer)
+    bridge = isinstance(model, torch.nn.Module) and hasattr(model, "cfg") and hasattr(model, "original_model")
+    if not (hooked or bridge):
         shown = repr(model) if isinstance(model, (str, bytes, int, float)) else type(model).__name__
-        raise AbftLensError(f"{shown} is not a TransformerLens model (a HookedTransformer or TransformerBridge).",
+        kinds = "a HookedTransformer or a TransformerBridge" if HAS_HOOKED else "a TransformerBridge"
+        raise AbftLensError(f"{shown} is not a TransformerLens model: with TransformerLens {TL_VERSION} installed, "
+                            f"abft-lens takes {kinds}.",
                             "load one first, e.g. model = abft_lens.load_model('smollm2-135m'), and pass the model.")
 
 

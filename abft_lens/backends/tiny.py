@@ -7,7 +7,7 @@ import torch
 from abft_lens.backends.hf_cache import build_once, cache_dir
 from abft_lens.backends.provenance import use_own_tokenizer
 from abft_lens.backends.relayout import relayout_for_forward
-from abft_lens.backends.tl import HookedTransformer, HookedTransformerConfig, quiet_deprecation
+from abft_lens.backends.tl import HAS_HOOKED, HookedTransformer, HookedTransformerConfig, quiet_deprecation
 
 __all__ = ["tiny_model", "tiny_tokenizer", "TINY_TOKENIZER_VERSION"]
 
@@ -30,7 +30,15 @@ def tiny_model(
     ``n_kv_heads=None`` gives plain multi-head attention. Used by tests and notebooks; builds in well under
     a second. With a tokenizer, ``d_vocab`` follows the tokenizer and ``model.tokenizer`` is that tokenizer
     itself (no BOS prepended).
+
+    Under TransformerLens 4.x the same architecture is a Hugging Face ``LlamaForCausalLM`` drawn from ``seed``
+    (initializer range 0.8/sqrt(d_model), TransformerLens's own) inside a ``TransformerBridge``; its values
+    differ from the 3.9 model of the same seed.
     """
+    if not HAS_HOOKED:
+        return _tiny_bridge(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=d_model,
+                            d_head=d_head, d_vocab=d_vocab if tokenizer is None else len(tokenizer), n_ctx=n_ctx,
+                            seed=seed, dtype=dtype, tokenizer=tokenizer)
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
         d_model=d_model,
@@ -60,6 +68,32 @@ def tiny_model(
     relayout_for_forward(model)
     model.eval()
     return model
+
+
+def _tiny_bridge(*, n_layers: int, n_heads: int, n_kv_heads: int | None, d_model: int, d_head: int, d_vocab: int,
+                 n_ctx: int, seed: int, dtype: torch.dtype, tokenizer):
+    """The tiny model under TransformerLens 4.x: a seeded random Llama in a bridge (global RNG untouched)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from abft_lens.backends.bridge import boot_bridge
+
+    config = LlamaConfig(vocab_size=d_vocab, hidden_size=d_model, intermediate_size=4 * d_model,
+                         num_hidden_layers=n_layers, num_attention_heads=1, num_key_value_heads=1, head_dim=d_head,
+                         max_position_embeddings=n_ctx, rms_norm_eps=1e-5, initializer_range=0.8 / d_model ** 0.5,
+                         tie_word_embeddings=False, attn_implementation="eager")
+    # set after validation: Hugging Face asks d_model % n_heads == 0 even with head_dim given (TL does not)
+    config.num_attention_heads, config.num_key_value_heads = n_heads, n_kv_heads or n_heads
+    if tokenizer is not None:
+        config.update(dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf_model = LlamaForCausalLM(config).to(dtype)
+    bridge = boot_bridge(hf_model, tokenizer or tiny_tokenizer(), f"tiny-llama-{n_layers}x{n_heads}", dtype=dtype)
+    if tokenizer is None:  # as the hooked tiny model: no tokenizer (booting needs one, offline)
+        bridge._tokenizer = None
+    bridge.cfg.seed = seed
+    return bridge
 
 
 TINY_TOKENIZER_VERSION = "tiny-bpe-1024-v1"

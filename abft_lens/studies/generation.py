@@ -48,7 +48,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from abft_lens.backends.bridge import is_bridge
-from abft_lens.backends.forward import forward_residual
+from abft_lens.backends import qk
+from abft_lens.backends.forward import forward_residual, kv_decoder
 from abft_lens.errors import AbftLensError
 from abft_lens.backends.provenance import LoadedModel
 from abft_lens.data.prompts import left_pad, length_sorted_batches, pad_token_id
@@ -118,10 +119,10 @@ def continuations(
         raise AbftLensError(f"temperature={temperature} must be positive when sampling.",
                             "pass seed=None for greedy decoding.")
     tokenizer = model.tokenizer
-    if is_bridge(model):
-        raise AbftLensError("generation (the MAUVE test) needs a HookedTransformer's KV cache; this model is a "
-                            "4-bit TransformerBridge base.", "run the MAUVE test on the full-precision model "
-                            "(without --quantized): a 4-bit run's adapters load onto it.")
+    if is_bridge(model) and qk.is_quantized(model):
+        raise AbftLensError("generation (the MAUVE test) is not supported on a 4-bit TransformerBridge base.",
+                            "run the MAUVE test on the full-precision model (without --quantized): a 4-bit run's "
+                            "adapters load onto it.")
     encoded = []
     for i, prefix in enumerate(prefixes):
         ids = _encode(model, prefix)
@@ -151,22 +152,18 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     """New token ids for each prompt (without the EOS that ends it): one left-padded batch, KV cache.
 
     The first forward runs the padded prompts with their attention mask; every later step feeds only the
-    tokens just chosen. Only the last position goes through the final norm and the unembedding (``@ W_U``;
-    hooks on ``unembed`` are not run). Greedy
+    tokens just chosen (:func:`~abft_lens.backends.forward.kv_decoder`: TransformerLens's cache on a hooked
+    model, Hugging Face's ``past_key_values`` on a bridge). Only the last position is unembedded. Greedy
     (argmax) when ``generators`` is None, else row ``r`` samples with ``generators[r]``.
     """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     device, n = model.cfg.device, len(prompts)
     tokens, mask = left_pad(prompts, pad_token_id, device)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
+    step = kv_decoder(model, tokens, mask)
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * n
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            residual = model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
-            # a plain matmul: TL's Unembed copies W_U transposed on every call (113 MB per step on SmolLM2)
-            logits = (model.ln_final(residual[:, -1:])[:, 0] @ model.W_U + model.b_U).float()
+            logits = step(tokens)
             chosen = _choose(logits, generators, temperature, top_p).tolist()
             for r, token in enumerate(chosen):
                 if done[r]:
@@ -178,7 +175,6 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
             if all(done):
                 break
             tokens = torch.tensor(chosen, device=device)[:, None]
-            mask = torch.ones(n, 1, dtype=mask.dtype, device=device)
     return new
 
 

@@ -193,15 +193,16 @@ def check_model(spec: str) -> None:
             raise AbftLensError(f"model {spec!r} is neither a .gguf file nor a Hugging Face folder (config.json).",
                                 "check the path in models.", names=("models",))
     else:
-        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name
+        from abft_lens.backends.tl import official_names
 
+        names = official_names()
         try:
-            get_official_model_name(spec)
+            names.get_official_model_name(spec)
         except ValueError:
             raise AbftLensError(f"unknown model {spec!r} in models.",
                                 f"use {hf_cache.EMBEDDED_NAME}, {hf_cache.GEMMA_NAME}, {hf_cache.QWEN_NAME}, tiny, "
                                 f"a .gguf file, a Hugging Face folder or one of TransformerLens's "
-                                f"{len(OFFICIAL_MODEL_NAMES)} official names (those need the hub).",
+                                f"{len(names.OFFICIAL_MODEL_NAMES)} official names (those need the hub).",
                                 names=("models",)) from None
 
 

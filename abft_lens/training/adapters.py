@@ -7,6 +7,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from abft_lens.backends import qk
 from abft_lens.backends.bridge import is_bridge
 from abft_lens.training.peft_lora import PeftLoraTrainable
 from abft_lens.training.trainable import Trainable, TrainableConfig
@@ -21,11 +22,13 @@ def attach(model, config: TrainableConfig | None = None) -> Trainable:
     ``_W_K`` under GQA, ``W_K`` otherwise); while attached, ``model.state_dict()`` uses parametrize's names
     (``...parametrizations.W_Q.original``) and the model cannot be deep-copied or pickled: merge() first.
 
-    A ``TransformerBridge`` (the 4-bit backend) gets a :class:`abft_lens.training.peft_lora.PeftLoraTrainable`: the same
-    masks, names and state dict over PEFT LoRA adapters; it needs ``kind="lora"``.
+    LoRA on a ``TransformerBridge`` (every model under TransformerLens 4.x; the 4-bit backend under 3.9) gets a
+    :class:`abft_lens.training.peft_lora.PeftLoraTrainable`: the same masks, names and state dict over PEFT LoRA
+    adapters. Full training of a full-precision bridge trains its Hugging Face q/k leaves (same names and
+    state dict); a 4-bit bridge trains through LoRA only.
     """
     config = TrainableConfig() if config is None else config
-    if is_bridge(model):
+    if is_bridge(model) and (config.kind == "lora" or qk.is_quantized(model)):
         return PeftLoraTrainable(model, config)
     return Trainable(model, config)
 
@@ -41,7 +44,7 @@ def masked_step(optimizer: torch.optim.Optimizer, trainable: Trainable,
     the step, the SparseAdam semantic. State that the step creates starts at zero in its closed slices (Adam's
     initial moments). Adam's ``step`` counter is per tensor and advances every step, as in SparseAdam.
     """
-    masks = trainable.head_masks(open_heads)
+    masks = trainable.head_masks(open_heads, own_layout=True)
     saved = []
     for name, p in trainable.named_parameters():
         closed = (~masks[name]).reshape(-1).expand(p.shape[0]).nonzero().flatten()

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from abft_lens.backends import qk
 from abft_lens.backends.bridge import ADAPTER, lora_layer, qk_weights
-from abft_lens.training.trainable import Slot, Trainable, attached, register_attached
+from abft_lens.training.slots import Slot
+from abft_lens.training.trainable import Trainable, attached, register_attached
 
 __all__ = ["PeftLoraTrainable"]
 
@@ -64,6 +65,8 @@ class PeftLoraTrainable(Trainable):
     only the wiring differs (module docstring). Only ``kind="lora"`` without bias training is possible on a
     4-bit base.
     """
+
+    keeps_adapters = True
 
     def _wire(self) -> None:
         from peft import LoraConfig, inject_adapter_in_model

@@ -1,4 +1,4 @@
-"""Per-sample restricted gradients for a batched forward pass of a ``HookedTransformer``.
+"""Per-sample restricted gradients for a batched forward pass of a ``HookedTransformer`` or a bridge.
 
 Restricted gradient: sample b's loss may change only the W_Q/W_K slices of the heads open for sample b.
 Run one prompt at a time, a mask on the weight's gradient does this. In a batch it cannot: ``F.linear``
@@ -21,6 +21,12 @@ module keeps its ``query_input``/``key_input``, a forward hook on ``hook_q``/``h
 (``get_mask(layer, target)``), so the forward can run before the filter has decided. Without a mask, in
 float32 or float64, the usual backward runs unchanged; without a mask under bfloat16 the routing takes over
 with every head open (the same gradient, formed in float32).
+
+On a ``TransformerBridge`` (TransformerLens 4.x) the attention is not called with ``query_input``/``key_input``;
+the projection is the Hugging Face Linear inside ``attn.q`` / ``attn.k``, whose hook points see its input
+(``attn.q.hook_in``, ``[batch, pos, d_model]``) and its output (``attn.q.hook_out``, ``[batch, pos, n*d_head]`` to a
+PyTorch hook). The router keeps the input and wraps the output the same way, with the weight and bias viewed in
+TransformerLens layout (:func:`abft_lens.backends.qk.value`), so the gradient reaches the Hugging Face leaf.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ import torch
 from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from abft_lens.backends import qk
+from abft_lens.backends.bridge import is_bridge
 
 __all__ = ["RouteToInput", "install_router"]
 
@@ -93,6 +102,8 @@ def install_router(model, targets: tuple[str, ...], weight_names: list[dict[str,
     ``get_mask(layer, target)`` is called at backward time. Nothing is done where gradients are off.
     Returns the hook handles (``handle.remove()`` undoes everything).
     """
+    if is_bridge(model):
+        return _install_bridge_router(model, targets, weight_names, get_mask)
     handles = []
     for layer, block in enumerate(model.blocks):
         attn, inputs = block.attn, {}
@@ -120,4 +131,40 @@ def install_router(model, targets: tuple[str, ...], weight_names: list[dict[str,
                                           lambda: get_mask(*key))
 
             handles.append(getattr(attn, f"hook_{target}").register_forward_hook(route))
+    return handles
+
+
+def _install_bridge_router(model, targets: tuple[str, ...], weight_names: list[dict[str, str]],
+                           get_mask: Callable[[int, str], "Bool[Tensor, 'batch n_out'] | None"]) -> list:
+    """:func:`install_router` on a bridge: PyTorch hooks on ``attn.{q,k}.hook_in`` (keep x) and ``hook_out``
+    (``[batch, pos, n*d_head]``, wrapped in :class:`RouteToInput` as ``[batch, pos, n, d_head]``)."""
+    handles = []
+    for layer, block in enumerate(model.blocks):
+        for target in targets:
+            component, inputs = getattr(block.attn, target), {}
+            name, bias_name = (qk.tensor_name(layer, weight_names[layer][key]) for key in (target, "b" + target))
+            has_bias = getattr(component.original_component, "bias", None) is not None
+
+            def keep_input(module, args, out, inputs=inputs) -> None:
+                if torch.is_grad_enabled():
+                    inputs["x"] = out
+
+            def route(module, args, out, inputs=inputs, name=name, bias_name=bias_name, has_bias=has_bias,
+                      key=(layer, target)):
+                x = inputs.pop("x", None)
+                if not out.requires_grad:
+                    return None
+                if x is None or out.ndim != 3:
+                    raise RuntimeError(f"layer {key[0]}: the {key[1]} projection's input was not seen by its "
+                                       "hook_in; per-sample routing needs the bridge's attn.q/attn.k hook points")
+                weight = qk.value(model, name)
+                bias = qk.value(model, bias_name) if has_bias else None
+                d_head = weight.shape[2]
+                routed = RouteToInput.apply(rearrange(out, "b p (n h) -> b p n h", h=d_head), x, weight,
+                                            bias if bias is not None and bias.requires_grad else None,
+                                            lambda: get_mask(*key))
+                return rearrange(routed, "b p n h -> b p (n h)")
+
+            handles.append(component.hook_in.register_forward_hook(keep_input))
+            handles.append(component.hook_out.register_forward_hook(route))
     return handles

@@ -37,7 +37,6 @@ import torch
 
 from abft_lens.version import __version__
 from abft_lens.backends import qk
-from abft_lens.backends.bridge import is_bridge
 from abft_lens.training import distributed
 from abft_lens.training.callbacks import Checkpointer, FiniteCheck, JsonlLogger, ProgressBar, ValidationGuard
 from abft_lens.errors import AbftLensError
@@ -342,7 +341,7 @@ def finish_training(run: PreparedRun, trainer: Trainer, guard: ValidationGuard |
             run.dist.broadcast_parameters(trainer.trainable.parameters())  # rank 0 kept the best step
     trained = trainer.trainable.state_dict()
     check_finite(trained, "the trained tensors")
-    if not is_bridge(run.model):
+    if not trainer.trainable.keeps_adapters:
         trainer.trainable.merge()
     return trained, best_step
 
@@ -376,8 +375,8 @@ def give_back(model, base: dict[str, torch.Tensor], previous: Trainable | None =
     tensors back: a bridge's adapters are removed; a hooked model gets ``base`` (a :func:`qk.snapshot`) copied in."""
     trainable = attached(model)
     if trainable is not None and trainable is not previous and trainable.is_open:
-        trainable.remove() if is_bridge(model) else trainable.merge()
-    qk.restore(model, base)
+        trainable.remove() if trainable.keeps_adapters else trainable.merge()
+    qk.restore(model, base, prune=True)
 
 
 def _evaluate(run: PreparedRun, desc: str) -> EvalResult:

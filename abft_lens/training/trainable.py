@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange, reduce, repeat
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -42,6 +42,7 @@ from abft_lens.backends import qk
 from abft_lens.backends.tl import HookedTransformer
 from abft_lens.errors import AbftLensError
 from abft_lens.training.routing import install_router
+from abft_lens.training.slots import LoraDelta, Slot
 
 KINDS = ("full", "lora")
 TARGETS = ("q", "k")
@@ -121,53 +122,15 @@ class TrainableConfig:
         return cls(**kw)
 
 
-class LoraDelta(nn.Module):
-    """Parametrization ``W -> W + scale * (B @ A)`` viewed per head, for one ``[n_out, d_model, d_head]`` weight.
+class Trainable:
+    """Handle on an attached model; build the optimizer from :meth:`parameters`. Created by :func:`attach`.
 
-    ``lora_A`` [r, d_model] is drawn like PEFT (uniform ±1/sqrt(d_model)); ``lora_B`` [n_out*d_head, r] starts
-    at zero, so attaching changes nothing. Adapters are float32 (float64 for float64 weights); the delta is
-    cast to the weight's dtype. ``grad_mask`` (Bool [n_out, 1, 1] or None), read at backward time, zeroes the
-    gradient of closed heads' delta before it reaches A and B.
+    On a hooked model the trained tensors are its ``W_Q``/``_W_K`` parameters; on a full-precision bridge
+    (TransformerLens 4.x) full training trains the Hugging Face q/k leaves (:func:`abft_lens.backends.qk.leaf`),
+    masked by row blocks of ``d_head``, with the same names and TransformerLens-layout state dict.
     """
 
-    def __init__(self, weight: Float[Tensor, "n d_model d_head"], r: int, scale: float, gen: torch.Generator):
-        super().__init__()
-        n_out, d_model, d_head = weight.shape
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        bound = 1.0 / math.sqrt(d_model)
-        a = (torch.rand(r, d_model, generator=gen, dtype=dtype) * 2 - 1) * bound
-        self.lora_A = nn.Parameter(a.to(weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(n_out * d_head, r, dtype=dtype, device=weight.device))
-        self.scale, self.n_out = scale, n_out
-        self.grad_mask: Tensor | None = None
-
-    def delta(self) -> Float[Tensor, "n d_model d_head"]:
-        """``scale * (B @ A)`` as ``[n_out, d_model, d_head]``, in the adapters' dtype."""
-        return rearrange(self.scale * (self.lora_B @ self.lora_A), "(n h) m -> n m h", n=self.n_out)
-
-    def _mask_grad(self, grad: Tensor) -> Tensor | None:
-        return None if self.grad_mask is None or grad is None else grad.masked_fill(~self.grad_mask, 0)
-
-    def forward(self, weight: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n d_model d_head"]:
-        delta = self.delta()
-        if delta.requires_grad:
-            delta.register_hook(self._mask_grad)
-        return weight + delta.to(weight.dtype)
-
-
-@dataclass
-class Slot:
-    """One trained tensor: stable name, (layer, target), role in weight/bias/lora_A/lora_B, the parameter."""
-
-    name: str
-    layer: int
-    target: str
-    role: str
-    param: nn.Parameter
-
-
-class Trainable:
-    """Handle on an attached model; build the optimizer from :meth:`parameters`. Created by :func:`attach`."""
+    keeps_adapters = False  # True where the run ends by removing adapters (PEFT on a bridge), not by merging
 
     def __init__(self, model: HookedTransformer, config: TrainableConfig):
         self.model, self.config = model, config
@@ -194,7 +157,7 @@ class Trainable:
     # --- wiring -------------------------------------------------------------------------------------------
     def _wire(self) -> None:
         model, config = self.model, self.config
-        if getattr(model.cfg, "load_in_4bit", False):
+        if getattr(model.cfg, "load_in_4bit", False) or qk.is_quantized(model):
             raise ValueError("attach: 4-bit TransformerLens weights are packed uint8 and cannot be trained or "
                              "parametrized; load the model unquantized")
         live = attached(model)
@@ -211,7 +174,8 @@ class Trainable:
             for t in config.targets:
                 w_name = names[t]
                 if config.kind == "full":
-                    self._add(Slot(qk.tensor_name(layer, w_name), layer, t, "weight", getattr(attn, w_name)))
+                    param, rows = qk.leaf(model, qk.tensor_name(layer, w_name))
+                    self._add(Slot(qk.tensor_name(layer, w_name), layer, t, "weight", param, rows))
                 else:
                     lora = LoraDelta(getattr(attn, w_name).detach(), config.lora_r, config.lora_scale, gen)
                     parametrize.register_parametrization(attn, w_name, lora)
@@ -221,8 +185,9 @@ class Trainable:
                         self._slots.append(Slot(qk.tensor_name(layer, w_name, role), layer, t, role,
                                                 getattr(lora, role)))
                 if config.bias:
-                    b, b_name = getattr(attn, names["b" + t]), qk.tensor_name(layer, names["b" + t])
-                    self._add(Slot(b_name, layer, t, "bias", b))
+                    b_name = qk.tensor_name(layer, names["b" + t])
+                    b, rows = qk.leaf(model, b_name, create=True)
+                    self._add(Slot(b_name, layer, t, "bias", b, rows))
                     if config.kind == "lora":
                         self._bias_backup[b_name] = b.detach().clone()
         self._hooks += install_router(model, config.targets, weight_names, self._route_mask)
@@ -278,27 +243,35 @@ class Trainable:
         """Open output heads of one (layer, target): the query heads for q, the union per kv group for k."""
         return layer_heads if target == "q" else reduce(layer_heads, "... (g r) -> ... g", "any", r=self.group)
 
-    def _slot_mask(self, slot: Slot, heads: Bool[Tensor, "layer head"]) -> Tensor:
-        """Bool mask of ``slot.param``'s open entries, shape ``[size0, 1, ...]`` (or all-ones ``[1, ...]``)."""
+    def _slot_mask(self, slot: Slot, heads: Bool[Tensor, "layer head"], own_layout: bool = True) -> Tensor:
+        """Bool mask of ``slot.param``'s open entries, shape ``[size0, 1, ...]`` (or all-ones ``[1, ...]``);
+        ``own_layout=False``: of the tensor in TransformerLens layout (what :meth:`state_dict` holds)."""
         open_, p = self._out_open(heads[slot.layer], slot.target), slot.param
+        if not own_layout:
+            p = slot.to_tl(p)
         if slot.role == "lora_B":
             open_ = repeat(open_, "n -> (n h)", h=self.d_head)
+        elif slot.rows > 1 and own_layout:
+            open_ = repeat(open_, "n -> (n h)", h=slot.rows)
         elif slot.role == "lora_A":
             open_ = open_.any().reshape(1)
         return open_.reshape(-1, *([1] * (p.dim() - 1))).to(p.device)
 
-    def head_masks(self, participating: Bool[Tensor, "layer head"] | None = None) -> dict[str, Tensor]:
+    def head_masks(self, participating: Bool[Tensor, "layer head"] | None = None, *,
+                   own_layout: bool = False) -> dict[str, Tensor]:
         """Open-entry masks per trained tensor for a head set, intersected with the fixed ``heads=``.
 
         ``participating[l, h]`` opens W_Q/b_Q head h of layer l; K slices follow the union rule (module
         docstring); LoRA opens B's rows of the open heads and A when any head of its (layer, target) is open.
-        ``None`` means every head. Each mask is bool, broadcastable to its tensor, varying only along dim 0.
+        ``None`` means every head. Each mask is bool, broadcastable to its tensor (TransformerLens layout, as in
+        :meth:`state_dict`), varying only along dim 0. ``own_layout=True``: to the parameter itself instead (a
+        bridge's Hugging Face leaf, ``d_head`` rows per head), what :func:`masked_step` applies.
         """
         heads = torch.ones(self.n_layers, self.n_heads, dtype=torch.bool) if participating is None \
             else self._check_heads(participating)
         if self._fixed is not None:
             heads = heads & self._fixed
-        return {s.name: self._slot_mask(s, heads) for s in self._live_slots()}
+        return {s.name: self._slot_mask(s, heads, own_layout) for s in self._live_slots()}
 
     @contextmanager
     def restricted(self, participating: Bool[Tensor, "layer head"]) -> Iterator[None]:
@@ -347,12 +320,13 @@ class Trainable:
         return sum(s.param.numel() for s in self._live_slots())
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The trained tensors only: detached, contiguous copies on CPU (safetensors-ready)."""
-        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.named_parameters()}
+        """The trained tensors only, TransformerLens layout: detached, contiguous copies on CPU (safetensors-ready)."""
+        return {s.name: s.to_tl(s.param.detach()).to("cpu", copy=True).contiguous() for s in self._live_slots()}
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Strict load of :meth:`state_dict` output (device/dtype converted); mismatches raise ValueError."""
-        params = dict(self.named_parameters())
+        slots = {s.name: s for s in self._live_slots()}
+        params = {name: s.to_tl(s.param) for name, s in slots.items()}
         missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
         if missing or unexpected:
             raise ValueError(f"Trainable.load_state_dict: missing keys {missing}, unexpected keys {unexpected}; "
@@ -362,16 +336,19 @@ class Trainable:
                 raise ValueError(f"Trainable.load_state_dict: {name} has shape {tuple(state_dict[name].shape)}, "
                                  f"the model expects {tuple(p.shape)}; was it saved from another model?")
         with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state_dict[name])
+            for name, slot in slots.items():
+                slot.param.copy_(slot.from_tl(state_dict[name].to(slot.param.device)))
 
     def merged_state_dict(self) -> dict[str, Tensor]:
         """Effective trained model tensors (W_Q, _W_K or W_K, biases) as CPU copies, without merging: exports."""
         out = {}
         for s in self._live_slots():
             name = qk.effective_name(s.name)
-            attn = self.model.blocks[s.layer].attn
-            out[name] = getattr(attn, name.rsplit(".", 1)[1]).detach().to("cpu", copy=True).contiguous()
+            if s.role.startswith("lora"):
+                attn = self.model.blocks[s.layer].attn
+                out[name] = getattr(attn, name.rsplit(".", 1)[1]).detach().to("cpu", copy=True).contiguous()
+            else:
+                out[name] = qk.value(self.model, name).detach().to("cpu", copy=True).contiguous()
         return out
 
     # --- ending -------------------------------------------------------------------------------------------
@@ -397,8 +374,7 @@ class Trainable:
             raise ValueError("remove(): full fine-tuning writes into W_Q/W_K in place, there is nothing to remove; "
                              "reload the model (or use kind='lora') to get the original weights back")
         with torch.no_grad():
-            for name, value in self._bias_backup.items():
-                self.model.get_parameter(name).copy_(value)
+            qk.restore(self.model, self._bias_backup)
         self._close(leave_parametrized=False)
 
 
