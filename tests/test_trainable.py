@@ -15,6 +15,11 @@ from abft_lens.backends.loading import tiny_model
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.trainable import TrainableConfig
 
+from conftest import hooked_only
+
+HOOKED_ONLY = hooked_only("reads the model's own parameters (model.named_parameters(), attn.W_Q.grad, LoRA "
+                          'parametrizations)')
+
 N_LAYERS, N_HEADS = 2, 4
 
 
@@ -81,6 +86,7 @@ def test_bad_config_raises_value_error(kwargs, match):
         TrainableConfig(**kwargs)
 
 
+@HOOKED_ONLY
 def test_bad_inputs_raise_value_error(tiny_gqa):
     with pytest.raises(ValueError, match="unknown keys.*rank"):
         TrainableConfig.from_dict({"kind": "full", "rank": 3})
@@ -133,6 +139,7 @@ def test_lora_init_is_seeded():
 # --- full mode --------------------------------------------------------------------------------------------
 
 
+@HOOKED_ONLY
 @pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_mha"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_full_trains_exactly_wq_wk(fixture, bias, request):
@@ -175,6 +182,7 @@ def test_head_masks_union_rule_for_k():
     assert mha.head_masks(_heads((1, 2)))["blocks.1.attn.W_K"].flatten().tolist() == [False, False, True, False]
 
 
+@HOOKED_ONLY
 def test_restricted_gradient_is_the_masked_full_gradient(tiny_gqa64):
     tr = attach(tiny_gqa64, TrainableConfig(bias=True))
     params = dict(tr.named_parameters())
@@ -227,6 +235,7 @@ def _restricted_run(model, tr, opt, check_step):
         check_step(union, masks, before[0], after[0])
 
 
+@HOOKED_ONLY
 @pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_mha"])
 def test_restricted_full_keeps_closed_slices_bit_identical(fixture, request):
     model = request.getfixturevalue(fixture)
@@ -260,6 +269,7 @@ def test_restricted_full_keeps_closed_slices_bit_identical(fixture, request):
 # --- LoRA -------------------------------------------------------------------------------------------------
 
 
+@HOOKED_ONLY
 def test_lora_attach_train_merge_remove_and_state_dict_round_trip(tiny_gqa):
     tokens = _tokens()
     base_logits, base = tiny_gqa(tokens), _snapshot(tiny_gqa)
@@ -300,6 +310,7 @@ def test_lora_attach_train_merge_remove_and_state_dict_round_trip(tiny_gqa):
     assert all(torch.equal(p, base[n]) for n, p in tiny_gqa.named_parameters())
 
 
+@HOOKED_ONLY
 def test_lora_remove_restores_trained_biases(tiny_mha):
     tokens = _tokens()
     base_logits = tiny_mha(tokens)
@@ -313,6 +324,7 @@ def test_lora_remove_restores_trained_biases(tiny_mha):
     assert torch.equal(tiny_mha(tokens), base_logits)
 
 
+@HOOKED_ONLY
 def test_lora_restricted_a_learns_only_through_open_heads(tiny_gqa64):
     tr = attach(tiny_gqa64, TrainableConfig(kind="lora", lora_r=3, lora_alpha=6))
     g = torch.Generator().manual_seed(1)
@@ -338,6 +350,7 @@ def test_lora_restricted_a_learns_only_through_open_heads(tiny_gqa64):
     assert not g_p["blocks.1.attn.W_Q.lora_A"].any() and g_p["blocks.0.attn.W_Q.lora_A"].abs().sum() > 0
 
 
+@HOOKED_ONLY
 def test_lora_restricted_training_keeps_closed_heads(tiny_gqa):
     base = _snapshot(tiny_gqa)
     tr = attach(tiny_gqa, TrainableConfig(kind="lora", lora_r=4))
@@ -359,6 +372,7 @@ def test_lora_restricted_training_keeps_closed_heads(tiny_gqa):
 # --- fixed head selection -----------------------------------------------------------------------------------
 
 
+@HOOKED_ONLY
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_fixed_heads_restrict_updates(kind, tiny_gqa):
     base = _snapshot(tiny_gqa)
@@ -382,6 +396,7 @@ def test_fixed_heads_restrict_updates(kind, tiny_gqa):
     assert changed_k == {(0, 0), (1, 1)}  # kv group of head 1 is 0, of head 2 is 1
 
 
+@HOOKED_ONLY
 def test_masked_step_alone_freezes_closed_slices_that_had_gradient(tiny_gqa):
     """No per-sample restriction: closed slices got gradient, masked_step still keeps them (and fresh moments 0)."""
     tr = attach(tiny_gqa, TrainableConfig())
