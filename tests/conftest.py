@@ -163,7 +163,7 @@ TL_ENVS = {"3": ("ABFT_LENS_TL3_PYTHON", ".venv", "scripts/setup.sh"),
            "4": ("ABFT_LENS_TL4_PYTHON", ".venv-tl4", "ABFT_LENS_TL=4 scripts/setup.sh")}
 
 
-def hooked_only(why: str):
+def needs_hooked(why: str):
     """Mark a test that inspects a ``HookedTransformer``'s own parameters (TransformerLens 3.9): under 4.x it is
     reported as skipped with ``why`` (not ported to the bridge yet; docs/tl4.md lists these tests)."""
     from abft_lens.backends.tl import HAS_HOOKED

@@ -32,9 +32,9 @@ from abft_lens.training.train import TrainConfig
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.trainable import TrainableConfig
 
-from conftest import hooked_only
+from conftest import needs_hooked
 
-HOOKED_ONLY = hooked_only('compares the bridge with a HookedTransformer of the same weights, which 4.x '
+HOOKED_ONLY = needs_hooked('compares the bridge with a HookedTransformer of the same weights, which 4.x '
                           'does not have')
 
 LORA = TrainableConfig(kind="lora", lora_r=4, lora_alpha=8.0)

@@ -15,9 +15,9 @@ from abft_lens.backends.loading import tiny_model
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.trainable import TrainableConfig
 
-from conftest import hooked_only
+from conftest import needs_hooked
 
-HOOKED_ONLY = hooked_only("reads the model's own parameters (model.named_parameters(), attn.W_Q.grad, LoRA "
+HOOKED_ONLY = needs_hooked("reads the model's own parameters (model.named_parameters(), attn.W_Q.grad, LoRA "
                           'parametrizations)')
 
 N_LAYERS, N_HEADS = 2, 4
