@@ -229,6 +229,41 @@ def test_bfloat16_autocast_trains_float32_master_weights(task):
     assert agree >= 0.75
 
 
+def test_bfloat16_evaluation_is_autocast_and_close_to_float32(task):
+    """``label_probabilities(compute_dtype="bfloat16")`` really computes in bfloat16 (its probabilities differ
+    from float32's) and stays close to float32 (bfloat16 rounding only)."""
+    from abft_lens.data.prompts import pad_token_id, test_prompts
+    from abft_lens.evaluation.evaluator import label_probabilities
+
+    model = load_model("tiny")
+    builder = prompt_builder(model, task)
+    prompts = test_prompts(builder, 4, 16)
+    probs = {dtype: label_probabilities(model, prompts, builder.label_token_ids, pad_id=pad_token_id(builder.tokenizer),
+                                        batch_size=8, compute_dtype=dtype) for dtype in (None, "bfloat16")}
+    difference = float((probs["bfloat16"] - probs[None]).abs().max())
+    assert probs["bfloat16"].dtype == torch.float32 and 0 < difference < 0.05
+
+
+def test_bfloat16_run_validates_under_autocast_and_tests_in_float32(task, monkeypatch):
+    """A bfloat16 run's validation passes (which steer training) run under bfloat16 autocast; its fore and post
+    tests (the reported numbers) run in the weights' float32."""
+    from abft_lens.evaluation import evaluator
+
+    seen, forward = [], evaluator.forward_residual
+
+    def recording(model, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "forward_residual", recording)
+    config = TrainConfig(train_samples=8, pseudo_batch_size=4, epochs=1, lr=1e-3, micro_batch_size=4,
+                         compute_dtype="bfloat16", validation_examples=64, validation_prompts=4,
+                         validate_every=1)
+    run_training(load_model("tiny"), task, config, n_test=4, batch_size=4, progress=False)
+    # fore test, validation at steps 0, 1, 2, post test: one batch of 4 prompts each
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32]
+
+
 @pytest.mark.parametrize("bad", [dict(micro_batch_size=0), dict(micro_batch_size=2.5),
                                  dict(compute_dtype="float16")])
 def test_bad_micro_batch_or_compute_dtype_is_an_abft_lens_error(bad):

@@ -14,7 +14,15 @@ from torch import Tensor
 from abft_lens.backends.bridge import bridge_residual, is_bridge
 from abft_lens.backends.tl import HookedTransformer
 
-__all__ = ["forward_residual", "kv_decoder"]
+__all__ = ["forward_residual", "kv_decoder", "compute_autocast"]
+
+
+def compute_autocast(model: HookedTransformer, compute_dtype: str | None) -> torch.autocast:
+    """The context a forward runs in for ``compute_dtype``: ``"bfloat16"`` is ``torch.autocast`` on the
+    model's device (matmuls in bfloat16; norms, softmax and the residual stream stay in the weights' float32),
+    None is a disabled autocast (the model's own dtype). Training and evaluation both enter it here."""
+    return torch.autocast(torch.device(model.cfg.device).type, dtype=torch.bfloat16,
+                          enabled=compute_dtype == "bfloat16")
 
 
 def forward_residual(

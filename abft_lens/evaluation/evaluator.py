@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from abft_lens.backends.tl import HookedTransformer
-from abft_lens.backends.forward import forward_residual
+from abft_lens.backends.forward import compute_autocast, forward_residual
 from abft_lens.evaluation.metrics import classification_metrics
 from abft_lens.arguments import check_count
 from abft_lens.backends.provenance import LoadedModel, check_model, model_info
@@ -48,16 +48,20 @@ def label_probabilities(
     pad_id: int,
     batch_size: int = 8,
     progress: bool | str = False,
+    compute_dtype: str | None = None,
 ) -> Float[Tensor, "prompt label"]:
     """Softmax over the label words for every prompt, float32, in the order of ``prompts``.
 
     Prompts are batched by length (left padding, attention mask) to waste little compute on padding.
+    ``compute_dtype="bfloat16"`` runs the forward under bfloat16 autocast
+    (:func:`abft_lens.backends.forward.compute_autocast`; the trainer's validation passes do, with a run's
+    ``compute_dtype``); None computes in the model's dtype.
     """
     ids = torch.tensor(list(label_token_ids), device=model.cfg.device)
     probs = torch.empty(len(prompts), len(ids))
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "evaluating",
                disable=not progress, unit="prompt")
-    with torch.inference_mode():
+    with torch.inference_mode(), compute_autocast(model, compute_dtype):
         for chunk in length_sorted_batches([p.n_tokens for p in prompts], batch_size):
             batch = collate([prompts[i] for i in chunk], pad_id)
             batch = PromptBatch(**{name: value.to(model.cfg.device) for name, value in batch.__dict__.items()})
@@ -120,11 +124,13 @@ def evaluate_prompts(
     *,
     batch_size: int = 8,
     progress: bool | str = False,
+    compute_dtype: str | None = None,
 ) -> EvalResult:
-    """Evaluate ``prompts`` of ``builder.task``: per-prompt label probabilities and the four metrics."""
+    """Evaluate ``prompts`` of ``builder.task``: per-prompt label probabilities and the four metrics
+    (``compute_dtype``: see :func:`label_probabilities`)."""
     pad = pad_token_id(builder.tokenizer)
     probs = label_probabilities(model, prompts, builder.label_token_ids, pad_id=pad, batch_size=batch_size,
-                                progress=progress)
+                                progress=progress, compute_dtype=compute_dtype)
     gold = torch.tensor([p.query_label for p in prompts])
     return EvalResult(
         task=builder.task.name,

@@ -49,6 +49,7 @@ class JsonlLogger:
 
 class ValidationGuard:
     """Evaluates held-out validation prompts every ``every`` steps and remembers the best trainable state.
+    The passes compute in the run's ``compute_dtype`` (bfloat16 autocast when the run trains under it).
 
     Best = highest validation ``trainer.config.select_metric`` (accuracy or macro-F1), ties broken by mean
     true-label probability, then by the earlier step (step 0 is the untrained model: if nothing beats it, keeping
@@ -68,7 +69,8 @@ class ValidationGuard:
         self.base_correct: list[bool] | None = None  # per validation prompt, right at step 0
 
     def evaluate(self, trainer: Trainer, step: int) -> dict:
-        result = evaluate_prompts(trainer.model, trainer.builder, self.prompts, batch_size=self.batch_size)
+        result = evaluate_prompts(trainer.model, trainer.builder, self.prompts, batch_size=self.batch_size,
+                                  compute_dtype=trainer.config.compute_dtype)
         correct = [prediction == gold for prediction, gold in zip(result.predictions, result.gold)]
         record = {"event": "validation", "step": step, **result.metrics}
         if step == 0:

@@ -10,7 +10,10 @@ micro-batch of one prompt is exactly the per-sample loop. A step returns a :clas
 (logging, validation, checkpoints, progress) see every result and run under ``torch.no_grad()``.
 
 ``compute_dtype="bfloat16"`` runs the forward pass under ``torch.autocast`` (matmuls in bfloat16, norms, the
-residual stream, weights, gradients and Adam state in float32); attention rows are upcast before the loss.
+residual stream, weights, gradients and Adam state in float32); attention rows are upcast before the loss. The
+validation guard's passes run under the same autocast (they steer training); the fore and post tests of a run
+(:mod:`abft_lens.training.runs`) evaluate in the weights' float32, so a bfloat16 run's reported numbers are the
+trained weights' exact ones, comparable with a float32 run's.
 
 ABFT loss: :func:`abft_lens.training.objectives.abft_loss` on the last attention row of every head; the forward
 stops at the last layer's attention pattern (no W_O, MLP, final norm or unembedding after it:
@@ -29,7 +32,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from abft_lens.interp.capture import capture_attention_rows, forward_to_last_pattern
 from abft_lens.backends import cpu
-from abft_lens.backends.forward import forward_residual
+from abft_lens.backends.forward import compute_autocast, forward_residual
 from abft_lens.errors import AbftLensError
 from abft_lens.interp.induction_filter import induction_threshold
 from abft_lens.training.objectives import PenaltyController, abft_loss, e2e_loss
@@ -289,7 +292,7 @@ class Trainer:
         batch = collate(prompts, self.pad_id)
         tokens, mask = batch.tokens.to(self._device), batch.attention_mask.to(self._device)
         e2e = self.config.method == "E2E"
-        with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.config.compute_dtype == "bfloat16"):
+        with compute_autocast(self.model, self.config.compute_dtype):
             with capture_attention_rows(self.model, detach=e2e) as rows:
                 if e2e:  # logits at the last position; ABFT stops once the last pattern is captured
                     residual = forward_residual(self.model, tokens, mask)
