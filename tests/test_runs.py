@@ -155,6 +155,9 @@ def test_interrupted_run_resumes_to_bit_identical_weights_and_log(task, tmp_path
     assert metrics["best_validation_step"] == ref_metrics["best_validation_step"]
     assert metrics["fore"] == ref_metrics["fore"]
     assert not (run_dir / "checkpoint.pt").exists()
+    # the training time counts the sessions before the resume: at least every logged step's own seconds
+    step_seconds = sum(line["seconds"] for line in log if line["event"] == "step")
+    assert metrics["train_seconds"] >= step_seconds - 0.006  # metrics round to 0.01 s
 
 
 def test_crash_before_the_first_checkpoint_restarts_cleanly(task, tmp_path):

@@ -28,7 +28,6 @@ reads the checkpoint on resume (the run folder must be on a file system all rank
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -304,7 +303,8 @@ def _resume_from(state: dict, trainer: Trainer, guard: ValidationGuard | None, p
 
 
 def train(run: PreparedRun, trainer: Trainer, guard: ValidationGuard | None) -> tuple[list[dict], float]:
-    """Every remaining step: ``(step records, seconds)``. The finite check runs first after each step, so a
+    """Every remaining step: ``(step records, training seconds)``, the seconds of the whole run, the sessions
+    before a resume included (``Trainer.train_seconds``). The finite check runs first after each step, so a
     diverged step is never logged, validated or checkpointed."""
     steps: list[dict] = []
     chain = [FiniteCheck(), lambda _, result: steps.append(result.to_dict())]
@@ -319,13 +319,13 @@ def train(run: PreparedRun, trainer: Trainer, guard: ValidationGuard | None) -> 
         if run.options.progress and run.main else None
     if bar:
         chain.append(bar)
-    run.started, start = True, time.perf_counter()
+    run.started = True
     try:
         trainer.run(chain)
     finally:
         if bar:
             bar.close()
-    return steps, time.perf_counter() - start
+    return steps, trainer.train_seconds
 
 
 def finish_training(run: PreparedRun, trainer: Trainer, guard: ValidationGuard | None

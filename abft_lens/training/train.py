@@ -214,6 +214,7 @@ class Trainer:
                         "reports %s): its bfloat16 matmuls are emulated, slower than float32 (about 50x on AVX2); "
                         "train in float32", torch.backends.cpu.get_cpu_capability())
         self.completed_steps = 0
+        self.train_seconds = 0.0  # steps and their callbacks, summed over every session of a resumed run
         self.stop_requested = False
 
     # ------------------------------------------------------------------------------------------ data
@@ -332,9 +333,12 @@ class Trainer:
                 if epoch * per_epoch + index < self.completed_steps:
                     continue
                 result = self.step(batch, epoch)
+                self.train_seconds += result.seconds  # before the callbacks, so a checkpoint counts the step
+                start = time.perf_counter()
                 with torch.no_grad():
                     for callback in callbacks:
                         callback(self, result)
+                self.train_seconds += time.perf_counter() - start
                 if self.dist is not None:  # every rank stops when any rank asked to
                     self.stop_requested = self.dist.any(self.stop_requested)
                 if self.stop_requested:
@@ -344,6 +348,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "completed_steps": self.completed_steps,
+            "train_seconds": self.train_seconds,
             "trainable": self.trainable.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "controller": self.controller.state_dict(),
@@ -354,6 +359,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.completed_steps = int(state["completed_steps"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))  # absent in checkpoints of earlier versions
 
 
 def resolve_micro_batch(model, config: TrainConfig, lengths: Sequence[int], dist=None) -> tuple[int, str]:
