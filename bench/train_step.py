@@ -10,6 +10,10 @@ k / (k + ln n_t).
   default    ``micro_batch_size=None``: the size the memory budget picks (issue 19; printed with its reason)
   mb4/8/16   the same step in left-padded micro-batches of 4 / 8 / 16 prompts (routed restricted gradient)
   bf16-mb8   micro-batches of 8 under bfloat16 autocast (float32 weights, gradients and Adam state)
+  paper-abft the paper preset's step (``TrainConfig.paper()``'s settings: no restricted gradient, PID), default
+             micro-batch: the ABFT side of issue 21's E2E/ABFT cost ratio
+  paper-e2e  the same with ``method="E2E"``: every layer whole, the full-vocabulary unembedding at the last
+             position, cross-entropy (the same prompts and trained W_Q/W_K)
   bare       per prompt: ``forward_residual`` and ``backward`` of the last residual's sum, Adam: the network
   hf         a plain Hugging Face implementation written here from the method sheet, importing nothing of
              abft_lens: eager attention, ``output_attentions=True`` on the decoder (no LM head), one prompt
@@ -52,7 +56,7 @@ import torch
 
 import machine  # bench/ is the script's own folder, first on sys.path
 
-VARIANTS = ("loop", "default", "mb4", "mb8", "mb16", "bf16-mb8", "bare", "hf")
+VARIANTS = ("loop", "default", "mb4", "mb8", "mb16", "bf16-mb8", "paper-abft", "paper-e2e", "bare", "hf")
 SETTINGS = dict(lr=1e-6, restricted_gradient=True, award=1.0, penalty=0.5)  # lr: keep weights ~fixed over rounds
 
 
@@ -115,9 +119,12 @@ def abft_unit(variant: str, model, builder, n: int, seed: int):
     from abft_lens.backends.forward import forward_residual
     from abft_lens.training.train import TrainConfig, Trainer
 
-    micro = {"loop": 1, "default": None, "mb4": 4, "mb8": 8, "mb16": 16, "bf16-mb8": 8, "bare": 1}[variant]
+    micro = {"loop": 1, "default": None, "mb4": 4, "mb8": 8, "mb16": 16, "bf16-mb8": 8, "bare": 1,
+             "paper-abft": None, "paper-e2e": None}[variant]
+    settings = dict(SETTINGS, restricted_gradient=False, method="E2E" if variant == "paper-e2e" else "ABFT") \
+        if variant.startswith("paper") else SETTINGS
     config = TrainConfig(train_samples=n, pseudo_batch_size=n, epochs=1, seed=seed, micro_batch_size=micro,
-                         compute_dtype="bfloat16" if variant.startswith("bf16") else None, **SETTINGS)
+                         compute_dtype="bfloat16" if variant.startswith("bf16") else None, **settings)
     trainer = Trainer(model, builder, config)
     if variant != "bare":
         return trainer, lambda: trainer.step(trainer.prompts)
@@ -240,7 +247,8 @@ def unit_flops(variant: str, model, records: list[dict]) -> int:
     if variant == "bare":  # every layer whole, backward from the residual (E2E's without the unembedding)
         return sum(forward_flops(dims, n) + backward_flops(dims, n, method="E2E") - 2 * dims.d_model * dims.d_vocab
                    for n in (len(r["tokens"]) for r in records))
-    return sum(abft_step_flops(dims, len(r["tokens"])) for r in records)
+    method = "E2E" if variant == "paper-e2e" else "ABFT"
+    return sum(abft_step_flops(dims, len(r["tokens"]), method=method) for r in records)
 
 
 def child(args) -> None:
@@ -309,11 +317,11 @@ def print_table(run: dict, memory: dict, variants: list[str]) -> None:
     print(f"\n{run['threads']} threads ({machine.describe(run['machine'])})")
     print(f"matmul rate at the model's shapes: float32 {run['matmul']['float32']['gflops']:.1f} GFLOP/s, "
           f"bfloat16 {run['matmul']['bfloat16']['gflops']:.1f} GFLOP/s")
-    print(f"{'variant':<9} {'s/prompt':>9} {'x hf':>6} {'GFLOP/s':>8} {'% rate':>7} {'peak RSS':>9} {'load peak':>10}"
+    print(f"{'variant':<10} {'s/prompt':>9} {'x hf':>6} {'GFLOP/s':>8} {'% rate':>7} {'peak RSS':>9} {'load peak':>10}"
           " (MiB)")
     for variant in variants:
         mem = memory.get(variant, {})
-        print(f"{variant:<9} {run['median_seconds_per_prompt'][variant]:>9.3f} {run['ratio_to_hf'][variant]:>6.2f} "
+        print(f"{variant:<10} {run['median_seconds_per_prompt'][variant]:>9.3f} {run['ratio_to_hf'][variant]:>6.2f} "
               f"{run['gflops'][variant]:>8.1f} {100 * run['share_of_matmul_rate'][variant]:>6.0f}% "
               f"{mem.get('peak_rss_mib', float('nan')):>9.0f} {mem.get('load_peak_rss_mib', float('nan')):>10.0f}")
 
