@@ -35,7 +35,7 @@ __all__ = ["CONFIG_FILE", "LOG_FILE", "FORE_TEST_FILE", "POST_TEST_FILE", "METRI
            "CHECKPOINT_FILE", "LOCK_FILE", "ROBUSTNESS_FILE", "GENERALIZATION_FILE", "CALIBRATION_FILE",
            "GENERATION_FILE", "COMPARISON_FILE", "REPORT_FILE", "DAMAGED_FIX", "OWN_FILES", "SHAPES", "EVALUATION",
            "is_run_folder", "is_finished", "has_trained", "has_after", "read_run_json", "read_log", "check_run_files",
-           "check_not_run_file", "trained_parameters"]
+           "check_not_run_file", "trained_parameters", "step_seconds"]
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
@@ -153,6 +153,15 @@ def read_log(run_dir: str | Path) -> list[dict]:
             raise AbftLensError(f"{path} is damaged: line {number} is not a JSON object.", LOG_FIX)
         records.append(record)
     return records
+
+
+def step_seconds(run_dir: str | Path) -> float | None:
+    """The seconds of a run's optimizer steps (forward, backward and optimizer; no validation or checkpoint), summed
+    over the step lines of its ``log.jsonl``: every session of a resumed run counts, each step once. None when the
+    log has no step line."""
+    seconds = [record["seconds"] for record in read_log(run_dir)
+               if record.get("event") == "step" and isinstance(record.get("seconds"), (int, float))]
+    return float(sum(seconds)) if seconds else None
 
 
 def trained_parameters(run_dir: str | Path) -> int | None:

@@ -173,7 +173,19 @@ def test_paper_study_on_tiny_writes_both_tables_with_the_new_tests(tmp_path):
     assert prior["method"] == "label_prior" and sum(prior["label_shares"]) == pytest.approx(1)
     table1 = (out / "table1.md").read_text()
     for part in ("| prior |", "Holm", "**Tests against vanilla**", "**Head to head**", "| ABFT vs E2E |",
-                 "**Cost per run**", "1024 test prompts"):
+                 "**Cost per run**", "| step s |", "1024 test prompts"):
         assert part in table1, part
     table2 = (out / "table2.md").read_text()
     assert "Table 2 per trained dataset" in table2 and "| ABFT | SST-2 | 1 |" in table2
+
+
+def test_step_seconds_sum_every_logged_step_of_a_run(tmp_path):
+    """The cost tables' training time (``run_files.step_seconds``): the step lines' seconds of ``log.jsonl``, each
+    step once (validation lines and a half-written last line left out); None without a step line."""
+    from abft_lens.run_files import LOG_FILE, step_seconds
+
+    assert step_seconds(tmp_path) is None
+    lines = [{"event": "step", "step": 1, "seconds": 2.5}, {"event": "validation", "step": 1, "accuracy": 0.5},
+             {"event": "step", "step": 2, "seconds": 4.0}]
+    (tmp_path / LOG_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
+    assert step_seconds(tmp_path) == 6.5

@@ -11,7 +11,7 @@ every paper dataset, on the same prompts (``--generalization-n-test`` per datase
 
 from __future__ import annotations
 
-from abft_lens.run_files import GENERALIZATION_FILE, METRICS_FILE, read_run_json, trained_parameters
+from abft_lens.run_files import GENERALIZATION_FILE, METRICS_FILE, read_run_json, step_seconds, trained_parameters
 from abft_lens.reporting.study_tables import ModelResults
 from abft_lens.reporting.tables import mean_std
 
@@ -24,7 +24,8 @@ def _finished(run: dict) -> dict | None:
 
 def generalization_rows(results: ModelResults) -> list[dict]:
     """Per method: ID and OOD accuracy (mean, std over seeds of the per-seed average over datasets, seeds),
-    trained parameters, mean training seconds and time relative to ABFT; vanilla first."""
+    trained parameters, mean training seconds (the steps' own, :func:`abft_lens.run_files.step_seconds`, where
+    logged) and time relative to ABFT; vanilla first."""
     by_method: dict[str, dict] = {}
     fore: dict[str, dict] = {}
     for run in results.runs:
@@ -34,9 +35,11 @@ def generalization_rows(results: ModelResults) -> list[dict]:
         entry = by_method.setdefault(run["method"], {"id": {}, "ood": {}, "seconds": [], "parameters": None})
         entry["id"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["in_domain"]
         entry["ood"].setdefault(run["seed"], {})[run["dataset"]] = general["post_summary"]["out_of_domain"]
-        metrics = read_run_json(run["run_dir"], METRICS_FILE) or {}
-        if metrics.get("train_seconds") is not None:
-            entry["seconds"].append(metrics["train_seconds"])
+        seconds = step_seconds(run["run_dir"])
+        if seconds is None:
+            seconds = (read_run_json(run["run_dir"], METRICS_FILE) or {}).get("train_seconds")
+        if seconds is not None:
+            entry["seconds"].append(seconds)
         entry["parameters"] = entry["parameters"] or trained_parameters(run["run_dir"])
         fore[run["dataset"]] = general.get("fore_summary", {})
     if not by_method:

@@ -33,7 +33,7 @@ from abft_lens.data.tasks import load_task
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.label_prior import label_distribution, prior_shift
 from abft_lens.evaluation.paired import Paired, SignTest, correct, holm, paired, query_sign_test
-from abft_lens.run_files import METRICS_FILE, POST_TEST_FILE, read_run_json
+from abft_lens.run_files import METRICS_FILE, POST_TEST_FILE, read_run_json, step_seconds
 from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KINDS, baseline_path,
                                               cell_files_exist, dataset_name, read_baseline, read_study, run_path)
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
@@ -196,7 +196,8 @@ def _model_results(study_dir: Path, plan: dict, done: dict, model: str) -> Model
                     results.cells[(method, dataset)].kept_steps.append(metrics.get("best_validation_step"))
                     results.runs.append({"method": method, "dataset": dataset, "seed": seed, "run_dir": run_dir})
                     results.costs.setdefault(method, []).append(dict(record.get("metrics") or {},
-                                                                     seconds=record.get("seconds")))
+                                                                     seconds=record.get("seconds"),
+                                                                     step_seconds=step_seconds(run_dir)))
     results.methods = [m for m in results.methods if any((m, d) in results.cells for d in results.datasets)]
     _compare(results)
     return results
@@ -301,8 +302,9 @@ def _read(path: Path) -> dict | None:
 
 
 def cost_rows(results: ModelResults) -> list[dict]:
-    """Per trained method: mean training seconds, optimizer steps, prompts per second, peak RSS (MiB), runs, and
-    training time relative to ABFT's (None where a value was not recorded)."""
+    """Per trained method: mean training seconds, the steps' own seconds (:func:`abft_lens.run_files.step_seconds`),
+    optimizer steps, prompts per second, peak RSS (MiB), runs, and training time relative to ABFT's, on the steps'
+    seconds where every run logged them, else on the training seconds (None where a value was not recorded)."""
     rows = []
     for method in [m for m in results.methods if m in results.costs]:
         runs = results.costs[method]
@@ -312,11 +314,13 @@ def cost_rows(results: ModelResults) -> list[dict]:
             return sum(values) / len(values) if values else None
 
         rows.append({"method": method, "runs": len(runs), "train_seconds": mean("train_seconds"),
+                     "step_seconds": mean("step_seconds") if all(run.get("step_seconds") for run in runs) else None,
                      "steps": mean("steps"), "prompts_per_second": mean("prompts_per_second"),
                      "peak_rss_mib": mean("peak_rss_mib"), "cell_seconds": mean("seconds")})
-    abft = next((row["train_seconds"] for row in rows if row["method"] == "ABFT"), None)
+    key = "step_seconds" if all(row["step_seconds"] for row in rows) else "train_seconds"
+    abft = next((row[key] for row in rows if row["method"] == "ABFT"), None)
     for row in rows:
-        row["relative_time"] = row["train_seconds"] / abft if abft and row["train_seconds"] else None
+        row["relative_time"] = row[key] / abft if abft and row[key] else None
     return rows
 
 
