@@ -177,6 +177,10 @@ def test_paper_study_on_tiny_writes_both_tables_with_the_new_tests(tmp_path):
         assert part in table1, part
     table2 = (out / "table2.md").read_text()
     assert "Table 2 per trained dataset" in table2 and "| ABFT | SST-2 | 1 |" in table2
+    assert "**Table 2 tests: out of domain**" in table2 and "| vanilla vs ABFT | SST-2 |" in table2
+    assert "| ABFT vs E2E | SST-2 |" in table2
+    general = json.loads((run / "generalization.json").read_text())
+    assert len(general["post"]["mr"]["correct"]) == 4 and set(general["fore"]["mr"]["correct"]) <= {"0", "1"}
 
 
 def test_step_seconds_sum_every_logged_step_of_a_run(tmp_path):
@@ -189,3 +193,32 @@ def test_step_seconds_sum_every_logged_step_of_a_run(tmp_path):
              {"event": "step", "step": 2, "seconds": 4.0}]
     (tmp_path / LOG_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
     assert step_seconds(tmp_path) == 6.5
+
+
+def test_ood_tests_count_what_the_answers_say(tmp_path):
+    """``ood_tests`` against a count written here from ``generalization.json``: per out-of-domain prompt (tiny's
+    16 prompts a dataset are 16 distinct queries; one seed; E2E, which moves tiny's answers), right after training
+    minus right before; the prompts better and worse summed over the 7 other datasets, and the exact two-sided
+    sign test of those counts."""
+    from math import comb
+
+    from abft_lens.reporting.study_generalization import ood_tests
+    from abft_lens.reporting.study_tables import study_tables
+
+    out = tmp_path / "ood"
+    assert cli(["study", "--out", out, "--models", "tiny", "--datasets", "sst2", "--seeds", "0", "--methods", "E2E",
+                "--train-samples", "16", "--pseudo-batch-size", "8", "--epochs", "2", "--lr", "1e-2", "--n-test", "4",
+                "--generalization-test", "--generalization-n-test", "16", "--dont-save-model"]) == 0
+    general = json.loads((out / "tiny" / "sst2" / "E2E" / "seed-0" / "generalization.json").read_text())
+    better = worse = 0
+    for name in general["post"]:
+        if name != "sst2":
+            for before, after in zip(general["fore"][name]["correct"], general["post"][name]["correct"]):
+                better, worse = better + (after > before), worse + (after < before)
+    n = better + worse
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(min(better, worse) + 1)) / 2**n) if n else 1.0
+    assert n > 0  # training moved some out-of-domain answers: the count is not trivially 0 / 0
+    [row] = ood_tests(study_tables(out).models[0])
+    assert (row["first"], row["second"], row["trained"]) == ("vanilla", "E2E", "sst2")
+    assert (row["first_better"], row["second_better"]) == (worse, better)
+    assert row["p"] == pytest.approx(p) and row["p_holm"] == pytest.approx(p)

@@ -387,8 +387,10 @@ def test_generalization_study_writes_table2(tmp_path):
     run = out / "tiny" / "sst2" / "ABFT" / "seed-0"
     general = read_json(run / "generalization.json")
     assert set(general["fore"]) == {"sst2", "mr", "fp", "sst5", "trec", "subj", "tee", "teh"} and "post" in general
-    for name, metrics in general["fore"].items():
-        assert read_json(out / "tiny" / name / "vanilla" / "k4-n4.json")["metrics"] == metrics
+    for name, entry in general["fore"].items():
+        vanilla = read_json(out / "tiny" / name / "vanilla" / "k4-n4.json")
+        assert {key: value for key, value in entry.items() if key != "correct"} == vanilla["metrics"]
+        assert entry["correct"] == "".join(str(int(r["prediction"] == r["gold"])) for r in vanilla["per_prompt"])
     table2 = (out / "table2.md").read_text()
     assert "| ABFT |" in table2 and "| E2E |" in table2 and "1.00×" in table2
     assert "| vanilla |" in table2

@@ -23,7 +23,7 @@ from abft_lens.backends.provenance import LoadedModel
 from abft_lens.data.tasks import PAPER_DATASETS, load_task
 from abft_lens.run_files import CALIBRATION_FILE, GENERALIZATION_FILE, ROBUSTNESS_FILE, read_run_json
 
-__all__ = ["evaluate_datasets", "generalization_summary", "generalization_record", "RunExtras"]
+__all__ = ["evaluate_datasets", "dataset_entry", "generalization_summary", "generalization_record", "RunExtras"]
 
 
 def evaluate_datasets(
@@ -44,6 +44,14 @@ def evaluate_datasets(
     return results
 
 
+def dataset_entry(result: EvalResult) -> dict:
+    """One dataset's entry in ``generalization.json`` (``fore`` / ``post``): its metrics and ``correct``, one
+    ``"1"`` (right) or ``"0"`` per test prompt in prompt order, for paired out-of-domain tests (fore against post,
+    one method against another on the same prompts)."""
+    answers = "".join("1" if prediction == gold else "0" for prediction, gold in zip(result.predictions, result.gold))
+    return {**result.metrics, "correct": answers}
+
+
 def generalization_summary(accuracy: dict[str, float], trained: str) -> dict[str, float | None]:
     """``in_domain`` = accuracy on ``trained``; ``out_of_domain`` = mean over the other datasets; ``average``
     = mean over all (None where a part is missing)."""
@@ -59,7 +67,7 @@ def generalization_record(fore: dict[str, EvalResult] | None, post: dict[str, Ev
     for name, results in (("fore", fore), ("post", post)):
         if results is None:
             continue
-        record[name] = {task: result.metrics for task, result in results.items()}
+        record[name] = {task: dataset_entry(result) for task, result in results.items()}
         record[f"{name}_summary"] = generalization_summary(
             {task: result.accuracy for task, result in results.items()}, trained)
     return record
@@ -156,7 +164,7 @@ class RunExtras:
                 n_test=self.robustness_n_test, batch_size=self.batch_size, progress=self.progress)))
         if self.generalization:
             jobs.append((GENERALIZATION_FILE, lambda model: {
-                name: result.metrics for name, result in evaluate_datasets(
+                name: dataset_entry(result) for name, result in evaluate_datasets(
                     model, self._indices(), k=self.k, n_test=self.generalization_n_test, batch_size=self.batch_size,
                     progress=self.progress).items()}))
         if self.calibration:

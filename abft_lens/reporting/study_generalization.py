@@ -7,15 +7,17 @@ every paper dataset, on the same prompts (``--generalization-n-test`` per datase
   datasets) accuracy, averaged over the study's datasets per seed, then mean ± std over seeds; vanilla first.
 - :func:`generalization_grid_rows`: per method and trained dataset, every evaluated dataset's accuracy (mean over
   seeds) beside vanilla's; the off-diagonal mean is that row's out-of-domain accuracy.
+- :func:`ood_tests`: paired sign tests of the out-of-domain answers, against vanilla and between methods.
 """
 
 from __future__ import annotations
 
 from abft_lens.run_files import GENERALIZATION_FILE, METRICS_FILE, read_run_json, step_seconds, trained_parameters
-from abft_lens.reporting.study_tables import ModelResults
+from abft_lens.evaluation.paired import holm, query_sign_test, sign_test
+from abft_lens.reporting.study_tables import ModelResults, query_count
 from abft_lens.reporting.tables import mean_std
 
-__all__ = ["generalization_rows", "generalization_grid_rows"]
+__all__ = ["generalization_rows", "generalization_grid_rows", "ood_tests"]
 
 def _finished(run: dict) -> dict | None:
     general = read_run_json(run["run_dir"], GENERALIZATION_FILE)
@@ -90,3 +92,46 @@ def generalization_grid_rows(results: ModelResults) -> tuple[list[str], list[dic
     rows.sort(key=lambda row: (order.get(row["method"], len(order)), results.datasets.index(row["trained"])
                                if row["trained"] in results.datasets else 0))
     return evaluated, rows
+
+
+def ood_tests(results: ModelResults) -> list[dict]:
+    """Paired tests of the out-of-domain accuracy, per trained dataset: each trained method against vanilla (its
+    runs' answers before and after training) and each pair of trained methods (the seeds both have), on the same
+    prompts of every evaluated dataset but the trained one. Per dataset the design of Table 1's test (per query,
+    the change in right answers summed over its prompts and the seeds); the queries' better / worse counts are
+    summed over the datasets and tested with one exact sign test; Holm over the trained datasets of each
+    comparison. Rows ``{"first", "second", "trained", "first_better", "second_better", "seeds", "p",
+    "p_holm"}``; only runs whose ``generalization.json`` records per-prompt answers (``correct``) take part."""
+    post: dict[tuple[str, str], dict] = {}  # (method, trained) -> seed -> {dataset: answers}
+    fore: dict[str, dict[str, list[bool]]] = {}  # trained -> {dataset: vanilla's answers}
+    for run in results.runs:
+        general = _finished(run)
+        others = [name for name in (general or {}).get("post", {}) if name != run["dataset"]]
+        if not others or any("correct" not in general[phase][name] for phase in ("fore", "post") for name in others):
+            continue
+        post.setdefault((run["method"], run["dataset"]), {})[run["seed"]] = {
+            name: [c == "1" for c in general["post"][name]["correct"]] for name in others}
+        fore[run["dataset"]] = {name: [c == "1" for c in general["fore"][name]["correct"]] for name in others}
+    methods = [method for method in results.methods if any(key[0] == method for key in post)]
+    pairs = [("vanilla", method) for method in methods] + [
+        (first, second) for i, first in enumerate(methods) for second in methods[i + 1:]]
+    rows = []
+    for first, second in pairs:
+        pair = []
+        for trained, vanilla in fore.items():
+            right = post.get((second, trained), {})
+            left = {seed: vanilla for seed in right} if first == "vanilla" else post.get((first, trained), {})
+            seeds = [seed for seed in right if seed in left]
+            if not seeds:
+                continue
+            better = worse = 0
+            for name, answers in vanilla.items():
+                test = query_sign_test([left[s][name] for s in seeds], [right[s][name] for s in seeds],
+                                       query_count(name, len(answers)))
+                better, worse = better + test.better, worse + test.worse
+            pair.append({"first": first, "second": second, "trained": trained, "first_better": worse,
+                         "second_better": better, "seeds": len(seeds), "p": sign_test(better, worse)})
+        for row, adjusted in zip(pair, holm({row["trained"]: row["p"] for row in pair}).values()):
+            row["p_holm"] = adjusted
+        rows += pair
+    return rows

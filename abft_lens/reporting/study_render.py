@@ -13,7 +13,7 @@ from abft_lens.errors import AbftLensError
 from abft_lens.io import atomic_write_text
 from abft_lens.evaluation.label_prior import PRIOR_SHIFT
 from abft_lens.reporting.study_figures import accuracy_figure, validation_figure
-from abft_lens.reporting.study_generalization import generalization_grid_rows, generalization_rows
+from abft_lens.reporting.study_generalization import generalization_grid_rows, generalization_rows, ood_tests
 from abft_lens.reporting.study_tables import (AVERAGE, COLLAPSE_MARGIN, COLLAPSE_SHARE, MISSING, SIGNIFICANCE,
                                               ModelResults, StudyTables, cost_rows, display, head_to_head, study_tables)
 
@@ -183,17 +183,24 @@ def _tests_grid(results: ModelResults) -> Grid:
                 "a prior shift.", ["Method"] + [display(d) for d in results.datasets], rows)
 
 
-def _pairs_grid(results: ModelResults) -> Grid | None:
-    rows = head_to_head(results)
-    if not rows:
-        return None
+def _pair_rows(rows: list[dict], where: str) -> list[list[str]]:
+    """Table cells of paired-test rows (:func:`head_to_head`, :func:`ood_tests`): pair, ``row[where]``, counts, p,
+    Holm p and the verdict (the better method where Holm p < SIGNIFICANCE)."""
     body = []
     for row in rows:
         winner = row["second"] if row["second_better"] > row["first_better"] else row["first"]
         verdict = f"{winner} better" if row["p_holm"] < SIGNIFICANCE else "no difference"
-        body.append([f"{row['first']} vs {row['second']}", display(row["dataset"]),
+        body.append([f"{row['first']} vs {row['second']}", display(row[where]),
                      f"{row['first_better']} / {row['second_better']}", str(row["seeds"]), f"{row['p']:.3g}",
                      f"{row['p_holm']:.3g}", verdict])
+    return body
+
+
+def _pairs_grid(results: ModelResults) -> Grid | None:
+    rows = head_to_head(results)
+    if not rows:
+        return None
+    body = _pair_rows(rows, "dataset")
     return Grid("Head to head", "queries where the first / the second method answers more prompts right (summed "
                 "over the seeds both have), exact sign test, Holm over the datasets of the pair; a verdict needs "
                 f"Holm p < {SIGNIFICANCE}.", ["Pair", "Dataset", "first / second better", "seeds", "p", "p Holm",
@@ -242,6 +249,14 @@ def table2_grids(results: ModelResults) -> list[Grid]:
                           "mean over the seeds of each (method, trained dataset); the same prompts before and after; "
                           "OOD: mean over the datasets other than the trained one.",
                           ["Method", "trained on", "seeds"] + [display(d) for d in evaluated] + ["OOD"], cells))
+    tests = ood_tests(results)
+    if tests:
+        grids.append(Grid("Table 2 tests: out of domain", "the datasets other than the trained one, the same prompts on "
+                          "both sides: per dataset, queries where the first / the second answers more prompts right "
+                          "(summed over the seeds both have), summed over the datasets; exact sign test, Holm over "
+                          f"the trained datasets of the pair; a verdict needs Holm p < {SIGNIFICANCE}.",
+                          ["Pair", "trained on", "first / second better", "seeds", "p", "p Holm", "verdict"],
+                          _pair_rows(tests, "trained")))
     return grids
 
 

@@ -39,7 +39,7 @@ from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KI
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
 
 __all__ = ["StudyTables", "study_tables", "collapse_threshold", "head_to_head", "COLLAPSE_SHARE", "COLLAPSE_MARGIN",
-           "SIGNIFICANCE", "MISSING"]
+           "SIGNIFICANCE", "MISSING", "query_count"]
 
 COLLAPSE_SHARE = 0.9
 COLLAPSE_MARGIN = 0.2
@@ -174,7 +174,7 @@ def _model_results(study_dir: Path, plan: dict, done: dict, model: str) -> Model
         if vanilla is None:
             continue
         results.majority[dataset] = top_share([row["gold"] for row in vanilla["per_prompt"]])
-        results.n_queries[dataset] = _n_queries(spec, len(vanilla["per_prompt"]))
+        results.n_queries[dataset] = query_count(spec, len(vanilla["per_prompt"]))
         _add(results, "vanilla", dataset, vanilla, None)
         for method, kind in kinds.items():
             if kind in BASELINE_KINDS:
@@ -203,7 +203,7 @@ def _model_results(study_dir: Path, plan: dict, done: dict, model: str) -> Model
     return results
 
 
-def _n_queries(spec: str, n_prompts: int) -> int:
+def query_count(spec: str, n_prompts: int) -> int:
     """Distinct queries of a dataset's test prompts (prompt j asks query j % len(test)); every prompt its own
     query when the dataset cannot be read any more (a deleted file)."""
     try:

@@ -37,7 +37,7 @@ from abft_lens.data.prompts import prompt_builder
 from abft_lens.data.tasks import PAPER_DATASETS, ICLTask, load_task
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.evaluator import EvalResult, evaluate
-from abft_lens.evaluation.generalization import RunExtras
+from abft_lens.evaluation.generalization import RunExtras, dataset_entry
 from abft_lens.evaluation.label_prior import prior_reweighted
 from abft_lens.evaluation.robustness import calibrated_evaluate
 from abft_lens.io import write_json
@@ -233,7 +233,8 @@ def run_trained_cell(model: LoadedModel, cell: Cell, out: Path, recipe: TrainRec
         n_test = recipe.generalization_n_test or recipe.n_test
         extra = (task.index,) if task.index is not None and task.index not in PAPER_DATASETS else ()
         extras.fore[GENERALIZATION_FILE] = {  # the shared vanilla results: RunExtras.before reuses them
-            other.name: shared_evaluation(model, other, out, cell.model, "vanilla", n_test=n_test, **shared).metrics
+            other.name: dataset_entry(shared_evaluation(model, other, out, cell.model, "vanilla", n_test=n_test,
+                                                        **shared))
             for other in map(load_task, PAPER_DATASETS + extra)}
     mauve = MauveTest(recipe.mauve_prefix, max_new_tokens=recipe.mauve_max_new_tokens, progress=progress) \
         if recipe.mauve_prefix else None
