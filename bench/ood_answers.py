@@ -1,0 +1,73 @@
+"""Add the per-prompt answers (``correct``) to the ``generalization.json`` of study cells written before it kept
+them, so that Table 2's paired out-of-domain tests (:func:`abft_lens.reporting.study_generalization.ood_tests`)
+cover them.
+
+For every finished trained cell of the study folder whose ``generalization.json`` lacks them and whose trained
+tensors are still there: the base model with the run's tensors applied (:func:`abft_lens.training.runs.load_run`)
+is evaluated again on every dataset of the file, on the same test prompts (``n_test`` of the file); "fore" comes
+from the study's shared vanilla files (their ``per_prompt``). Each recomputed accuracy must equal the stored one
+(to 1e-9), or the file is left alone and the script stops: the answers added are the answers the file's
+accuracies were computed from. The file is rewritten atomically.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/ood_answers.py bench/results/study-paper-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from abft_lens.backends.loading import load_model
+from abft_lens.data.tasks import load_task
+from abft_lens.evaluation.evaluator import EvalResult, evaluate
+from abft_lens.evaluation.generalization import dataset_entry
+from abft_lens.io import write_json
+from abft_lens.reporting.study_folder import baseline_path, read_baseline, read_study
+from abft_lens.run_files import GENERALIZATION_FILE, has_trained, is_finished
+from abft_lens.training.runs import load_run
+
+
+def backfill(study: Path, record: dict, model_name: str) -> str:
+    run_dir = study / record["path"]
+    path = run_dir / GENERALIZATION_FILE
+    if not path.is_file() or not is_finished(run_dir):
+        return "no generalization.json"
+    general = json.loads(path.read_text())
+    if all("correct" in entry for phase in ("fore", "post") for entry in general.get(phase, {}).values()):
+        return "has its answers"
+    if not has_trained(run_dir):
+        return "no trained tensors (not kept)"
+    k, n_test = general["k"], general["n_test"]
+    for name, entry in general["fore"].items():
+        vanilla = EvalResult.from_dict(read_baseline(baseline_path(study, model_name, name, "vanilla", k=k,
+                                                                   n_test=n_test)))
+        _check(entry, vanilla, f"{path} fore {name}")
+        general["fore"][name] = dataset_entry(vanilla)
+    model = load_model(model_name)
+    load_run(run_dir, model)
+    for name, entry in general["post"].items():
+        result = evaluate(model, load_task(name), k=k, n_test=n_test)
+        _check(entry, result, f"{path} post {name}")
+        general["post"][name] = dataset_entry(result)
+    write_json(path, general)
+    return "answers added"
+
+
+def _check(entry: dict, result: EvalResult, where: str) -> None:
+    if abs(entry["accuracy"] - result.accuracy) > 1e-9:
+        raise SystemExit(f"{where}: recomputed accuracy {result.accuracy} differs from the stored {entry['accuracy']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path)
+    args = parser.parse_args()
+    data = read_study(args.study)
+    for key, record in data["cells"].items():
+        if record["kind"] in ("ABFT", "E2E") and record["state"] == "done":
+            print(f"{key}: {backfill(args.study, record, record['model'])}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
