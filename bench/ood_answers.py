@@ -62,10 +62,13 @@ def _check(entry: dict, result: EvalResult, where: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path)
+    parser.add_argument("--datasets", default=None, help="comma list: only the cells trained on these")
     args = parser.parse_args()
     data = read_study(args.study)
+    wanted = None if args.datasets is None else set(args.datasets.split(","))
     for key, record in data["cells"].items():
-        if record["kind"] in ("ABFT", "E2E") and record["state"] == "done":
+        if record["kind"] in ("ABFT", "E2E") and record["state"] == "done" \
+                and (wanted is None or record["dataset"] in wanted):
             print(f"{key}: {backfill(args.study, record, record['model'])}", flush=True)
 
 
