@@ -5,7 +5,8 @@ cover them.
 For every finished trained cell of the study folder whose ``generalization.json`` lacks them and whose trained
 tensors are still there: the base model with the run's tensors applied (:func:`abft_lens.training.runs.load_run`)
 is evaluated again on every dataset of the file, on the same test prompts (``n_test`` of the file); "fore" comes
-from the study's shared vanilla files (their ``per_prompt``). Each recomputed accuracy must equal the stored one
+from the study's shared vanilla files (their ``per_prompt``); a run resumed on newer code may hold "post"'s answers
+already, and only "fore" is added. Each recomputed accuracy must equal the stored one
 (to 1e-9), or the file is left alone and the script stops: the answers added are the answers the file's
 accuracies were computed from. The file is rewritten atomically.
 
@@ -44,14 +45,20 @@ def backfill(study: Path, record: dict, model_name: str) -> str:
                                                                    n_test=n_test)))
         _check(entry, vanilla, f"{path} fore {name}")
         general["fore"][name] = dataset_entry(vanilla)
+    if any("correct" not in entry for entry in general["post"].values()):  # a run resumed on newer code has them
+        _add_post_answers(general, run_dir, model_name, path)
+    write_json(path, general)
+    return "answers added"
+
+
+def _add_post_answers(general: dict, run_dir: Path, model_name: str, path: Path) -> None:
+    k, n_test = general["k"], general["n_test"]
     model = load_model(model_name)
     load_run(run_dir, model)
     for name, entry in general["post"].items():
         result = evaluate(model, load_task(name), k=k, n_test=n_test)
         _check(entry, result, f"{path} post {name}")
         general["post"][name] = dataset_entry(result)
-    write_json(path, general)
-    return "answers added"
 
 
 def _check(entry: dict, result: EvalResult, where: str) -> None:

@@ -394,3 +394,28 @@ def test_generalization_study_writes_table2(tmp_path):
     table2 = (out / "table2.md").read_text()
     assert "| ABFT |" in table2 and "| E2E |" in table2 and "1.00×" in table2
     assert "| vanilla |" in table2
+
+    # bench/ood_answers.py restores answers a run written before they were kept lacks, checked against the file
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ood_answers", Path(__file__).parents[1] / "bench" / "ood_answers.py")
+    ood_answers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ood_answers)
+    record = {"path": str(run.relative_to(out))}
+    assert ood_answers.backfill(out, record, "tiny") == "has its answers"
+    for phases in (("fore",), ("fore", "post")):  # fore only: a run resumed on newer code kept post's answers
+        stripped = copy_module.deepcopy(general)
+        for phase in phases:
+            for entry in stripped[phase].values():
+                del entry["correct"]
+        (run / "generalization.json").write_text(json.dumps(stripped))
+        assert ood_answers.backfill(out, record, "tiny") == "answers added"
+        assert read_json(run / "generalization.json") == general
+    first = next(iter(general["post"]))
+    stripped["post"][first]["accuracy"] += 0.25  # a stored accuracy the run does not reproduce: left alone
+    for entry in stripped["post"].values():
+        entry.pop("correct", None)
+    (run / "generalization.json").write_text(json.dumps(stripped))
+    with pytest.raises(SystemExit, match="differs from the stored"):
+        ood_answers.backfill(out, record, "tiny")
+    assert json.loads((run / "generalization.json").read_text()) == stripped
