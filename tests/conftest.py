@@ -163,12 +163,13 @@ TL_ENVS = {"3": ("ABFT_LENS_TL3_PYTHON", ".venv", "scripts/setup.sh"),
            "4": ("ABFT_LENS_TL4_PYTHON", ".venv-tl4", "ABFT_LENS_TL=4 scripts/setup.sh")}
 
 
-def needs_hooked(why: str):
-    """Mark a test that inspects a ``HookedTransformer``'s own parameters (TransformerLens 3.9): under 4.x it is
-    reported as skipped with ``why`` (not ported to the bridge yet; docs/tl4.md lists these tests)."""
+def hooked_only(why: str):
+    """Mark a test that needs a ``HookedTransformer`` itself (a hooked-only detail, or a comparison with one), so
+    3.9 only by nature, nothing to port: under 4.x it is reported as skipped with ``why``, which says what a bridge
+    has instead (docs/tl4.md counts these tests)."""
     from abft_lens.backends.tl import HAS_HOOKED
 
-    return pytest.mark.skipif(not HAS_HOOKED, reason=f"TransformerLens 3.9 only, not ported to 4.x yet: {why}")
+    return pytest.mark.skipif(not HAS_HOOKED, reason=f"TransformerLens 3.9 only, needs a HookedTransformer: {why}")
 
 
 def tl_python(major: str) -> str:

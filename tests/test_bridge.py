@@ -12,6 +12,7 @@ import importlib.util
 import pytest
 import torch
 
+from abft_lens.backends import qk
 from abft_lens.backends.bridge import dense_weight, is_bridge, load_bridge
 from abft_lens.training.peft_lora import ADAPTER
 from abft_lens.interp.capture import capture_attention_rows
@@ -32,10 +33,10 @@ from abft_lens.training.train import TrainConfig
 from abft_lens.training.adapters import attach, masked_step
 from abft_lens.training.trainable import TrainableConfig
 
-from conftest import needs_hooked
+from conftest import hooked_only
 
-HOOKED_ONLY = needs_hooked('compares the bridge with a HookedTransformer of the same weights, which 4.x '
-                          'does not have')
+HOOKED_ONLY = hooked_only("compares the bridge with a HookedTransformer of the same weights, the reference that 4.x "
+                          "does not have")
 
 LORA = TrainableConfig(kind="lora", lora_r=4, lora_alpha=8.0)
 
@@ -205,7 +206,6 @@ def test_remove_restores_the_exact_base_and_refusals(hf_llama_dir):
         load_model(str(hf_llama_dir), quantized=True, dtype=torch.bfloat16)
 
 
-@HOOKED_ONLY
 def test_4bit_run_applies_to_the_full_precision_base(hf_llama_dir, sst2, tmp_path):
     quantized = load_model(str(hf_llama_dir), quantized=True)
     config = TrainConfig(train_samples=4, pseudo_batch_size=2, epochs=1, lr=1e-2, threshold=0.0,
@@ -228,9 +228,11 @@ def test_4bit_run_applies_to_the_full_precision_base(hf_llama_dir, sst2, tmp_pat
     assert comparison.weight_change.shape == (2, 2) and bool((comparison.weight_change > 0).all())
     assert comparison.before["copying"].shape == (2, 4) and torch.isfinite(comparison.before["copying"]).all()
     assert not torch.equal(comparison.before["label_attention"], comparison.after["label_attention"])
-    full = load_model(str(hf_llama_dir))
-    load_run(tmp_path / "run", full)  # same parameter names: the adapters merge into the float32 hooked model
-    assert not torch.equal(full.blocks[0].attn.W_Q, load_model(str(hf_llama_dir)).blocks[0].attn.W_Q)
+    full = load_model(str(hf_llama_dir))  # float32: a HookedTransformer under TransformerLens 3.9, a bridge under 4.x
+    # same parameter names: the adapters merge into the hooked model's W_Q/_W_K, or attach to the bridge's q/k
+    assert not qk.is_quantized(full) and not model_info(full).quantized
+    load_run(tmp_path / "run", full)
+    assert not torch.equal(qk.layer_qk(full)[0][0], qk.layer_qk(load_model(str(hf_llama_dir)))[0][0])
     # export merges them into the full-precision base too, and writes the PEFT adapter
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

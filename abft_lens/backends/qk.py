@@ -31,6 +31,7 @@ import torch
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from abft_lens.backends.bridge import is_bridge, qk_weights
 
@@ -57,13 +58,15 @@ def group_size(cfg) -> int:
 def attr_names(model, layer: int) -> dict[str, str]:
     """The attribute of each Q/K tensor of ``layer``: ``{"q", "k", "bq", "bk"}`` -> ``W_Q``, ``_W_K`` or ``W_K``, ...
 
-    A hooked model says by its parameters whether the key side is stored per kv head (``_W_K``); a bridge has no
-    such parameters and names it so when the model has fewer kv heads than heads.
+    A hooked model says by its parameters whether the key side is stored per kv head (``_W_K``, also while a LoRA
+    parametrization holds it); a bridge has no such parameters and names it so when the model has fewer kv heads
+    than heads.
     """
     if is_bridge(model):
         grouped = n_kv_heads(model.cfg) < model.cfg.n_heads
     else:
-        grouped = "_W_K" in dict(model.blocks[layer].attn.named_parameters(recurse=False))
+        attn = model.blocks[layer].attn
+        grouped = "_W_K" in dict(attn.named_parameters(recurse=False)) or parametrize.is_parametrized(attn, "_W_K")
     return {"q": "W_Q", "k": "_W_K" if grouped else "W_K", "bq": "b_Q", "bk": "_b_K" if grouped else "b_K"}
 
 
