@@ -8,7 +8,6 @@ the few that check a hooked model's own LoRA parametrization stay 3.9-only, each
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -39,10 +38,9 @@ def _loss(model, tokens):
 
 def _snapshot(model) -> dict[str, Tensor]:
     """Detached copies of every model tensor but LoRA adapters: the Q/K tensors by TransformerLens name and layout
-    on either backend (``conftest.named_tensors``; the base weights under an attached LoRA), the rest by their own
-    names. A hooked LoRA parametrization's base weight (``...parametrizations.W_Q.original``) maps to ``...W_Q``."""
-    return {re.sub(r"parametrizations\.(\w+)\.original$", r"\1", name): tensor
-            for name, tensor in named_tensors(model).items() if "lora_" not in name}
+    on either backend (``conftest.named_tensors``; the base tensors under an attached LoRA), the rest by their own
+    names."""
+    return {name: tensor for name, tensor in named_tensors(model).items() if "lora_" not in name}
 
 
 def _heads(*pairs) -> torch.Tensor:
@@ -103,17 +101,6 @@ def _carries_adapters(model) -> bool:
     if is_bridge(model):
         return any(lora_layer(getattr(block.attn, t)) is not None for block in model.blocks for t in ("q", "k"))
     return any(parametrize.is_parametrized(block.attn) for block in model.blocks)
-
-
-def _base_weight(model, name: str) -> tuple[nn.Parameter, int]:
-    """``(parameter, rows per head)`` holding the base value of the Q/K weight ``name`` under an attached LoRA:
-    PEFT's base layer weight on a bridge (:func:`abft_lens.backends.qk.leaf`), the LoRA parametrization's
-    ``original`` on a hooked model (``qk.leaf`` does not reach a parametrized tensor). Its gradient is the
-    effective weight's: ``W = W_base + delta``."""
-    if is_bridge(model):
-        return qk.leaf(model, name)
-    layer, attr, _ = qk.parse_name(name)
-    return getattr(model.blocks[layer].attn.parametrizations, attr).original, 1
 
 
 def _already_attached(model, config: TrainableConfig) -> str:
@@ -345,6 +332,24 @@ def test_restricted_full_keeps_closed_slices_bit_identical(fixture, request):
 # --- LoRA -------------------------------------------------------------------------------------------------
 
 
+def test_qk_reads_the_base_tensors_under_attached_lora(tiny_gqa):
+    """``qk.qk_names``/``leaf``/``value``/``snapshot`` see the same names and the base values with LoRA adapters
+    attached as without, on a hooked model (the parametrization's ``original``) and on a bridge (PEFT's base
+    layer); ``layer_qk`` is the effective weight, base plus the adapters' delta."""
+    names, base = qk.qk_names(tiny_gqa), qk.snapshot(tiny_gqa)
+    tr = attach(tiny_gqa, TrainableConfig(kind="lora", lora_r=2))
+    g = torch.Generator().manual_seed(3)
+    tr.load_state_dict({n: torch.randn(t.shape, generator=g) for n, t in tr.state_dict().items()})
+    assert qk.qk_names(tiny_gqa) == names
+    under_lora = qk.snapshot(tiny_gqa)
+    assert under_lora.keys() == base.keys() and all(torch.equal(under_lora[n], base[n]) for n in base)
+    assert all(not qk.leaf(tiny_gqa, n)[0].requires_grad for n in names)  # the base stays frozen
+    effective_q = qk.layer_qk(tiny_gqa)[0][0]
+    assert not torch.equal(effective_q, base["blocks.0.attn.W_Q"])  # the adapters move the effective weight
+    tr.remove()
+    assert all(torch.equal(qk.value(tiny_gqa, n), base[n]) for n in names)
+
+
 def test_lora_attach_train_merge_remove_and_state_dict_round_trip(tiny_gqa):
     tokens = _tokens()
     base_logits, base = tiny_gqa(tokens), _snapshot(tiny_gqa)
@@ -434,7 +439,7 @@ def test_lora_restricted_a_learns_only_through_open_heads(tiny_gqa64):
     part = _heads((0, 1), (0, 3))  # layer 1 fully closed
     masks = tr.head_masks(part)
     # the gradient of each base weight is the effective weight's (W = W_base + delta), unmasked
-    bases = {qk.tensor_name(l, w): _base_weight(tiny_gqa64, qk.tensor_name(l, w))
+    bases = {qk.tensor_name(l, w): qk.leaf(tiny_gqa64, qk.tensor_name(l, w))
              for l in range(N_LAYERS) for w in ("W_Q", "_W_K")}
     for base, _ in bases.values():
         base.requires_grad_(True)

@@ -117,9 +117,10 @@ def is_quantized(model) -> bool:
 
 def qk_names(model) -> list[str]:
     """Names of every attention W_Q/W_K (and bias) tensor: what training can change (none on a 4-bit bridge)."""
-    if not is_bridge(model):
-        return [name for name, _ in model.named_parameters()
-                if ".attn." in name and name.rsplit(".", 1)[-1] in QK_ATTRS]
+    if not is_bridge(model):  # a parameter of the block, or the base of a LoRA parametrization on it
+        return [tensor_name(layer, attr) for layer, block in enumerate(model.blocks) for attr in QK_ATTRS
+                if attr in dict(block.attn.named_parameters(recurse=False))
+                or parametrize.is_parametrized(block.attn, attr)]
     if is_quantized(model):
         return []
     names = []
@@ -135,7 +136,8 @@ def qk_names(model) -> list[str]:
 def leaf(model, name: str, *, create: bool = False) -> tuple[nn.Parameter, int]:
     """``(parameter, rows per head)`` holding the Q/K tensor ``name``: on a hooked model the parameter itself
     (TransformerLens layout, one head per index of dim 0: rows 1); on a bridge the Hugging Face weight or bias
-    (``d_head`` rows per head, :func:`hf_layout`).
+    (``d_head`` rows per head, :func:`hf_layout`). Under attached LoRA adapters it is the base tensor on both: the
+    parametrization's ``original`` on a hooked model, PEFT's base layer's on a bridge.
 
     A ``HookedTransformer`` always has ``b_Q``/``b_K`` (zeros where the checkpoint has none); a Hugging Face
     projection may have no bias. ``create=True`` gives it a zero bias then (the outputs do not change), so
@@ -144,6 +146,9 @@ def leaf(model, name: str, *, create: bool = False) -> tuple[nn.Parameter, int]:
     if parsed is None or parsed[2] is not None:
         raise ValueError(f"{name!r} is not the name of a W_Q/W_K tensor (blocks.{{l}}.attn.W_Q ...)")
     if not is_bridge(model):
+        attn = model.blocks[parsed[0]].attn
+        if parametrize.is_parametrized(attn, parsed[1]):
+            return getattr(attn.parametrizations, parsed[1]).original, 1
         return model.get_parameter(name), 1
     linear = _hf_linear(model, parsed[0], parsed[1])
     param = linear.bias if is_bias(parsed[1]) else linear.weight
