@@ -175,6 +175,14 @@ def test_paper_study_on_tiny_writes_both_tables_with_the_new_tests(tmp_path):
     for part in ("| prior |", "Holm", "**Tests against vanilla**", "**Head to head**", "| ABFT vs E2E |",
                  "**Cost per run**", "| step s |", "1024 test prompts"):
         assert part in table1, part
+    from abft_lens.reporting.study_tables import cost_rows, study_tables
+    from abft_lens.run_files import step_seconds
+
+    costs = {row["method"]: row for row in cost_rows(study_tables(out).models[0])}
+    for method in ("ABFT", "E2E"):  # prompts/s on the steps' own seconds of log.jsonl: 512 prompts x 2 epochs
+        seconds = step_seconds(out / "tiny" / "sst2" / method / "seed-0")
+        assert costs[method]["prompts_per_second"] == pytest.approx(1024 / seconds)
+        assert costs[method]["step_seconds"] == pytest.approx(seconds)
     table2 = (out / "table2.md").read_text()
     assert "Table 2 per trained dataset" in table2 and "| ABFT | SST-2 | 1 |" in table2
     assert "**Table 2 tests: out of domain**" in table2 and "| vanilla vs ABFT | SST-2 |" in table2

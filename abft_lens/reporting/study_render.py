@@ -221,8 +221,8 @@ def _cost_grid(results: ModelResults) -> Grid | None:
              "–" if row["relative_time"] is None else f"{row['relative_time']:.2f}×"] for row in rows]
     return Grid("Cost per run", "means over the runs: training wall seconds as the run recorded them, the "
                 "optimizer steps' own seconds from log.jsonl (every session of a resumed run; no validation), "
-                "optimizer steps, training prompts (forward + backward) per second, the cell's peak RSS; time "
-                "relative to ABFT, on the steps' seconds.",
+                "optimizer steps, training prompts (forward + backward) per second of the steps' seconds, the "
+                "cell's peak RSS; time relative to ABFT, on the steps' seconds.",
                 ["Method", "runs", "train s", "step s", "steps", "prompts/s", "peak RSS MiB", "time vs ABFT"], body)
 
 

@@ -33,7 +33,7 @@ from abft_lens.data.tasks import load_task
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation.label_prior import label_distribution, prior_shift
 from abft_lens.evaluation.paired import Paired, SignTest, correct, holm, paired, query_sign_test
-from abft_lens.run_files import METRICS_FILE, POST_TEST_FILE, read_run_json, step_seconds
+from abft_lens.run_files import CONFIG_FILE, METRICS_FILE, POST_TEST_FILE, read_run_json, step_seconds
 from abft_lens.reporting.study_folder import (BASELINE_KINDS, SEEDED_BASELINE_KINDS, baseline_path,
                                               cell_files_exist, dataset_name, read_baseline, read_study, run_path)
 from abft_lens.reporting.tables import DISPLAY, ResultTable, mean_std
@@ -197,7 +197,8 @@ def _model_results(study_dir: Path, plan: dict, done: dict, model: str) -> Model
                     results.runs.append({"method": method, "dataset": dataset, "seed": seed, "run_dir": run_dir})
                     results.costs.setdefault(method, []).append(dict(record.get("metrics") or {},
                                                                      seconds=record.get("seconds"),
-                                                                     step_seconds=step_seconds(run_dir)))
+                                                                     step_seconds=step_seconds(run_dir),
+                                                                     trained_prompts=_trained_prompts(run_dir)))
     results.methods = [m for m in results.methods if any((m, d) in results.cells for d in results.datasets)]
     _compare(results)
     return results
@@ -297,14 +298,21 @@ def head_to_head(results: ModelResults) -> list[dict]:
     return rows
 
 
+def _trained_prompts(run_dir: Path) -> int | None:
+    """Training prompts a run passes forward and backward (``train_samples × epochs`` of its config.json)."""
+    train = (read_run_json(run_dir, CONFIG_FILE) or {}).get("train") or {}
+    return train["train_samples"] * train["epochs"] if "train_samples" in train and "epochs" in train else None
+
+
 def _read(path: Path) -> dict | None:
     return read_baseline(path) if path.is_file() else None
 
 
 def cost_rows(results: ModelResults) -> list[dict]:
     """Per trained method: mean training seconds, the steps' own seconds (:func:`abft_lens.run_files.step_seconds`),
-    optimizer steps, prompts per second, peak RSS (MiB), runs, and training time relative to ABFT's, on the steps'
-    seconds where every run logged them, else on the training seconds (None where a value was not recorded)."""
+    optimizer steps, prompts per second, peak RSS (MiB), runs, and training time relative to ABFT's. Prompts per
+    second and the relative time are on the steps' seconds where every run logged them (a resumed run's sessions
+    all count), else on the training seconds the runs recorded (None where a value was not recorded)."""
     rows = []
     for method in [m for m in results.methods if m in results.costs]:
         runs = results.costs[method]
@@ -313,9 +321,12 @@ def cost_rows(results: ModelResults) -> list[dict]:
             values = [run[key] for run in runs if run.get(key) is not None]
             return sum(values) / len(values) if values else None
 
+        logged = all(run.get("step_seconds") and run.get("trained_prompts") for run in runs)
+        rate = sum(run["trained_prompts"] / run["step_seconds"] for run in runs) / len(runs) if logged \
+            else mean("prompts_per_second")
         rows.append({"method": method, "runs": len(runs), "train_seconds": mean("train_seconds"),
                      "step_seconds": mean("step_seconds") if all(run.get("step_seconds") for run in runs) else None,
-                     "steps": mean("steps"), "prompts_per_second": mean("prompts_per_second"),
+                     "steps": mean("steps"), "prompts_per_second": rate,
                      "peak_rss_mib": mean("peak_rss_mib"), "cell_seconds": mean("seconds")})
     key = "step_seconds" if all(row["step_seconds"] for row in rows) else "train_seconds"
     abft = next((row[key] for row in rows if row["method"] == "ABFT"), None)
