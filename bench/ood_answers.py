@@ -46,19 +46,19 @@ def backfill(study: Path, record: dict, model_name: str) -> str:
         _check(entry, vanilla, f"{path} fore {name}")
         general["fore"][name] = dataset_entry(vanilla)
     if any("correct" not in entry for entry in general["post"].values()):  # a run resumed on newer code has them
-        _add_post_answers(general, run_dir, model_name, path)
+        _add_post_answers(general["post"], run_dir, model_name, k=k, n_test=n_test, where=f"{path} post")
     write_json(path, general)
     return "answers added"
 
 
-def _add_post_answers(general: dict, run_dir: Path, model_name: str, path: Path) -> None:
-    k, n_test = general["k"], general["n_test"]
+def _add_post_answers(post: dict, run_dir: Path, model_name: str, *, k: int, n_test: int, where: str) -> None:
+    """Re-evaluate the trained run on every dataset of ``post`` and put its answers there (accuracies checked)."""
     model = load_model(model_name)
     load_run(run_dir, model)
-    for name, entry in general["post"].items():
+    for name, entry in post.items():
         result = evaluate(model, load_task(name), k=k, n_test=n_test)
-        _check(entry, result, f"{path} post {name}")
-        general["post"][name] = dataset_entry(result)
+        _check(entry, result, f"{where} {name}")
+        post[name] = dataset_entry(result)
 
 
 def _check(entry: dict, result: EvalResult, where: str) -> None:

@@ -65,8 +65,7 @@ def attr_names(model, layer: int) -> dict[str, str]:
     if is_bridge(model):
         grouped = n_kv_heads(model.cfg) < model.cfg.n_heads
     else:
-        attn = model.blocks[layer].attn
-        grouped = "_W_K" in dict(attn.named_parameters(recurse=False)) or parametrize.is_parametrized(attn, "_W_K")
+        grouped = _holds(model.blocks[layer].attn, "_W_K")
     return {"q": "W_Q", "k": "_W_K" if grouped else "W_K", "bq": "b_Q", "bk": "_b_K" if grouped else "b_K"}
 
 
@@ -115,12 +114,17 @@ def is_quantized(model) -> bool:
     return is_bridge(model) and hasattr(_hf_linear(model, 0, "W_Q").weight, "quant_state")
 
 
+def _holds(attn: nn.Module, attr: str) -> bool:
+    """Whether a hooked attention block stores ``attr``: as its own parameter, or as the base (``original``) of a
+    LoRA parametrization on it."""
+    return attn._parameters.get(attr) is not None or parametrize.is_parametrized(attn, attr)
+
+
 def qk_names(model) -> list[str]:
     """Names of every attention W_Q/W_K (and bias) tensor: what training can change (none on a 4-bit bridge)."""
-    if not is_bridge(model):  # a parameter of the block, or the base of a LoRA parametrization on it
+    if not is_bridge(model):
         return [tensor_name(layer, attr) for layer, block in enumerate(model.blocks) for attr in QK_ATTRS
-                if attr in dict(block.attn.named_parameters(recurse=False))
-                or parametrize.is_parametrized(block.attn, attr)]
+                if _holds(block.attn, attr)]
     if is_quantized(model):
         return []
     names = []
