@@ -62,6 +62,8 @@ def test_setup_builds_one_environment_per_version_and_refuses_others():
     assert out.returncode == 2 and "ABFT_LENS_TL=7" in out.stderr and "ABFT_LENS_TL=4" in out.stderr
     test = (ROOT / "scripts" / "test.sh").read_text()
     assert "VENV=.venv-tl4" in test and '"$VENV/bin/python" -m pytest' in test
+    # the README's test command alone sets up both environments: each suite's cross-version tests need the other
+    assert "ABFT_LENS_TL=3 scripts/setup.sh" in test and "ABFT_LENS_TL=4 scripts/setup.sh" in test
 
 
 def test_the_other_version_imports_abft_lens(other_tl_python):
